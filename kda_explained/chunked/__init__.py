@@ -1,0 +1,31 @@
+"""The chunked layer: KDA's chunkwise WY / UT-transform algorithm as staged PyTorch functions.
+
+The stages (:mod:`kda_explained.chunked.stages`) are what the Triton kernels of
+:mod:`kda_explained.fast` mirror; :func:`kda` composes them.
+"""
+
+from .gates import beta_sigmoid, kda_gate, l2norm, lowerbound_gate
+from .kda import CHUNK_SIZES, kda
+from .stages import (
+    chunk_local_cumsum,
+    chunk_output,
+    intra_chunk_matrices,
+    state_passing,
+    ut_transform,
+    wy_representation,
+)
+
+__all__ = [
+    "kda",
+    "CHUNK_SIZES",
+    "chunk_local_cumsum",
+    "intra_chunk_matrices",
+    "ut_transform",
+    "wy_representation",
+    "state_passing",
+    "chunk_output",
+    "kda_gate",
+    "lowerbound_gate",
+    "l2norm",
+    "beta_sigmoid",
+]

@@ -1,0 +1,96 @@
+"""Where the chunks are: token layout ``[B, T, ...]`` <-> chunk grid ``[N, NT, HV, C, ...]``.
+
+Every stage of the chunked algorithm takes and returns tensors in the token
+layout of ``DESIGN.md`` (``[B, T, HV, D]``), like the Triton kernels that
+mirror them. Inside, a stage works on the *chunk grid*: sequence ``n`` is cut
+into ``NT`` chunks of ``C`` tokens, padded with zeros at its end (the ragged
+last chunk) and after its end (sequences with fewer chunks than the longest).
+
+Zero padding is exact for KDA: a padded token has ``k = q = v = 0``,
+``beta = 0`` and ``g = 0`` (no decay), so it writes nothing, erases nothing,
+decays nothing, and its output is dropped.
+
+Glossary
+--------
+=========  ====================================================================
+``N``      sequences (``B``, or ``len(cu_seqlens) - 1``)
+``NT``     chunks of the longest sequence, ``ceil(max_len / C)``
+``C``      chunk size
+``NC``     chunks of all sequences together, ``sum_n ceil(len_n / C)``
+=========  ====================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = ["ChunkLayout"]
+
+
+@dataclass
+class ChunkLayout:
+    """The map between token positions and chunk-grid positions for one call.
+
+    ``index[n, i]`` is the flat token position ``b * T + t`` of token ``i`` of
+    sequence ``n``, or ``-1`` past its end; ``i`` runs over ``NT * C``.
+    """
+
+    B: int
+    T: int
+    N: int
+    NT: int
+    C: int
+    index: torch.Tensor  # [N, NT * C] int64, -1 for padding
+    lengths: torch.Tensor  # [N] int64
+
+    @staticmethod
+    def build(B: int, T: int, chunk_size: int, cu_seqlens: Optional[torch.Tensor], device) -> "ChunkLayout":
+        """Lay out ``B`` rows of ``T`` tokens (or the packed sequences of ``cu_seqlens``) in chunks of ``chunk_size``."""
+        if cu_seqlens is None:
+            starts = torch.arange(B, dtype=torch.int64) * T
+            lengths = torch.full((B,), T, dtype=torch.int64)
+        else:
+            cu = cu_seqlens.detach().to("cpu", torch.int64)
+            starts, lengths = cu[:-1], cu[1:] - cu[:-1]
+        N = int(lengths.numel())
+        max_len = int(lengths.max()) if N > 0 else 0
+        NT = max(1, -(-max_len // chunk_size))  # ceil division; at least one (possibly all-padding) chunk
+        i = torch.arange(NT * chunk_size, dtype=torch.int64)
+        index = torch.where(i[None, :] < lengths[:, None], starts[:, None] + i[None, :], torch.full_like(i, -1))
+        return ChunkLayout(B=B, T=T, N=N, NT=NT, C=chunk_size, index=index.to(device), lengths=lengths)
+
+    @property
+    def chunks_per_sequence(self) -> torch.Tensor:
+        """``[N]``: ``ceil(len_n / C)``, the chunks each sequence really has."""
+        return -(-self.lengths // self.C)
+
+    def to_chunks(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T, HV, *D]`` -> ``[N, NT, HV, C, *D]``, zeros in the padding."""
+        B, T, HV = x.shape[:3]
+        rest = x.shape[3:]
+        flat = x.reshape(B * T, HV, *rest)  # [B*T, HV, *D]
+        safe = self.index.clamp(min=0)  # [N, NT*C]
+        gathered = flat[safe]  # [N, NT*C, HV, *D]
+        pad = (self.index < 0).view(self.N, -1, *([1] * (1 + len(rest))))
+        gathered = gathered.masked_fill(pad, 0)
+        gathered = gathered.view(self.N, self.NT, self.C, HV, *rest)  # [N, NT, C, HV, *D]
+        return gathered.transpose(2, 3)  # [N, NT, HV, C, *D]
+
+    def from_chunks(self, y: torch.Tensor) -> torch.Tensor:
+        """``[N, NT, HV, C, *D]`` -> ``[B, T, HV, *D]``, dropping the padding."""
+        N, NT, HV, C = y.shape[:4]
+        rest = y.shape[4:]
+        y = y.transpose(2, 3).reshape(N * NT * C, HV, *rest)  # [N*NT*C, HV, *D]
+        keep = (self.index >= 0).reshape(-1)
+        out = y.new_zeros(self.B * self.T, HV, *rest)
+        out = out.index_copy(0, self.index.reshape(-1)[keep], y[keep])
+        return out.view(self.B, self.T, HV, *rest)
+
+    def flat_chunks(self, h: torch.Tensor) -> torch.Tensor:
+        """``[N, NT, ...]`` -> ``[NC, ...]``: keep each sequence's real chunks, in order."""
+        NT = self.NT
+        real = torch.arange(NT)[None, :] < self.chunks_per_sequence[:, None]  # [N, NT]
+        return h[real.to(h.device)]
