@@ -35,6 +35,7 @@ __all__ = [
     "KDAProblem",
     "check_kda_inputs",
     "check_chunk_size",
+    "check_gate_params",
     "check_floating",
     "check_shape",
     "format_shape",
@@ -113,7 +114,7 @@ class KDAProblem:
 
     @property
     def group(self) -> int:
-        """Value heads per query/key head: value head ``j`` reads q/k head ``j // group``."""
+        """Value heads per query/key head; value head ``j`` reads q/k head ``j // group``."""
         return self.HV // self.H
 
 
@@ -238,3 +239,36 @@ def check_kda_inputs(
             )
 
     return KDAProblem(B=B, T=T, H=H, HV=HV, K=K, V=V, N=N, scale=scale_value, spans=tuple(spans))
+
+
+def check_gate_params(HV: int, K: int, A_log: Any = None, dt_bias: Any = None, lower_bound: Any = None,
+                      require_A_log: bool = False) -> None:
+    """Check the in-kernel gate's parameters: ``A_log [HV]`` (``[1, 1, HV, 1]`` accepted), ``dt_bias [HV * K]`` or ``[HV, K]``.
+
+    >>> import numpy as np
+    >>> check_gate_params(4, 8, A_log=np.zeros(4), dt_bias=np.zeros(32))
+    >>> check_gate_params(4, 8, dt_bias=np.zeros(8))
+    Traceback (most recent call last):
+    ...
+    ValueError: dt_bias: expected shape [HV * K] = [32] or [HV, K] = [4, 8], got [8]
+    """
+    if A_log is None:
+        if require_A_log and lower_bound is None:
+            raise ValueError("A_log: expected a tensor of shape [HV] for the softplus gate (or give lower_bound), got None")
+    else:
+        check_floating("A_log", A_log)
+        shape = tuple(int(d) for d in A_log.shape)
+        if shape not in ((HV,), (1, 1, HV, 1)):
+            raise ValueError(f"A_log: expected shape [HV] = [{HV}], got {format_shape(shape)}")
+    if dt_bias is not None:
+        check_floating("dt_bias", dt_bias)
+        shape = tuple(int(d) for d in dt_bias.shape)
+        if shape not in ((HV * K,), (HV, K)):
+            raise ValueError(
+                f"dt_bias: expected shape [HV * K] = [{HV * K}] or [HV, K] = [{HV}, {K}], got {format_shape(shape)}"
+            )
+    if lower_bound is not None:
+        if isinstance(lower_bound, bool) or not isinstance(lower_bound, (int, float, np.floating, np.integer)):
+            raise TypeError(f"lower_bound: expected a float, got {type(lower_bound).__name__}")
+        if not (math.isfinite(float(lower_bound)) and float(lower_bound) < 0):
+            raise ValueError(f"lower_bound: expected a finite negative number, got {lower_bound}")

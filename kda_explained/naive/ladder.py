@@ -118,6 +118,9 @@ def gated_deltanet(q, k, v, g, beta, *, scale=None, initial_state=None, output_f
     ``g: [B, T, HV]`` (one log decay per head and token), ``beta: [B, T, HV]``.
     """
     g, beta = np.asarray(g), np.asarray(beta)
+    # check q, k, v first, so that a malformed v is reported as v, not as a g that fails to match it
+    check_kda_inputs(np.asarray(q), np.asarray(k), np.asarray(v), None, beta, scale=scale,
+                     initial_state=initial_state, cu_seqlens=cu_seqlens)
     check_floating("g", g)
     check_shape("g", g, np.shape(v)[:3], "B, T, HV", "to match v")
 
@@ -136,6 +139,9 @@ def dplr(q, k, v, a, b, g, *, scale=None, initial_state=None, output_final_state
     KDA is the case ``a = beta k``, ``b = k exp(g)`` with ``beta k`` as the written key.
     """
     a, b, g = (np.asarray(x) for x in (a, b, g))
+    # check g (and q, k, v) first, so that a malformed g is reported as g, not as an a that fails to match it
+    check_kda_inputs(np.asarray(q), np.asarray(k), np.asarray(v), g, None, scale=scale,
+                     initial_state=initial_state, cu_seqlens=cu_seqlens)
     for name, x in (("a", a), ("b", b)):
         check_floating(name, x)
         check_shape(name, x, np.shape(g), "B, T, HV, K", "like g")

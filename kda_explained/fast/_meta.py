@@ -1,0 +1,65 @@
+"""Host-side bookkeeping shared by the Triton launchers: where the sequences and chunks are.
+
+Every kernel sees the batch as one packed row of ``TT = B * T`` tokens (a
+``[B, T, ...]`` tensor is contiguous, so token ``t`` of row ``b`` sits at
+``b * T + t``): a plain batch is a varlen batch whose ``cu_seqlens`` is
+``[0, T, 2T, ..., BT]``. One code path serves both.
+
+Glossary
+--------
+=============  =================================================================
+``cu``         ``[N + 1]`` int32 sequence offsets into the packed row
+``chunk_seq``  ``[NC]`` int32: the sequence each chunk belongs to
+``chunk_bos``  ``[NC]`` int32: the packed position of each chunk's first token
+``chunk_off``  ``[N + 1]`` int32: index of each sequence's first chunk (chunks are numbered sequence by sequence)
+=============  =================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = ["SeqMeta", "seq_meta", "dot_precision"]
+
+
+@dataclass(frozen=True)
+class SeqMeta:
+    N: int
+    NC: int
+    cu: torch.Tensor
+    chunk_seq: torch.Tensor
+    chunk_bos: torch.Tensor
+    chunk_off: torch.Tensor
+
+
+def seq_meta(B: int, T: int, chunk_size: int, cu_seqlens: Optional[torch.Tensor], device) -> SeqMeta:
+    """Sequence and chunk tables for ``B`` rows of ``T`` tokens, or the packed batch of ``cu_seqlens``."""
+    if cu_seqlens is None:
+        cu = [b * T for b in range(B + 1)]
+    else:
+        cu = [int(x) for x in cu_seqlens.tolist()]
+    chunk_seq, chunk_bos, chunk_off = [], [], [0]
+    for n in range(len(cu) - 1):
+        for bos in range(cu[n], cu[n + 1], chunk_size):
+            chunk_seq.append(n)
+            chunk_bos.append(bos)
+        chunk_off.append(len(chunk_seq))
+
+    def i32(values):
+        return torch.tensor(values, dtype=torch.int32, device=device)
+
+    return SeqMeta(N=len(cu) - 1, NC=len(chunk_seq), cu=i32(cu), chunk_seq=i32(chunk_seq),
+                   chunk_bos=i32(chunk_bos), chunk_off=i32(chunk_off))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` precision for inputs of ``dtype``: full float32 for float32 inputs, tf32 otherwise.
+
+    The intermediates are float32 either way; bf16/fp16 inputs carry less than
+    tf32's 10-bit mantissa, so tf32 products cost them no accuracy that matters
+    against their 5e-3 bound, while float32 inputs keep their 1e-4 bound.
+    """
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"

@@ -1,0 +1,225 @@
+"""``fast.chunk_kda``: the chunked pipeline as Triton kernels, stage for stage like :func:`kda_explained.chunked.kda`.
+
+The forward reads as the same pipeline (report §3.1)::
+
+    G, beta   = chunk_local_cumsum(g, ...)            # 1. gate + in-chunk cumsum (+ beta sigmoid)
+    A_kk, A_qk = intra_chunk_matrices(q, k, G, beta)  # 2. Eq. 5 and the intra part of Eq. 9
+    M         = ut_transform(A_kk)                    # 3. Eq. 6
+    W, U      = wy_representation(k, v, G, beta, M)   # 4. Eq. 7
+    h, v_new, S = state_passing(k, W, U, G, S0)       # 5. Eq. 8
+    o         = chunk_output(q, h, v_new, G, A_qk)    # 6. Eq. 9
+
+Every stage is its own kernel with the chunked stage of the same name as its
+test oracle.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from ..validation import check_chunk_size, check_gate_params, check_kda_inputs
+from .intra import intra_chunk_matrices
+from .output import chunk_output
+from .prepare import chunk_local_cumsum, l2norm
+from .state import state_passing
+from .ut import ut_transform
+from .wy import wy_representation
+
+__all__ = ["chunk_kda", "chunk_kda_fwd", "FAST_CHUNK_SIZES", "MAX_HEAD_DIM", "check_fast_inputs"]
+
+#: Chunk sizes the kernels take (multiples of the 16-token sub-chunk).
+FAST_CHUNK_SIZES = (16, 32, 64)
+#: Largest K and V: a state tile ``[K, BV]`` and the ``[BT, K]`` tiles live in registers.
+MAX_HEAD_DIM = 256
+
+# Arguments of fla.ops.kda.chunk_kda that change nothing here, accepted so code can switch imports.
+_FLA_NO_OPS = {"safe_gate", "disable_recompute", "cu_seqlens_cpu", "use_graph", "max_num_seqs"}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_fast_inputs(q, k, v, g, beta, *, scale, initial_state, cu_seqlens, state_v_first=False):
+    """Shared checks of the fast layer: DESIGN.md's, plus what the kernels need (device, head dims)."""
+    from ..chunked.kda import as_tensor_cu_seqlens, require_tensors
+
+    require_tensors(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state)
+    cu_seqlens = as_tensor_cu_seqlens(cu_seqlens, q.device)
+    if state_v_first and initial_state is not None and initial_state.dim() == 4:
+        initial_state_kv = initial_state.transpose(-1, -2)  # validate in [K, V] terms
+    else:
+        initial_state_kv = initial_state
+    p = check_kda_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state_kv, cu_seqlens=cu_seqlens)
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(
+            f"q: expected a CUDA tensor for the Triton kernels (or TRITON_INTERPRET=1 to run them on the CPU), "
+            f"got device {q.device}"
+        )
+    if p.K > MAX_HEAD_DIM or p.V > MAX_HEAD_DIM:
+        raise ValueError(f"q, v: expected head dims K, V <= {MAX_HEAD_DIM}, got K = {p.K}, V = {p.V}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"{name}: expected float32, bfloat16 or float16 for the fast layer, got {x.dtype}")
+    return p, cu_seqlens
+
+
+def chunk_kda_fwd(
+    q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, chunk_size: int = 64,
+    use_qk_l2norm_in_kernel: bool = False, use_gate_in_kernel: bool = False, A_log=None, dt_bias=None,
+    lower_bound: Optional[float] = None, use_beta_sigmoid_in_kernel: bool = False, allow_neg_eigval: bool = False,
+    state_v_first: bool = False,
+):
+    """The six stages on validated inputs; returns ``o`` (``v``'s dtype), the final state and the chunk states."""
+    C = chunk_size
+    if use_qk_l2norm_in_kernel:
+        q, k = l2norm(q), l2norm(k)
+    G, beta32 = chunk_local_cumsum(
+        g, C, cu_seqlens, beta=beta, use_gate_in_kernel=use_gate_in_kernel, A_log=A_log, dt_bias=dt_bias,
+        lower_bound=lower_bound, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
+        allow_neg_eigval=allow_neg_eigval,
+    )  # 1.                                                                              [B, T, HV, K]
+    A_kk, A_qk = intra_chunk_matrices(q, k, G, beta32, scale, C, cu_seqlens)  # 2.      [B, T, HV, C]
+    M = ut_transform(A_kk, C, cu_seqlens)  # 3.                                          [B, T, HV, C]
+    W, U = wy_representation(k, v, G, beta32, M, C, cu_seqlens)  # 4.           [B, T, HV, K], [.., V]
+    h, v_new, S = state_passing(k, W, U, G, initial_state, C, cu_seqlens, state_v_first=state_v_first)  # 5.
+    o = chunk_output(q, h, v_new, G, A_qk, scale, C, cu_seqlens, out_dtype=v.dtype, state_v_first=state_v_first)
+    return o, S, h
+
+
+def _reference_forward(q, k, v, g, beta, A_log, dt_bias, initial_state, opts):
+    """The same function in differentiable PyTorch (the chunked layer), for the interim backward."""
+    from .. import chunked
+
+    if opts["use_qk_l2norm_in_kernel"]:
+        q, k = chunked.l2norm(q), chunked.l2norm(k)
+    if opts["use_gate_in_kernel"]:
+        if opts["lower_bound"] is not None:
+            g = chunked.lowerbound_gate(g, A_log, dt_bias, lower_bound=opts["lower_bound"])
+        else:
+            g = chunked.kda_gate(g, A_log, dt_bias)
+    if opts["use_beta_sigmoid_in_kernel"]:
+        beta = (2.0 if opts["allow_neg_eigval"] else 1.0) * torch.sigmoid(beta.float())
+    S0 = initial_state
+    if S0 is not None and opts["state_v_first"]:
+        S0 = S0.transpose(-1, -2)
+    o, S = chunked.kda(q, k, v, g, beta, scale=opts["scale"], initial_state=S0, output_final_state=True,
+                       cu_seqlens=opts["cu_seqlens"], chunk_size=opts["chunk_size"])
+    if opts["state_v_first"]:
+        S = S.transpose(-1, -2)
+    return o, S
+
+
+class _ChunkKDAFunction(torch.autograd.Function):
+    """Forward through the Triton kernels. Backward: recompute through the chunked layer's autograd.
+
+    The Triton backward kernels are the subject of issue 5; until they land,
+    gradients are exact (float32) but run at PyTorch speed.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, A_log, dt_bias, initial_state, opts):
+        o, S, _ = chunk_kda_fwd(
+            q, k, v, g, beta, scale=opts["scale"], initial_state=initial_state, cu_seqlens=opts["cu_seqlens"],
+            chunk_size=opts["chunk_size"], use_qk_l2norm_in_kernel=opts["use_qk_l2norm_in_kernel"],
+            use_gate_in_kernel=opts["use_gate_in_kernel"], A_log=A_log, dt_bias=dt_bias,
+            lower_bound=opts["lower_bound"], use_beta_sigmoid_in_kernel=opts["use_beta_sigmoid_in_kernel"],
+            allow_neg_eigval=opts["allow_neg_eigval"], state_v_first=opts["state_v_first"],
+        )
+        ctx.save_for_backward(q, k, v, g, beta, A_log, dt_bias, initial_state)
+        ctx.opts = opts
+        return o, S
+
+    @staticmethod
+    def backward(ctx, do, dS):
+        needs = ctx.needs_input_grad[:8]
+        inputs = [x.detach().requires_grad_(n) if x is not None else None for x, n in zip(ctx.saved_tensors, needs)]
+        with torch.enable_grad():
+            o, S = _reference_forward(*inputs, ctx.opts)
+            wrt = [x for x, n in zip(inputs, needs) if n]
+            grads = torch.autograd.grad((o, S), wrt, (do, dS), allow_unused=True)
+        it = iter(grads)
+        return (*[next(it) if n else None for n in needs], None)
+
+
+def chunk_kda(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: Optional[float] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    use_gate_in_kernel: bool = False,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+    lower_bound: Optional[float] = None,
+    return_intermediate_states: bool = False,
+    state_v_first: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    A_log: Optional[torch.Tensor] = None,
+    dt_bias: Optional[torch.Tensor] = None,
+    chunk_size: int = 64,
+    **kwargs,
+):
+    """KDA prefill through the Triton chunk kernels; a drop-in for ``fla.ops.kda.chunk_kda``.
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, HV, V]``; g: ``[B, T, HV, K]`` log decay
+            (or the raw gate input with ``use_gate_in_kernel``); beta: ``[B, T, HV]``
+            (or its logit with ``use_beta_sigmoid_in_kernel``). float32, bfloat16 or float16.
+        scale: default ``K ** -0.5``.
+        initial_state: ``[N, HV, K, V]`` float32 (``[N, HV, V, K]`` with ``state_v_first``).
+        output_final_state: return the state after the last token.
+        use_qk_l2norm_in_kernel: L2-normalise q and k first.
+        use_gate_in_kernel: ``g = -exp(A_log) softplus(g + dt_bias)``, or with ``lower_bound``
+            ``g = lower_bound sigmoid(exp(A_log) (g + dt_bias))`` (``A_log`` optional then).
+        use_beta_sigmoid_in_kernel: ``beta = sigmoid(beta)`` (``2 sigmoid`` with ``allow_neg_eigval``).
+        return_intermediate_states: also return the state entering every chunk,
+            ``[NC, HV, K, V]`` float32, sequence by sequence (for prefix caching); inference only.
+        state_v_first: states are ``[V, K]`` instead of ``[K, V]``.
+        cu_seqlens: ``[N + 1]`` offsets of a packed batch (``B == 1``).
+        A_log: ``[HV]``; dt_bias: ``[HV * K]`` or ``[HV, K]``.
+        chunk_size: 16, 32 or 64 (default).
+
+    Returns:
+        ``(o, final_state)``, or ``(o, final_state, h)`` with ``return_intermediate_states``.
+        ``o`` has ``v``'s dtype; states are float32.
+    """
+    unknown = set(kwargs) - _FLA_NO_OPS
+    if unknown:
+        raise TypeError(f"chunk_kda: unexpected keyword argument(s) {sorted(unknown)}")
+    if kwargs.get("cp_context") is not None:
+        raise ValueError("cp_context: context parallelism is not supported, got a context")
+    p, cu_seqlens = check_fast_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                      cu_seqlens=cu_seqlens, state_v_first=state_v_first)
+    chunk_size = check_chunk_size(chunk_size, FAST_CHUNK_SIZES)
+    if use_gate_in_kernel:
+        check_gate_params(p.HV, p.K, A_log, dt_bias, lower_bound, require_A_log=True)
+    opts = dict(scale=p.scale, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+                use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_gate_in_kernel=use_gate_in_kernel,
+                lower_bound=lower_bound, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
+                allow_neg_eigval=allow_neg_eigval, state_v_first=state_v_first)
+    if A_log is not None:
+        A_log = A_log.reshape(-1)
+    if not use_gate_in_kernel:
+        A_log = dt_bias = None
+
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, g, beta, A_log, dt_bias, initial_state))
+    if return_intermediate_states:
+        if needs_grad:
+            raise ValueError("return_intermediate_states: inference only (use torch.inference_mode()), "
+                             "got inputs that require grad")
+        o, S, h = chunk_kda_fwd(q, k, v, g, beta, initial_state=initial_state, A_log=A_log, dt_bias=dt_bias, **opts)
+        return o, (S if output_final_state else None), h
+    if needs_grad:
+        o, S = _ChunkKDAFunction.apply(q, k, v, g, beta, A_log, dt_bias, initial_state, opts)
+    else:
+        o, S, _ = chunk_kda_fwd(q, k, v, g, beta, initial_state=initial_state, A_log=A_log, dt_bias=dt_bias, **opts)
+    return o, (S if output_final_state else None)

@@ -1,0 +1,161 @@
+"""Stage 1 on the GPU: the gate, the in-chunk cumulative log decay, the beta sigmoid and the L2 norm.
+
+Mirrors :func:`kda_explained.chunked.chunk_local_cumsum` (same name, same
+arguments, same result) and the PyTorch gates of :mod:`kda_explained.chunked.gates`.
+One program handles one chunk of one value head: it reads the raw gate input
+``[BT, K]`` once, applies the gate formula if asked, and writes the running sum
+``G`` in float32. The beta sigmoid rides along in the same program (one more
+``[BT]`` vector), so the fused options cost no extra launch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._meta import seq_meta
+
+__all__ = ["chunk_local_cumsum", "l2norm"]
+
+
+@triton.jit
+def _chunk_local_cumsum_kernel(
+    # pointers
+    g,  # [TT, HV, K] raw gate input (USE_GATE) or log decay
+    beta,  # [TT, HV] beta or its logit (BETA_SIGMOID)
+    A_log,  # [HV] (HAS_A)
+    dt_bias,  # [HV, K] (HAS_BIAS)
+    G_out,  # [TT, HV, K] float32: in-chunk cumulative log decay
+    beta_out,  # [TT, HV] float32 (WRITE_BETA)
+    cu,  # [N + 1] sequence offsets
+    chunk_seq,  # [NC] sequence of each chunk
+    chunk_bos,  # [NC] first token of each chunk
+    # scalars
+    lower_bound,
+    # sizes
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    # meta-parameters
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    USE_GATE: tl.constexpr,
+    HAS_A: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    USE_LOWER_BOUND: tl.constexpr,
+    WRITE_BETA: tl.constexpr,
+    BETA_SIGMOID: tl.constexpr,
+    BETA_SCALE: tl.constexpr,
+):
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_n = tl.load(chunk_seq + i_c)
+    bos = tl.load(chunk_bos + i_c).to(tl.int64)
+    eos = tl.load(cu + i_n + 1).to(tl.int64)
+
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    m_t = bos + o_t < eos
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+
+    # --- the gate: g = -exp(A_log) softplus(x + dt_bias)  or  lower_bound sigmoid(exp(A_log)(x + dt_bias))
+    p_g = g + ((bos + o_t[:, None]) * HV + i_hv) * K + o_k[None, :]
+    b_g = tl.load(p_g, mask=m_tk, other=0).to(tl.float32)  # [BT, BK]
+    if USE_GATE:
+        if HAS_BIAS:
+            b_g += tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0).to(tl.float32)[None, :]
+        if HAS_A:
+            b_rate = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
+        else:
+            b_rate = 1.0
+        if USE_LOWER_BOUND:
+            b_g = lower_bound * tl.sigmoid(b_rate * b_g)
+        else:
+            # softplus(x) = max(x, 0) + log(1 + exp(-|x|)): no overflow for large |x|
+            b_g = -b_rate * (tl.maximum(b_g, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(b_g))))
+        b_g = tl.where(m_tk, b_g, 0.0)  # padding decays nothing
+
+    # --- report Eq. 2 in log space: G_r = sum_{i <= r} g_i inside the chunk
+    b_G = tl.cumsum(b_g, axis=0)
+    p_G = G_out + ((bos + o_t[:, None]) * HV + i_hv) * K + o_k[None, :]
+    tl.store(p_G, b_G, mask=m_tk)
+
+    if WRITE_BETA:
+        p_b = beta + (bos + o_t) * HV + i_hv
+        b_beta = tl.load(p_b, mask=m_t, other=0).to(tl.float32)
+        if BETA_SIGMOID:
+            b_beta = BETA_SCALE * tl.sigmoid(b_beta)
+        tl.store(beta_out + (bos + o_t) * HV + i_hv, b_beta, mask=m_t)
+
+
+def chunk_local_cumsum(
+    g: torch.Tensor,
+    chunk_size: int,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    *,
+    beta: Optional[torch.Tensor] = None,
+    use_gate_in_kernel: bool = False,
+    A_log: Optional[torch.Tensor] = None,
+    dt_bias: Optional[torch.Tensor] = None,
+    lower_bound: Optional[float] = None,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+) -> torch.Tensor | Tuple[torch.Tensor, torch.Tensor]:
+    """``G = in-chunk cumsum of g``: ``g: [B, T, HV, K]`` -> ``G: [B, T, HV, K]`` float32.
+
+    With ``use_gate_in_kernel``, ``g`` is the raw gate input and the gate of
+    ``DESIGN.md`` is applied first (the lower-bound form when ``lower_bound`` is
+    given). With ``beta`` given, also returns ``beta`` as float32 (after the
+    sigmoid if ``use_beta_sigmoid_in_kernel``; ``2 * sigmoid`` with ``allow_neg_eigval``).
+    """
+    B, T, HV, K = g.shape
+    meta = seq_meta(B, T, chunk_size, cu_seqlens, g.device)
+    g = g.contiguous()
+    G = torch.empty(B, T, HV, K, dtype=torch.float32, device=g.device)
+    beta_out = torch.empty(B, T, HV, dtype=torch.float32, device=g.device) if beta is not None else G
+    dt = dt_bias.reshape(HV, K).contiguous() if dt_bias is not None else g
+    if meta.NC > 0:
+        _chunk_local_cumsum_kernel[(meta.NC, HV)](
+            g, beta.contiguous() if beta is not None else g, A_log if A_log is not None else g, dt, G, beta_out,
+            meta.cu, meta.chunk_seq, meta.chunk_bos,
+            float(lower_bound) if lower_bound is not None else 0.0,
+            HV=HV, K=K, BT=chunk_size, BK=max(16, triton.next_power_of_2(K)),
+            USE_GATE=use_gate_in_kernel, HAS_A=A_log is not None, HAS_BIAS=dt_bias is not None,
+            USE_LOWER_BOUND=lower_bound is not None, WRITE_BETA=beta is not None,
+            BETA_SIGMOID=use_beta_sigmoid_in_kernel, BETA_SCALE=2.0 if allow_neg_eigval else 1.0,
+        )
+    return (G, beta_out) if beta is not None else G
+
+
+@triton.jit
+def _l2norm_kernel(
+    x,  # [R, D] rows to normalise
+    y,  # [R, D] output, x's dtype
+    R,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BR: tl.constexpr,
+    EPS: tl.constexpr,
+):
+    i_r = tl.program_id(0)
+    o_r = i_r * BR + tl.arange(0, BR)
+    o_d = tl.arange(0, BD)
+    m = (o_r[:, None] < R) & (o_d[None, :] < D)
+    p = o_r[:, None].to(tl.int64) * D + o_d[None, :]
+    b_x = tl.load(x + p, mask=m, other=0).to(tl.float32)
+    b_y = b_x / tl.sqrt(tl.sum(b_x * b_x, axis=1) + EPS)[:, None]
+    tl.store(y + p, b_y.to(y.dtype.element_ty), mask=m)
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``x / sqrt(sum(x ** 2) + eps)`` over the last axis, like :func:`kda_explained.chunked.l2norm`."""
+    x = x.contiguous()
+    D = x.shape[-1]
+    R = x.numel() // D
+    y = torch.empty_like(x)
+    BR = 16
+    if R > 0:
+        _l2norm_kernel[(triton.cdiv(R, BR),)](x, y, R, D=D, BD=triton.next_power_of_2(D), BR=BR, EPS=eps)
+    return y

@@ -1,0 +1,174 @@
+"""Decoding on the GPU: report Eq. 1 token by token, on a state pool updated in place.
+
+Mirrors :func:`kda_explained.naive.kda` (the recurrence itself). One program
+owns one sequence, one value head and a tile of ``BV`` value columns of the
+state ``S [K, BV]`` in float32 registers; per token it does::
+
+    S   = Diag(exp(g)) S                 # per-channel decay
+    S  += beta k (v - S^T k)^T           # the delta rule: erase what k recalls, write v
+    o   = S^T (scale q)
+
+Decoding moves the state (``4 K V`` bytes per head, read and written) and little
+else, so the kernel is bound by memory bandwidth; its floor is the state bytes
+over the copy rate. With ``ssm_state_indices`` a serving engine keeps all states
+in one pool ``[P, HV, K, V]`` and names the slot of each sequence: the kernel
+reads and writes that slot in place, and a negative index skips the sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["fused_recurrent_kda_fwd"]
+
+
+@triton.jit
+def _fused_recurrent_kernel(
+    # pointers
+    q,  # [TT, H, K]
+    k,  # [TT, H, K]
+    v,  # [TT, HV, V]
+    g,  # [TT, HV, K] log decay, or the raw gate input (USE_GATE)
+    beta,  # [TT, HV] beta, or its logit (BETA_SIGMOID)
+    A_log,  # [HV]
+    dt_bias,  # [HV, K]
+    o,  # [TT, HV, V] out
+    h0,  # [P, HV, K, V] state pool (or [N, HV, K, V]); [V, K] each with STATE_V_FIRST
+    ht,  # [N, HV, K, V] final states (may alias h0 for in-place updates)
+    cu,  # [N + 1]
+    slots,  # [N] state slot of each sequence (HAS_SLOTS)
+    # scalars
+    scale,
+    lower_bound,
+    # sizes
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    # meta-parameters
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    HAS_SLOTS: tl.constexpr,
+    STORE_FINAL: tl.constexpr,
+    STATE_V_FIRST: tl.constexpr,
+    QK_L2NORM: tl.constexpr,
+    USE_GATE: tl.constexpr,
+    HAS_A: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    USE_LOWER_BOUND: tl.constexpr,
+    BETA_SIGMOID: tl.constexpr,
+    BETA_SCALE: tl.constexpr,
+):
+    i_v, i_n, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_h = i_hv // (HV // H)
+    bos = tl.load(cu + i_n).to(tl.int64)
+    eos = tl.load(cu + i_n + 1).to(tl.int64)
+    if HAS_SLOTS:
+        slot = tl.load(slots + i_n).to(tl.int64)
+    else:
+        slot = i_n.to(tl.int64)
+    if slot >= 0:
+        o_k = tl.arange(0, BK)
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_k = o_k < K
+        m_v = o_v < V
+        m_kv = m_k[:, None] & m_v[None, :]
+        if STATE_V_FIRST:
+            o_S = o_v[None, :] * K + o_k[:, None]
+        else:
+            o_S = o_k[:, None] * V + o_v[None, :]
+
+        b_S = tl.zeros([BK, BV], dtype=tl.float32)
+        if HAS_H0:
+            b_S += tl.load(h0 + (slot * HV + i_hv) * K * V + o_S, mask=m_kv, other=0).to(tl.float32)
+        if USE_GATE:
+            if HAS_A:
+                b_rate = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
+            else:
+                b_rate = 1.0
+            if HAS_BIAS:
+                b_bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0).to(tl.float32)
+            else:
+                b_bias = tl.zeros([BK], dtype=tl.float32)
+
+        for t in range(bos, eos):
+            b_q = tl.load(q + (t * H + i_h) * K + o_k, mask=m_k, other=0).to(tl.float32)
+            b_k = tl.load(k + (t * H + i_h) * K + o_k, mask=m_k, other=0).to(tl.float32)
+            b_v = tl.load(v + (t * HV + i_hv) * V + o_v, mask=m_v, other=0).to(tl.float32)
+            b_g = tl.load(g + (t * HV + i_hv) * K + o_k, mask=m_k, other=0).to(tl.float32)
+            b_beta = tl.load(beta + t * HV + i_hv).to(tl.float32)
+            if QK_L2NORM:
+                b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6)
+                b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
+            if USE_GATE:
+                b_x = b_g + b_bias
+                if USE_LOWER_BOUND:
+                    b_g = lower_bound * tl.sigmoid(b_rate * b_x)
+                else:
+                    b_g = -b_rate * (tl.maximum(b_x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(b_x))))
+            if BETA_SIGMOID:
+                b_beta = BETA_SCALE * tl.sigmoid(b_beta)
+            b_S = b_S * tl.exp(b_g)[:, None]  # Diag(alpha_t) S
+            b_u = b_beta * (b_v - tl.sum(b_S * b_k[:, None], axis=0))  # beta (v - S^T k)      [BV]
+            b_S = b_S + b_k[:, None] * b_u[None, :]  # + k u^T
+            b_o = tl.sum(b_S * (b_q * scale)[:, None], axis=0)  # S^T (scale q)               [BV]
+            tl.store(o + (t * HV + i_hv) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+
+        if STORE_FINAL:
+            tl.store(ht + (slot * HV + i_hv) * K * V + o_S, b_S.to(ht.dtype.element_ty), mask=m_kv)
+
+
+def fused_recurrent_kda_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float,
+    cu: torch.Tensor,
+    N: int,
+    initial_state: Optional[torch.Tensor],
+    final_state: Optional[torch.Tensor],
+    ssm_state_indices: Optional[torch.Tensor] = None,
+    state_v_first: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    use_gate_in_kernel: bool = False,
+    A_log: Optional[torch.Tensor] = None,
+    dt_bias: Optional[torch.Tensor] = None,
+    lower_bound: Optional[float] = None,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Launch the recurrent kernel. Inputs already validated; ``cu`` is ``[N + 1]`` int32 on the device.
+
+    ``final_state`` is written at each sequence's slot (``ssm_state_indices[n]``,
+    or ``n``); passing the pool itself as both ``initial_state`` and
+    ``final_state`` updates it in place.
+    """
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    o = torch.empty(B, T, HV, V, dtype=v.dtype, device=v.device)
+    BV = min(32, max(16, triton.next_power_of_2(V)))
+    HV_K = (HV, K)
+    if N > 0:
+        _fused_recurrent_kernel[(triton.cdiv(V, BV), N, HV)](
+            q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(),
+            A_log if A_log is not None else q, dt_bias.reshape(HV_K).contiguous() if dt_bias is not None else q,
+            o, initial_state if initial_state is not None else o, final_state if final_state is not None else o,
+            cu, ssm_state_indices if ssm_state_indices is not None else cu,
+            float(scale), float(lower_bound) if lower_bound is not None else 0.0,
+            H=H, HV=HV, K=K, V=V, BK=max(16, triton.next_power_of_2(K)), BV=BV,
+            HAS_H0=initial_state is not None, HAS_SLOTS=ssm_state_indices is not None,
+            STORE_FINAL=final_state is not None, STATE_V_FIRST=state_v_first,
+            QK_L2NORM=use_qk_l2norm_in_kernel, USE_GATE=use_gate_in_kernel, HAS_A=A_log is not None,
+            HAS_BIAS=dt_bias is not None, USE_LOWER_BOUND=lower_bound is not None,
+            BETA_SIGMOID=use_beta_sigmoid_in_kernel, BETA_SCALE=2.0 if allow_neg_eigval else 1.0,
+            num_warps=4,
+        )
+    return o, final_state

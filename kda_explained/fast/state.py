@@ -1,0 +1,133 @@
+"""Stage 5 on the GPU: inter-chunk state passing (report Eq. 8).
+
+Mirrors :func:`kda_explained.chunked.state_passing`. One program owns the state
+``S [K, BV]`` of one sequence, one value head and one tile of ``BV`` value
+columns, in float32 registers, and walks the sequence's chunks in order::
+
+    h[chunk] = S                                             # the state entering the chunk
+    v_new    = U - W S                                       # what each token really writes
+    S        = Diag(Gamma_C) S + (K * Gamma_C / Gamma)^T v_new
+
+Value columns are independent in all three lines, which is what lets the
+``V`` axis split across programs. ``STATE_V_FIRST`` reads and writes the
+initial, final and chunk states as ``[V, K]`` (serving engines that store the
+state transposed) through strides alone: the registers keep ``[K, BV]``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._meta import dot_precision, seq_meta
+
+__all__ = ["state_passing"]
+
+
+@triton.jit
+def _state_passing_kernel(
+    # pointers
+    k,  # [TT, H, K]
+    W,  # [TT, HV, K] float32
+    U,  # [TT, HV, V] float32
+    G,  # [TT, HV, K] float32
+    h0,  # [N, HV, K, V] initial states (or [V, K] each with STATE_V_FIRST)
+    h,  # [NC, HV, K, V] float32 out: state entering each chunk
+    v_new,  # [TT, HV, V] float32 out
+    ht,  # [N, HV, K, V] float32 out: final states
+    cu,
+    chunk_off,
+    # sizes
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    # meta-parameters
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    STATE_V_FIRST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    i_v, i_n, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_h = i_hv // (HV // H)
+    bos = tl.load(cu + i_n).to(tl.int64)
+    eos = tl.load(cu + i_n + 1).to(tl.int64)
+    c0 = tl.load(chunk_off + i_n).to(tl.int64)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_t = tl.arange(0, BT)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    # offsets of a [K, BV] state tile inside one [K, V] (or [V, K]) state
+    if STATE_V_FIRST:
+        o_S = o_v[None, :] * K + o_k[:, None]
+    else:
+        o_S = o_k[:, None] * V + o_v[None, :]
+
+    b_S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        b_S += tl.load(h0 + (i_n * HV + i_hv) * K * V + o_S, mask=m_kv, other=0).to(tl.float32)
+
+    n_chunks = tl.cdiv(eos - bos, BT)
+    for i_t in range(0, n_chunks):
+        t0 = bos + i_t * BT
+        m_t = t0 + o_t < eos
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        # h[chunk] = S
+        tl.store(h + ((c0 + i_t) * HV + i_hv) * K * V + o_S, b_S, mask=m_kv)
+        # v_new = U - W S
+        b_W = tl.load(W + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0)
+        b_U = tl.load(U + ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], mask=m_tv, other=0)
+        b_v = b_U - tl.dot(b_W, b_S, input_precision=PRECISION)  # [BT, BV]
+        tl.store(v_new + ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], b_v, mask=m_tv)
+        # S = Diag(Gamma_C) S + (K * exp(G_C - G))^T v_new
+        t_last = tl.minimum(t0 + BT, eos) - 1
+        b_Glast = tl.load(G + (t_last * HV + i_hv) * K + o_k, mask=m_k, other=0)  # [BK]
+        b_G = tl.load(G + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0)
+        b_k = tl.load(k + ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tk, other=0).to(tl.float32)
+        b_kdec = tl.where(m_tk, b_k * tl.exp(b_Glast[None, :] - b_G), 0.0)  # exp(<= 0)
+        b_S = b_S * tl.exp(b_Glast)[:, None] + tl.dot(tl.trans(b_kdec), b_v, input_precision=PRECISION)
+
+    tl.store(ht + (i_n * HV + i_hv) * K * V + o_S, b_S, mask=m_kv)
+
+
+def state_passing(
+    k: torch.Tensor,
+    W: torch.Tensor,
+    U: torch.Tensor,
+    G: torch.Tensor,
+    initial_state: Optional[torch.Tensor],
+    chunk_size: int,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    *,
+    state_v_first: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``h: [NC, HV, K, V]``, ``v_new: [B, T, HV, V]``, ``final_state: [N, HV, K, V]`` (float32).
+
+    With ``state_v_first``, ``initial_state``, ``h`` and the final state are ``[..., V, K]``.
+    """
+    B, T, H, K = k.shape
+    HV, V = U.shape[2], U.shape[3]
+    meta = seq_meta(B, T, chunk_size, cu_seqlens, k.device)
+    state_shape = (HV, V, K) if state_v_first else (HV, K, V)
+    h = torch.empty(meta.NC, *state_shape, dtype=torch.float32, device=k.device)
+    ht = torch.empty(meta.N, *state_shape, dtype=torch.float32, device=k.device)
+    v_new = torch.empty(B, T, HV, V, dtype=torch.float32, device=k.device)
+    BV = min(64, max(16, triton.next_power_of_2(V)))
+    if meta.N > 0:
+        _state_passing_kernel[(triton.cdiv(V, BV), meta.N, HV)](
+            k.contiguous(), W.contiguous(), U.contiguous(), G.contiguous(),
+            initial_state.contiguous() if initial_state is not None else ht, h, v_new, ht,
+            meta.cu, meta.chunk_off,
+            H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=max(16, triton.next_power_of_2(K)), BV=BV,
+            HAS_H0=initial_state is not None, STATE_V_FIRST=state_v_first, PRECISION=dot_precision(k.dtype),
+            num_warps=8 if K > 64 else 4,
+        )
+    return h, v_new, ht
