@@ -13,7 +13,9 @@ tokens is cut into sub-chunks of ``BC = 16``; one program computes one
 - ``a == b`` (the diagonal): the ratio ``exp(G_r - G_j)`` is exact, one column
   ``j`` at a time (``BC`` steps of ``[BC, K]`` work), masked *before* the
   ``exp`` so no exponent is ever positive.
-- ``a < b``: zeros (both matrices are lower triangular).
+- ``a < b``: zeros (both matrices are lower triangular), written by the
+  diagonal program of the same rows, so the grid holds only the
+  ``NS (NS + 1) / 2`` blocks on or below the diagonal.
 """
 
 from __future__ import annotations
@@ -54,8 +56,10 @@ def _intra_chunk_kernel(
     PRECISION: tl.constexpr,
 ):
     i_c, i_ab, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    NS: tl.constexpr = BT // BC
-    i_a, i_b = i_ab // NS, i_ab % NS  # row sub-chunk, column sub-chunk
+    # the grid holds only the NS (NS + 1) / 2 blocks on or below the diagonal (NS <= 4):
+    # i_ab = a (a + 1) / 2 + b  ->  row sub-chunk a, column sub-chunk b <= a
+    i_a = (i_ab >= 1).to(tl.int32) + (i_ab >= 3).to(tl.int32) + (i_ab >= 6).to(tl.int32)
+    i_b = i_ab - i_a * (i_a + 1) // 2
     i_h = i_hv // (HV // H)  # GVA: the q/k head this value head reads
     i_n = tl.load(chunk_seq + i_c)
     bos = tl.load(chunk_bos + i_c).to(tl.int64)
@@ -71,49 +75,55 @@ def _intra_chunk_kernel(
     p_Aqk = A_qk + ((bos + o_r[:, None]) * HV + i_hv) * BT + o_j[None, :]
     m_store = m_r[:, None] & (o_j[None, :] < BT)
 
-    b_Akk = tl.zeros([BC, BC], dtype=tl.float32)
-    b_Aqk = tl.zeros([BC, BC], dtype=tl.float32)
-    if i_a >= i_b:
-        # rows of the block: k_r, q_r, G_r                                     [BC, BK]
-        m_rk = m_r[:, None] & m_k[None, :]
-        b_kr = tl.load(k + ((bos + o_r[:, None]) * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(tl.float32)
-        b_qr = tl.load(q + ((bos + o_r[:, None]) * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(tl.float32)
-        b_Gr = tl.load(G + ((bos + o_r[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0)
-        if i_a > i_b:
-            # ---- below the diagonal: one product through G_ref = G[last token of sub-chunk b]
-            m_jk = m_j[:, None] & m_k[None, :]
-            b_kj = tl.load(k + ((bos + o_j[:, None]) * H + i_h) * K + o_k[None, :], mask=m_jk, other=0).to(tl.float32)
-            b_Gj = tl.load(G + ((bos + o_j[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_jk, other=0)
-            # sub-chunk b is full whenever a later row is real; if its last token is padding, so is every row here
-            t_ref = bos + i_b * BC + BC - 1
-            b_Gref = tl.load(G + (t_ref * HV + i_hv) * K + o_k, mask=m_k & (t_ref + 0 * o_k < eos), other=0)
-            b_left = tl.where(m_rk, tl.exp(b_Gr - b_Gref[None, :]), 0.0)  # exp(<= 0)
-            b_right = b_kj * tl.exp(b_Gref[None, :] - b_Gj)  # exp(<= 0)
-            b_Akk = tl.dot(b_kr * b_left, tl.trans(b_right), input_precision=PRECISION)
-            b_Aqk = tl.dot(b_qr * b_left, tl.trans(b_right), input_precision=PRECISION)
-        else:
-            # ---- the diagonal block: exact ratios, one column j at a time
-            o_c = tl.arange(0, BC)
-            for jj in range(0, BC):
-                j = i_b * BC + jj
-                m_jk = m_k & (bos + j + 0 * o_k < eos)  # [BK]: column j is a real token
-                b_kj = tl.load(k + ((bos + j) * H + i_h) * K + o_k, mask=m_jk, other=0).to(tl.float32)
-                b_Gj = tl.load(G + ((bos + j) * HV + i_hv) * K + o_k, mask=m_jk, other=0)
-                # exponent G_r - G_j only where r >= j (else -inf -> ratio 0)
-                b_diff = tl.where(o_r[:, None] >= j, b_Gr - b_Gj[None, :], float("-inf"))
-                b_ratio = tl.exp(b_diff) * b_kj[None, :]  # [BC, BK]
-                b_col_kk = tl.sum(tl.where(o_r[:, None] > j, b_kr * b_ratio, 0.0), axis=1)  # [BC]: j < r
-                b_col_qk = tl.sum(b_qr * b_ratio, axis=1)  # [BC]: j <= r
-                b_Akk = tl.where(o_c[None, :] == jj, b_col_kk[:, None], b_Akk)
-                b_Aqk = tl.where(o_c[None, :] == jj, b_col_qk[:, None], b_Aqk)
-        b_beta = tl.load(beta + (bos + o_r) * HV + i_hv, mask=m_r, other=0).to(tl.float32)
-        b_Akk = b_Akk * b_beta[:, None]  # Diag(beta) on the rows (Eq. 5)
-        b_Aqk = b_Aqk * scale
-        m_valid = m_r[:, None] & m_j[None, :]
-        b_Akk = tl.where(m_valid, b_Akk, 0.0)
-        b_Aqk = tl.where(m_valid, b_Aqk, 0.0)
+    # rows of the block: k_r, q_r, G_r                                     [BC, BK]
+    m_rk = m_r[:, None] & m_k[None, :]
+    b_kr = tl.load(k + ((bos + o_r[:, None]) * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(tl.float32)
+    b_qr = tl.load(q + ((bos + o_r[:, None]) * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(tl.float32)
+    b_Gr = tl.load(G + ((bos + o_r[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0)
+    if i_a > i_b:
+        # ---- below the diagonal: one product through G_ref = G[last token of sub-chunk b]
+        m_jk = m_j[:, None] & m_k[None, :]
+        b_kj = tl.load(k + ((bos + o_j[:, None]) * H + i_h) * K + o_k[None, :], mask=m_jk, other=0).to(tl.float32)
+        b_Gj = tl.load(G + ((bos + o_j[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_jk, other=0)
+        # sub-chunk b is full whenever a later row is real; if its last token is padding, so is every row here
+        t_ref = bos + i_b * BC + BC - 1
+        b_Gref = tl.load(G + (t_ref * HV + i_hv) * K + o_k, mask=m_k & (t_ref + 0 * o_k < eos), other=0)
+        b_left = tl.exp(tl.where(m_rk, b_Gr - b_Gref[None, :], float("-inf")))  # exp(<= 0); padding -> 0
+        b_right = b_kj * tl.exp(b_Gref[None, :] - b_Gj)  # exp(<= 0)
+        b_Akk = tl.dot(b_kr * b_left, tl.trans(b_right), input_precision=PRECISION)
+        b_Aqk = tl.dot(b_qr * b_left, tl.trans(b_right), input_precision=PRECISION)
+    else:
+        # ---- the diagonal block: exact ratios, one column j at a time
+        b_Akk = tl.zeros([BC, BC], dtype=tl.float32)
+        b_Aqk = tl.zeros([BC, BC], dtype=tl.float32)
+        o_c = tl.arange(0, BC)
+        for jj in range(0, BC):
+            j = i_b * BC + jj
+            m_jk = m_k & (bos + j + 0 * o_k < eos)  # [BK]: column j is a real token
+            b_kj = tl.load(k + ((bos + j) * H + i_h) * K + o_k, mask=m_jk, other=0).to(tl.float32)
+            b_Gj = tl.load(G + ((bos + j) * HV + i_hv) * K + o_k, mask=m_jk, other=0)
+            # exponent G_r - G_j only where r >= j (else -inf -> ratio 0)
+            b_diff = tl.where(o_r[:, None] >= j, b_Gr - b_Gj[None, :], float("-inf"))
+            b_ratio = tl.exp(b_diff) * b_kj[None, :]  # [BC, BK]
+            b_col_kk = tl.sum(tl.where(o_r[:, None] > j, b_kr * b_ratio, 0.0), axis=1)  # [BC]: j < r
+            b_col_qk = tl.sum(b_qr * b_ratio, axis=1)  # [BC]: j <= r
+            b_Akk = tl.where(o_c[None, :] == jj, b_col_kk[:, None], b_Akk)
+            b_Aqk = tl.where(o_c[None, :] == jj, b_col_qk[:, None], b_Aqk)
+    b_beta = tl.load(beta + (bos + o_r) * HV + i_hv, mask=m_r, other=0).to(tl.float32)
+    b_Akk = b_Akk * b_beta[:, None]  # Diag(beta) on the rows (Eq. 5)
+    b_Aqk = b_Aqk * scale
+    m_valid = m_r[:, None] & m_j[None, :]
+    b_Akk = tl.where(m_valid, b_Akk, 0.0)
+    b_Aqk = tl.where(m_valid, b_Aqk, 0.0)
     tl.store(p_Akk, b_Akk, mask=m_store)
     tl.store(p_Aqk, b_Aqk, mask=m_store)
+    if i_a == i_b:
+        # the diagonal program also writes the zeros right of it, so consumers can read whole rows
+        for i_z in range(i_a + 1, BT // BC):
+            o_z = i_z * BC + tl.arange(0, BC)
+            p_z = ((bos + o_r[:, None]) * HV + i_hv) * BT + o_z[None, :]
+            tl.store(A_kk + p_z, tl.zeros([BC, BC], dtype=tl.float32), mask=m_store)
+            tl.store(A_qk + p_z, tl.zeros([BC, BC], dtype=tl.float32), mask=m_store)
 
 
 def intra_chunk_matrices(
@@ -139,8 +149,10 @@ def intra_chunk_matrices(
     A_kk = torch.empty(B, T, HV, chunk_size, dtype=torch.float32, device=q.device)
     A_qk = torch.empty_like(A_kk)
     NS = chunk_size // BC
+    if NS > 4:
+        raise ValueError(f"chunk_size: expected at most {4 * BC} for the fast layer, got {chunk_size}")
     if meta.NC > 0:
-        _intra_chunk_kernel[(meta.NC, NS * NS, HV)](
+        _intra_chunk_kernel[(meta.NC, NS * (NS + 1) // 2, HV)](
             q.contiguous(), k.contiguous(), G.contiguous(), beta.contiguous(), A_kk, A_qk,
             meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale),
             H=H, HV=HV, K=K, BT=chunk_size, BC=BC, BK=max(16, triton.next_power_of_2(K)),

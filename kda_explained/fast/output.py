@@ -101,6 +101,6 @@ def chunk_output(
             q.contiguous(), h.contiguous(), v_new.contiguous(), G.contiguous(), A_qk.contiguous(), o,
             meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale),
             H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=min(64, max(16, triton.next_power_of_2(K))), BV=BV,
-            STATE_V_FIRST=state_v_first, PRECISION=dot_precision(q.dtype),
+            STATE_V_FIRST=state_v_first, PRECISION=dot_precision(q.dtype), num_stages=2,
         )
     return o

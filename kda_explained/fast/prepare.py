@@ -118,7 +118,7 @@ def chunk_local_cumsum(
     dt = dt_bias.reshape(HV, K).contiguous() if dt_bias is not None else g
     if meta.NC > 0:
         _chunk_local_cumsum_kernel[(meta.NC, HV)](
-            g, beta.contiguous() if beta is not None else g, A_log if A_log is not None else g, dt, G, beta_out,
+            g, beta.contiguous() if beta is not None else g, A_log.contiguous() if A_log is not None else g, dt, G, beta_out,
             meta.cu, meta.chunk_seq, meta.chunk_bos,
             float(lower_bound) if lower_bound is not None else 0.0,
             HV=HV, K=K, BT=chunk_size, BK=max(16, triton.next_power_of_2(K)),

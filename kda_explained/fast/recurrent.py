@@ -25,6 +25,10 @@ import triton.language as tl
 
 __all__ = ["fused_recurrent_kda_fwd"]
 
+#: Launch shape of the decode kernel: value columns per program and warps per program.
+DECODE_BV = 32
+DECODE_WARPS = 2  # measured best of {1, 2, 4, 8} x BV {16, 32, 64} on the H100 (docs: kernel notes)
+
 
 @triton.jit
 def _fused_recurrent_kernel(
@@ -154,14 +158,16 @@ def fused_recurrent_kda_fwd(
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     o = torch.empty(B, T, HV, V, dtype=v.dtype, device=v.device)
-    BV = min(32, max(16, triton.next_power_of_2(V)))
+    BV = min(DECODE_BV, max(16, triton.next_power_of_2(V)))
     HV_K = (HV, K)
     if N > 0:
         _fused_recurrent_kernel[(triton.cdiv(V, BV), N, HV)](
             q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(),
-            A_log if A_log is not None else q, dt_bias.reshape(HV_K).contiguous() if dt_bias is not None else q,
-            o, initial_state if initial_state is not None else o, final_state if final_state is not None else o,
-            cu, ssm_state_indices if ssm_state_indices is not None else cu,
+            A_log.contiguous() if A_log is not None else q,
+            dt_bias.reshape(HV_K).contiguous() if dt_bias is not None else q,
+            # a pool updated in place is contiguous (checked), so .contiguous() keeps it the same tensor
+            o, initial_state.contiguous() if initial_state is not None else o, final_state if final_state is not None else o,
+            cu, ssm_state_indices.contiguous() if ssm_state_indices is not None else cu,
             float(scale), float(lower_bound) if lower_bound is not None else 0.0,
             H=H, HV=HV, K=K, V=V, BK=max(16, triton.next_power_of_2(K)), BV=BV,
             HAS_H0=initial_state is not None, HAS_SLOTS=ssm_state_indices is not None,
@@ -169,6 +175,6 @@ def fused_recurrent_kda_fwd(
             QK_L2NORM=use_qk_l2norm_in_kernel, USE_GATE=use_gate_in_kernel, HAS_A=A_log is not None,
             HAS_BIAS=dt_bias is not None, USE_LOWER_BOUND=lower_bound is not None,
             BETA_SIGMOID=use_beta_sigmoid_in_kernel, BETA_SCALE=2.0 if allow_neg_eigval else 1.0,
-            num_warps=4,
+            num_warps=DECODE_WARPS,
         )
     return o, final_state

@@ -120,7 +120,7 @@ def state_passing(
     h = torch.empty(meta.NC, *state_shape, dtype=torch.float32, device=k.device)
     ht = torch.empty(meta.N, *state_shape, dtype=torch.float32, device=k.device)
     v_new = torch.empty(B, T, HV, V, dtype=torch.float32, device=k.device)
-    BV = min(64, max(16, triton.next_power_of_2(V)))
+    BV = min(64, max(16, triton.next_power_of_2(V)))  # BV = 32 measured slower on the H100 (docs: kernel notes)
     if meta.N > 0:
         _state_passing_kernel[(triton.cdiv(V, BV), meta.N, HV)](
             k.contiguous(), W.contiguous(), U.contiguous(), G.contiguous(),
@@ -128,6 +128,6 @@ def state_passing(
             meta.cu, meta.chunk_off,
             H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=max(16, triton.next_power_of_2(K)), BV=BV,
             HAS_H0=initial_state is not None, STATE_V_FIRST=state_v_first, PRECISION=dot_precision(k.dtype),
-            num_warps=8 if K > 64 else 4,
+            num_warps=8 if K > 64 else 4, num_stages=1,
         )
     return h, v_new, ht

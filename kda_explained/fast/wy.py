@@ -92,6 +92,6 @@ def wy_representation(
             k.contiguous(), v.contiguous(), G.contiguous(), beta.contiguous(), M.contiguous(), W, U,
             meta.cu, meta.chunk_seq, meta.chunk_bos,
             H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=min(64, max(16, triton.next_power_of_2(K))),
-            BV=min(64, max(16, triton.next_power_of_2(V))), PRECISION=dot_precision(k.dtype),
+            BV=min(64, max(16, triton.next_power_of_2(V))), PRECISION=dot_precision(k.dtype), num_stages=2,
         )
     return W, U

@@ -1,0 +1,70 @@
+"""Where the time goes: each stage kernel of fast.chunk_kda timed alone, and decode launch shapes swept.
+
+    python benchmarks/gpu_stages.py [--out DIR]
+
+Feeds the kernel notes in docs (METHOD.md: measure before changing anything).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from kda_explained import fast  # noqa: E402
+from kda_explained.fast import recurrent  # noqa: E402
+from gpu_bench import bench, make_inputs  # noqa: E402
+
+
+def stage_times(B, T, H, D, C=64):
+    q, k, v, g, beta = make_inputs(B, T, H, D)
+    scale = D ** -0.5
+    out = {}
+    with torch.inference_mode():
+        G, b32 = fast.chunk_local_cumsum(g, C, beta=beta)
+        out["1_cumsum"] = bench(lambda: fast.chunk_local_cumsum(g, C, beta=beta))
+        A_kk, A_qk = fast.intra_chunk_matrices(q, k, G, b32, scale, C)
+        out["2_intra"] = bench(lambda: fast.intra_chunk_matrices(q, k, G, b32, scale, C))
+        M = fast.ut_transform(A_kk, C)
+        out["3_ut"] = bench(lambda: fast.ut_transform(A_kk, C))
+        W, U = fast.wy_representation(k, v, G, b32, M, C)
+        out["4_wy"] = bench(lambda: fast.wy_representation(k, v, G, b32, M, C))
+        h, vn, S = fast.state_passing(k, W, U, G, None, C)
+        out["5_state"] = bench(lambda: fast.state_passing(k, W, U, G, None, C))
+        out["6_output"] = bench(lambda: fast.chunk_output(q, h, vn, G, A_qk, scale, C, out_dtype=v.dtype))
+        out["total"] = bench(lambda: fast.chunk_kda(q, k, v, g, beta))
+    return out
+
+
+def decode_sweep(N=256, H=32, D=128):
+    q, k, v, g, beta = make_inputs(N, 1, H, D, seed=1)
+    pool = torch.randn(N, H, D, D, device="cuda") * 0.1
+    slots = torch.randperm(N, device="cuda").to(torch.int32)
+    res = {}
+    with torch.inference_mode():
+        for bv in (16, 32, 64):
+            for w in (1, 2, 4, 8):
+                recurrent.DECODE_BV, recurrent.DECODE_WARPS = bv, w
+                ms = bench(lambda: fast.fused_recurrent_kda(q, k, v, g, beta, initial_state=pool,
+                                                            ssm_state_indices=slots))
+                res[f"BV{bv}_w{w}"] = {"ms": ms, "GBps": 2 * N * H * D * D * 4 / (ms * 1e-3) / 1e9}
+                print(f"decode BV={bv} warps={w}: {ms:.4f} ms {res[f'BV{bv}_w{w}']['GBps']:.0f} GB/s", flush=True)
+    return res
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args()
+    res = {"stages_B8_T4096_H16": stage_times(8, 4096, 16, 128), "stages_B1_T8192_H96": stage_times(1, 8192, 96, 128)}
+    for name, st in res.items():
+        print(name, {k: round(v, 3) for k, v in st.items()}, flush=True)
+    res["decode"] = decode_sweep()
+    with open(os.path.join(args.out, "gpu_stages.json"), "w") as f:
+        json.dump(res, f, indent=1)
