@@ -4,6 +4,7 @@ The stages (:mod:`kda_explained.chunked.stages`) are what the Triton kernels of
 :mod:`kda_explained.fast` mirror; :func:`kda` composes them.
 """
 
+from .dplr import dplr
 from .gates import beta_sigmoid, kda_gate, l2norm, lowerbound_gate
 from .kda import CHUNK_SIZES, kda
 from .stages import (
@@ -17,6 +18,7 @@ from .stages import (
 
 __all__ = [
     "kda",
+    "dplr",
     "CHUNK_SIZES",
     "chunk_local_cumsum",
     "intra_chunk_matrices",
