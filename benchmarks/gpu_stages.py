@@ -18,7 +18,7 @@ import triton
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from kda_explained import fast  # noqa: E402
-from kda_explained.fast import recurrent  # noqa: E402
+from kda_explained.fast import output, recurrent, state, ut  # noqa: E402
 from gpu_bench import bench, make_inputs  # noqa: E402
 
 
@@ -39,6 +39,24 @@ def stage_times(B, T, H, D, C=64):
         out["5_state"] = bench(lambda: fast.state_passing(k, W, U, G, None, C))
         out["6_output"] = bench(lambda: fast.chunk_output(q, h, vn, G, A_qk, scale, C, out_dtype=v.dtype))
         out["total"] = bench(lambda: fast.chunk_kda(q, k, v, g, beta))
+        # launch-shape sweeps of the stages that have them (module-level tunables)
+        for w in (1, 2, 4):
+            ut.UT_WARPS = w
+            out[f"3_ut_warps{w}"] = bench(lambda: fast.ut_transform(A_kk, C))
+        ut.UT_WARPS = 2
+        for st in (1, 2):
+            state.STATE_STAGES = st
+            out[f"5_state_stages{st}"] = bench(lambda: fast.state_passing(k, W, U, G, None, C))
+        state.STATE_STAGES = 2
+        for bv in (64, 128):
+            for w in (4, 8):
+                output.OUTPUT_BV, output.OUTPUT_WARPS = bv, w
+                out[f"6_output_bv{bv}_w{w}"] = bench(
+                    lambda: fast.chunk_output(q, h, vn, G, A_qk, scale, C, out_dtype=v.dtype))
+        output.OUTPUT_BV, output.OUTPUT_WARPS = 64, 4
+        # the exact diagonal fix-up: gates too strong for the tensor-core diagonal (span > SAFE_SPAN)
+        G_strong = fast.chunk_local_cumsum(g * 4, C)
+        out["2_intra_strong_gates"] = bench(lambda: fast.intra_chunk_matrices(q, k, G_strong, b32, scale, C))
     return out
 
 
@@ -48,8 +66,13 @@ def decode_sweep(N=256, H=32, D=128):
     slots = torch.randperm(N, device="cuda").to(torch.int32)
     res = {}
     with torch.inference_mode():
-        for bv in (16, 32, 64):
-            for w in (1, 2, 4, 8):
+        for name, kw in (("plain_out", dict(output_final_state=True)), ("plain_inplace", dict(inplace_final_state=True)),
+                         ("slots", dict(ssm_state_indices=slots))):
+            ms = bench(lambda: fast.fused_recurrent_kda(q, k, v, g, beta, initial_state=pool, **kw))
+            res[name] = {"ms": ms, "GBps": 2 * N * H * D * D * 4 / (ms * 1e-3) / 1e9}
+            print(f"decode {name}: {ms:.4f} ms {res[name]['GBps']:.0f} GB/s", flush=True)
+        for bv in (32, 64):
+            for w in (2, 4):
                 recurrent.DECODE_BV, recurrent.DECODE_WARPS = bv, w
                 ms = bench(lambda: fast.fused_recurrent_kda(q, k, v, g, beta, initial_state=pool,
                                                             ssm_state_indices=slots))
@@ -62,7 +85,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
-    res = {"stages_B8_T4096_H16": stage_times(8, 4096, 16, 128), "stages_B1_T8192_H96": stage_times(1, 8192, 96, 128)}
+    res = {"stages_B8_T4096_H16": stage_times(8, 4096, 16, 128)}
     for name, st in res.items():
         print(name, {k: round(v, 3) for k, v in st.items()}, flush=True)
     res["decode"] = decode_sweep()

@@ -18,6 +18,10 @@ from ._meta import dot_precision, seq_meta
 
 __all__ = ["chunk_output"]
 
+#: Value columns per program and warps per program.
+OUTPUT_BV = 64
+OUTPUT_WARPS = 4
+
 
 @triton.jit
 def _chunk_output_kernel(
@@ -95,12 +99,13 @@ def chunk_output(
     HV, V = v_new.shape[2], v_new.shape[3]
     meta = seq_meta(B, T, chunk_size, cu_seqlens, q.device)
     o = torch.empty(B, T, HV, V, dtype=out_dtype or torch.float32, device=q.device)
-    BV = min(64, max(16, triton.next_power_of_2(V)))
+    BV = min(OUTPUT_BV, max(16, triton.next_power_of_2(V)))
     if meta.NC > 0:
         _chunk_output_kernel[(triton.cdiv(V, BV), meta.NC, HV)](
             q.contiguous(), h.contiguous(), v_new.contiguous(), G.contiguous(), A_qk.contiguous(), o,
             meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale),
             H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=min(64, max(16, triton.next_power_of_2(K))), BV=BV,
             STATE_V_FIRST=state_v_first, PRECISION=dot_precision(q.dtype), num_stages=2,
+            num_warps=OUTPUT_WARPS,
         )
     return o

@@ -2,8 +2,9 @@
 
 Mirrors :func:`kda_explained.chunked.chunk_local_cumsum` (same name, same
 arguments, same result) and the PyTorch gates of :mod:`kda_explained.chunked.gates`.
-One program handles one chunk of one value head: it reads the raw gate input
-``[BT, K]`` once, applies the gate formula if asked, and writes the running sum
+One program handles one chunk of one value head and one tile of key channels
+(channels decay independently): it reads the raw gate input ``[BT, BK]`` once,
+applies the gate formula if asked, and writes the running sum
 ``G`` in float32. The beta sigmoid rides along in the same program (one more
 ``[BT]`` vector), so the fused options cost no extra launch.
 """
@@ -49,13 +50,13 @@ def _chunk_local_cumsum_kernel(
     BETA_SIGMOID: tl.constexpr,
     BETA_SCALE: tl.constexpr,
 ):
-    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_c, i_hv, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = tl.load(chunk_seq + i_c)
     bos = tl.load(chunk_bos + i_c).to(tl.int64)
     eos = tl.load(cu + i_n + 1).to(tl.int64)
 
     o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
+    o_k = i_k * BK + tl.arange(0, BK)  # channels are independent: one K tile per program
     m_t = bos + o_t < eos
     m_k = o_k < K
     m_tk = m_t[:, None] & m_k[None, :]
@@ -82,7 +83,7 @@ def _chunk_local_cumsum_kernel(
     p_G = G_out + ((bos + o_t[:, None]) * HV + i_hv) * K + o_k[None, :]
     tl.store(p_G, b_G, mask=m_tk)
 
-    if WRITE_BETA:
+    if WRITE_BETA and i_k == 0:
         p_b = beta + (bos + o_t) * HV + i_hv
         b_beta = tl.load(p_b, mask=m_t, other=0).to(tl.float32)
         if BETA_SIGMOID:
@@ -117,11 +118,12 @@ def chunk_local_cumsum(
     beta_out = torch.empty(B, T, HV, dtype=torch.float32, device=g.device) if beta is not None else G
     dt = dt_bias.reshape(HV, K).contiguous() if dt_bias is not None else g
     if meta.NC > 0:
-        _chunk_local_cumsum_kernel[(meta.NC, HV)](
+        BK = min(32, max(16, triton.next_power_of_2(K)))
+        _chunk_local_cumsum_kernel[(meta.NC, HV, triton.cdiv(K, BK))](
             g, beta.contiguous() if beta is not None else g, A_log.contiguous() if A_log is not None else g, dt, G, beta_out,
             meta.cu, meta.chunk_seq, meta.chunk_bos,
             float(lower_bound) if lower_bound is not None else 0.0,
-            HV=HV, K=K, BT=chunk_size, BK=max(16, triton.next_power_of_2(K)),
+            HV=HV, K=K, BT=chunk_size, BK=BK,
             USE_GATE=use_gate_in_kernel, HAS_A=A_log is not None, HAS_BIAS=dt_bias is not None,
             USE_LOWER_BOUND=lower_bound is not None, WRITE_BETA=beta is not None,
             BETA_SIGMOID=use_beta_sigmoid_in_kernel, BETA_SCALE=2.0 if allow_neg_eigval else 1.0,

@@ -29,6 +29,9 @@ from ._meta import seq_meta
 
 __all__ = ["ut_transform"]
 
+#: Warps per program: the blocks are 16 x 16, so a few warps suffice (see docs: kernel notes).
+UT_WARPS = 2
+
 
 @triton.jit
 def _ut_transform_kernel(
@@ -94,5 +97,6 @@ def ut_transform(A_kk: torch.Tensor, chunk_size: int, cu_seqlens: Optional[torch
     if meta.NC > 0:
         _ut_transform_kernel[(meta.NC, HV)](
             A_kk.contiguous().float(), M, meta.cu, meta.chunk_seq, meta.chunk_bos, HV=HV, BT=chunk_size, BC=BC,
+            num_warps=UT_WARPS,
         )
     return M
