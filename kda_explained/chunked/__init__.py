@@ -1,7 +1,7 @@
 """The chunked layer: KDA's chunkwise WY / UT-transform algorithm as staged PyTorch functions.
 
 The stages (:mod:`kda_explained.chunked.stages`) are what the Triton kernels of
-:mod:`kda_explained.fast` mirror; :func:`kda` composes them.
+``kda_explained.fast`` mirror; :func:`kda` composes them.
 """
 
 from .dplr import dplr

@@ -57,7 +57,7 @@ one more matrix product in each of the WY, state and output stages.
 
 Numerics: every exponent is ``<= 0``. ``A_ba`` and ``A_bk`` need the ratio
 ``exp(G_{t-1} - G_j)``, ``j < t``; forming it as ``exp(G_t - G_j) * exp(-g_t)``
-would overflow for strong decay, so :func:`_decayed_products` takes the row
+would overflow for strong decay, so ``_decayed_products`` takes the row
 and column log decays separately and uses ``G_prev`` on the rows.
 """
 
@@ -251,7 +251,7 @@ def dplr_chunk_output(
 ) -> torch.Tensor:
     """``O = scale (Q * exp(G)) S_0 + A_qa x + A_qk V``.
 
-    The first two terms are KDA's output stage (:func:`stages.chunk_output`) with ``x``
+    The first two terms are KDA's output stage (:func:`~kda_explained.chunked.stages.chunk_output`) with ``x``
     as the written values; the third reads the direct writes ``k_j v_j^T``, which KDA
     folds into its single written value.
 

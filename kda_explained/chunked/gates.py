@@ -1,6 +1,6 @@
 """The elementwise pieces around the recurrence, in PyTorch (references for the fast layer's in-kernel options).
 
-Same formulas and argument shapes as :mod:`kda_explained.naive.gates`; differentiable,
+Same formulas and argument shapes as the gates of :mod:`kda_explained.naive`; differentiable,
 any device, computed in float32 (float64 for float64 input).
 """
 

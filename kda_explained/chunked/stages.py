@@ -2,7 +2,7 @@
 
 Each stage takes and returns tensors in the token layout ``[B, T, HV, ...]``
 (the layout of ``DESIGN.md`` and of the Triton kernels that mirror these
-stages), and works inside on the chunk grid of :class:`ChunkLayout`.
+stages), and works inside on the chunk grid of :class:`~kda_explained.chunked.layout.ChunkLayout`.
 
 Glossary (one chunk of ``C`` tokens, local index ``r``, one value head)
 -----------------------------------------------------------------------

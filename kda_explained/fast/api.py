@@ -40,7 +40,7 @@ def fused_recurrent_kda(
 ):
     """KDA token by token (decoding); a drop-in for ``fla.ops.kda.fused_recurrent_kda``. Forward only.
 
-    Shapes and options as :func:`kda_explained.fast.chunk_kda`. For serving:
+    Shapes and options as :func:`kda_explained.fast.chunk.chunk_kda`. For serving:
 
     - ``ssm_state_indices: [N]`` int: ``initial_state`` is a state pool
       ``[P, HV, K, V]`` and sequence ``n`` reads and writes slot

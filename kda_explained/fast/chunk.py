@@ -1,4 +1,4 @@
-"""``fast.chunk_kda``: the chunked pipeline as Triton kernels, stage for stage like :func:`kda_explained.chunked.kda`.
+"""``fast.chunk_kda``: the chunked pipeline as Triton kernels, stage for stage like :func:`kda_explained.chunked.kda.kda`.
 
 The forward reads as the same pipeline (report §3.1)::
 
@@ -32,7 +32,7 @@ __all__ = ["chunk_kda", "chunk_kda_fwd", "FAST_CHUNK_SIZES", "MAX_HEAD_DIM", "ch
 
 #: Chunk sizes the kernels take (multiples of the 16-token sub-chunk).
 FAST_CHUNK_SIZES = (16, 32, 64)
-#: Largest K and V: a state tile ``[K, BV]`` and the ``[BT, K]`` tiles live in registers.
+#: Largest K and V; a state tile ``[K, BV]`` and the ``[BT, K]`` tiles live in registers.
 MAX_HEAD_DIM = 256
 
 # Arguments of fla.ops.kda.chunk_kda that change nothing here, accepted so code can switch imports.

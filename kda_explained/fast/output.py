@@ -1,6 +1,6 @@
 """Stage 6 on the GPU: the output ``O = scale (Q * Gamma) S + A_qk v_new`` (report Eq. 9).
 
-Mirrors :func:`kda_explained.chunked.chunk_output`. One program writes one
+Mirrors :func:`kda_explained.chunked.stages.chunk_output`. One program writes one
 chunk of one value head for one tile of ``BV`` value columns: what the entering
 state recalls (``[BT, K] @ [K, BV]``) plus what the chunk itself wrote
 (``[BT, BT] @ [BT, BV]``).

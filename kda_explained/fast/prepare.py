@@ -1,6 +1,6 @@
 """Stage 1 on the GPU: the gate, the in-chunk cumulative log decay, the beta sigmoid and the L2 norm.
 
-Mirrors :func:`kda_explained.chunked.chunk_local_cumsum` (same name, same
+Mirrors :func:`kda_explained.chunked.stages.chunk_local_cumsum` (same name, same
 arguments, same result) and the PyTorch gates of :mod:`kda_explained.chunked.gates`.
 One program handles one chunk of one value head and one tile of key channels
 (channels decay independently): it reads the raw gate input ``[BT, BK]`` once,
@@ -152,7 +152,7 @@ def _l2norm_kernel(
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``x / sqrt(sum(x ** 2) + eps)`` over the last axis, like :func:`kda_explained.chunked.l2norm`."""
+    """``x / sqrt(sum(x ** 2) + eps)`` over the last axis, like :func:`kda_explained.chunked.gates.l2norm`."""
     x = x.contiguous()
     D = x.shape[-1]
     R = x.numel() // D

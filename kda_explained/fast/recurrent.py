@@ -25,7 +25,7 @@ import triton.language as tl
 
 __all__ = ["fused_recurrent_kda_fwd"]
 
-#: Launch shape of the decode kernel: value columns per program and warps per program.
+#: Launch shape of the decode kernel, value columns per program and warps per program.
 DECODE_BV = 32
 DECODE_WARPS = 2  # measured best of {1, 2, 4, 8} x BV {16, 32, 64} on the H100 (docs: kernel notes)
 

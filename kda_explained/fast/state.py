@@ -1,6 +1,6 @@
 """Stage 5 on the GPU: inter-chunk state passing (report Eq. 8).
 
-Mirrors :func:`kda_explained.chunked.state_passing`. One program owns the state
+Mirrors :func:`kda_explained.chunked.stages.state_passing`. One program owns the state
 ``S [K, BV]`` of one sequence, one value head and one tile of ``BV`` value
 columns, in float32 registers, and walks the sequence's chunks in order::
 

@@ -1,6 +1,6 @@
 """Stage 3 on the GPU: the UT transform ``M = (I + A_kk)^{-1}`` (report Eq. 6).
 
-Mirrors :func:`kda_explained.chunked.ut_transform`. One program inverts one
+Mirrors :func:`kda_explained.chunked.stages.ut_transform`. One program inverts one
 chunk's unit lower-triangular ``[BT, BT]`` matrix for one value head, by blocks
 of ``BC = 16``:
 
@@ -29,7 +29,7 @@ from ._meta import seq_meta
 
 __all__ = ["ut_transform"]
 
-#: Warps per program: the blocks are 16 x 16, so a few warps suffice (see docs: kernel notes).
+#: Warps per program; the blocks are 16 x 16, so a few warps suffice (see docs: kernel notes).
 UT_WARPS = 2
 
 

@@ -1,6 +1,6 @@
 """Stage 4 on the GPU: the WY factors ``W = M Diag(beta)(Gamma * K)`` and ``U = M Diag(beta) V`` (report Eq. 7).
 
-Mirrors :func:`kda_explained.chunked.wy_representation`. One program takes one
+Mirrors :func:`kda_explained.chunked.stages.wy_representation`. One program takes one
 chunk of one value head: it loads ``M [BT, BT]`` once and multiplies it into the
 decayed, beta-weighted keys (``[BT, K]``) and values (``[BT, V]``, tile by tile).
 """
