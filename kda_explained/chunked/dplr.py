@@ -145,7 +145,7 @@ def dplr_intra_chunk_matrices(
     row ``t`` holds the entries against the ``C`` tokens of ``t``'s own chunk.
     """
     lay = _layout(q, chunk_size, cu_seqlens)
-    dt = _compute_dtype(G)
+    dt = _compute_dtype(q)
     G_c = _chunk_G(lay, G.to(dt))  # [N, NT, HV, C, K]
     G_prev = _chunk_G_prev(lay, G.to(dt))  # [N, NT, HV, C, K]
     HV = G_c.shape[2]

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from ..validation import check_floating
 
@@ -51,7 +50,10 @@ def kda_gate(x: torch.Tensor, A_log: torch.Tensor, dt_bias: Optional[torch.Tenso
     True
     """
     rate, bias = _gate_params(x, A_log, dt_bias)
-    return -rate * F.softplus(x.to(bias.dtype) + bias)
+    # softplus(z) = log(1 + exp(z)) = logaddexp(z, 0): exact for large z too (F.softplus
+    # switches to the identity above z = 20, which is off by exp(-20) ~ 2e-9)
+    z = x.to(bias.dtype) + bias
+    return -rate * torch.logaddexp(z, torch.zeros_like(z))
 
 
 def lowerbound_gate(

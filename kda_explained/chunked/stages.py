@@ -85,12 +85,18 @@ def _expand_heads(x: torch.Tensor, HV: int) -> torch.Tensor:
 def chunk_local_cumsum(g: torch.Tensor, chunk_size: int, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``G_r = sum_{i <= r} g_i``, restarting at every chunk start of every sequence.
 
-    ``g: [B, T, HV, K]`` -> ``G: [B, T, HV, K]`` in float32 (float64 for float64 input).
-    Chunks start at each sequence's first token (``cu_seqlens``), not at multiples of
-    ``chunk_size`` in the packed row.
+    ``g: [B, T, HV, K]`` -> ``G: [B, T, HV, K]``, always in float64. Chunks start at
+    each sequence's first token (``cu_seqlens``), not at multiples of ``chunk_size``
+    in the packed row.
+
+    Why float64 even for float32 inputs: with strong gates ``G`` reaches several
+    hundred inside a chunk, where a float32 running sum carries an absolute error
+    of about ``600 * 6e-8 = 4e-5``, and every ratio ``exp(G_r - G_j)`` inherits it
+    as a *relative* error. The stages form their exponents from the float64 ``G``
+    and only then drop to the compute dtype. (One ``[B, T, HV, K]`` tensor: cheap.)
     """
     lay = _layout(g, chunk_size, cu_seqlens)
-    g_c = lay.to_chunks(g.to(_compute_dtype(g)))  # [N, NT, HV, C, K]
+    g_c = lay.to_chunks(g.to(torch.float64))  # [N, NT, HV, C, K]
     return lay.from_chunks(g_c.cumsum(dim=3))
 
 
@@ -102,10 +108,13 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------
 # Stage 2: the intra-chunk interaction matrices A_kk and A_qk (report Eq. 5 and Eq. 9)
 # ----------------------------------------------------------------------------------------------
-def _decayed_products(left: torch.Tensor, right: torch.Tensor, G: torch.Tensor, strict: bool) -> torch.Tensor:
+def _decayed_products(lefts, right: torch.Tensor, G: torch.Tensor, stricts):
     """``P[r, j] = sum_c left_rc right_jc exp(G_rc - G_jc)`` for ``j < r`` (``j <= r`` unless strict), else 0.
 
-    ``left, right, G: [..., C, K]`` -> ``[..., C, C]``.
+    ``lefts``: a tuple of ``[..., C, K]`` tensors sharing ``right: [..., C, K]`` and
+    the float64 ``G: [..., C, K]``; returns one ``[..., C, C]`` matrix per left, in
+    ``right``'s dtype. (A_kk and A_qk share their decay ratios, so they are built
+    in one pass.)
 
     Secondary chunking keeps every exponent ``<= 0``. Columns are taken one
     sub-chunk ``b`` of width ``SUB_CHUNK`` at a time, with the reference point
@@ -117,24 +126,33 @@ def _decayed_products(left: torch.Tensor, right: torch.Tensor, G: torch.Tensor, 
       underflows only when the true ratio is itself negligible.
     - rows *inside* ``b`` (the diagonal block): the ratio ``exp(G_r - G_j)``
       element by element on a ``[BC, BC, K]`` tile, masked before the ``exp``.
+
+    Exponents are differences of float64 ``G`` (taken relative to ``G_ref`` first,
+    so the float32 tile only ever holds small numbers), then cast to ``right``'s dtype.
     """
+    dt = right.dtype
     C = G.shape[-2]
     BC = min(SUB_CHUNK, C)
-    P = left.new_zeros(*left.shape[:-2], C, C)
+    P = [right.new_zeros(*right.shape[:-2], C, C) for _ in lefts]
     for s in range(0, C, BC):
         e = s + BC  # sub-chunk b = tokens [s, e)
-        # diagonal block: exact ratios on a [BC, BC, K] tile
-        diff = G[..., s:e, None, :] - G[..., None, s:e, :]  # [..., BC(r), BC(j), K]
-        causal = torch.ones(BC, BC, dtype=torch.bool, device=G.device).tril(-1 if strict else 0)
+        G_ref = G[..., e - 1 : e, :]  # [..., 1, K] float64
+        # diagonal block: exact ratios on a [BC, BC, K] tile, from G relative to G_ref
+        G_loc = (G[..., s:e, :] - G_ref).to(dt)  # [..., BC, K], small and >= 0
+        diff = G_loc[..., :, None, :] - G_loc[..., None, :, :]  # [..., BC(r), BC(j), K]
+        causal = torch.ones(BC, BC, dtype=torch.bool, device=G.device).tril()  # j <= r
         ratio = torch.exp(diff.masked_fill(~causal[:, :, None], float("-inf")))
-        pair = left[..., s:e, None, :] * right[..., None, s:e, :]  # [..., BC(r), BC(j), K]
-        P[..., s:e, s:e] = (pair * ratio).sum(-1)
+        ratio_right = ratio * right[..., None, s:e, :]  # [..., BC(r), BC(j), K]
+        strict_mask = torch.ones(BC, BC, dtype=dt, device=G.device).tril(-1)
+        for i, (left, strict) in enumerate(zip(lefts, stricts)):
+            block = (left[..., s:e, None, :] * ratio_right).sum(-1)  # [..., BC, BC]
+            P[i][..., s:e, s:e] = block * strict_mask if strict else block
         if e < C:
             # rows below the block: one product through the reference point G_ref = G[e - 1]
-            G_ref = G[..., e - 1 : e, :]  # [..., 1, K]
-            left_dec = left[..., e:, :] * torch.exp(G[..., e:, :] - G_ref)  # exp(<= 0)
-            right_dec = right[..., s:e, :] * torch.exp(G_ref - G[..., s:e, :])  # exp(<= 0)
-            P[..., e:, s:e] = left_dec @ right_dec.transpose(-1, -2)
+            row_dec = torch.exp((G[..., e:, :] - G_ref).to(dt))  # exp(<= 0)
+            right_dec = right[..., s:e, :] * torch.exp((G_ref - G[..., s:e, :]).to(dt))  # exp(<= 0)
+            for i, left in enumerate(lefts):
+                P[i][..., e:, s:e] = (left[..., e:, :] * row_dec) @ right_dec.transpose(-1, -2)
     return P
 
 
@@ -157,14 +175,15 @@ def intra_chunk_matrices(
     - ``A_qk[r, j] = scale * sum_c q_rc k_jc exp(G_rc - G_jc)`` for ``j <= r``, else 0.
     """
     lay = _layout(q, chunk_size, cu_seqlens)
-    dt = _compute_dtype(G)
-    G_c = _chunk_G(lay, G.to(dt))  # [N, NT, HV, C, K]
+    dt = _compute_dtype(q)
+    G_c = _chunk_G(lay, G.to(torch.float64))  # [N, NT, HV, C, K]
     HV = G_c.shape[2]
     k_c = _expand_heads(lay.to_chunks(k.to(dt)), HV)  # [N, NT, HV, C, K]
     q_c = _expand_heads(lay.to_chunks(q.to(dt)), HV)  # [N, NT, HV, C, K]
     beta_c = lay.to_chunks(beta.to(dt))  # [N, NT, HV, C]
-    A_kk = beta_c[..., :, None] * _decayed_products(k_c, k_c, G_c, strict=True)  # [N, NT, HV, C, C]
-    A_qk = scale * _decayed_products(q_c, k_c, G_c, strict=False)  # [N, NT, HV, C, C]
+    kk, qk = _decayed_products((k_c, q_c), k_c, G_c, stricts=(True, False))  # [N, NT, HV, C, C] each
+    A_kk = beta_c[..., :, None] * kk
+    A_qk = scale * qk
     return lay.from_chunks(A_kk), lay.from_chunks(A_qk)
 
 
@@ -214,12 +233,12 @@ def wy_representation(
     """
     lay = _layout(k, chunk_size, cu_seqlens)
     dt = M.dtype
-    G_c = _chunk_G(lay, G.to(dt))  # [N, NT, HV, C, K]
+    G_c = _chunk_G(lay, G.to(torch.float64))  # [N, NT, HV, C, K]
     HV = G_c.shape[2]
     k_c = _expand_heads(lay.to_chunks(k.to(dt)), HV)  # [N, NT, HV, C, K]
     beta_c = lay.to_chunks(beta.to(dt))[..., None]  # [N, NT, HV, C, 1]
     M_c = lay.to_chunks(M)  # [N, NT, HV, C, C]
-    W = M_c @ (beta_c * torch.exp(G_c) * k_c)  # [N, NT, HV, C, K]
+    W = M_c @ (beta_c * torch.exp(G_c).to(dt) * k_c)  # [N, NT, HV, C, K]
     U = M_c @ (beta_c * lay.to_chunks(v.to(dt)))  # [N, NT, HV, C, V]
     return lay.from_chunks(W), lay.from_chunks(U)
 
@@ -250,19 +269,20 @@ def state_passing(
     """
     lay = _layout(k, chunk_size, cu_seqlens)
     dt = W.dtype
-    W_c, U_c, G_c = lay.to_chunks(W), lay.to_chunks(U), _chunk_G(lay, G.to(dt))
+    W_c, U_c, G_c = lay.to_chunks(W), lay.to_chunks(U), _chunk_G(lay, G.to(torch.float64))
     N, NT, HV, C, K = W_c.shape
     Vd = U_c.shape[-1]
     k_c = _expand_heads(lay.to_chunks(k.to(dt)), HV)  # [N, NT, HV, C, K]
     # A chunk of padding has W = U = 0 and G = 0 (Gamma = 1), so it leaves S unchanged.
     G_last = G_c[..., -1:, :]  # [N, NT, HV, 1, K]: Gamma_C in log space (padding repeats the last real G)
-    k_dec = k_c * torch.exp(G_last - G_c)  # K * Gamma_C / Gamma, exponents <= 0
+    k_dec = k_c * torch.exp(G_last - G_c).to(dt)  # K * Gamma_C / Gamma, exponents <= 0
+    decay_C = torch.exp(G_last).to(dt).transpose(-1, -2)  # [N, NT, HV, K, 1]: Gamma_C
     S = W.new_zeros(N, HV, K, Vd) if initial_state is None else initial_state.to(dt)
     h, v_new = [], []
     for i in range(NT):
         h.append(S)
         v_i = U_c[:, i] - W_c[:, i] @ S  # [N, HV, C, V]
-        S = torch.exp(G_last[:, i]).transpose(-1, -2) * S + k_dec[:, i].transpose(-1, -2) @ v_i
+        S = decay_C[:, i] * S + k_dec[:, i].transpose(-1, -2) @ v_i
         v_new.append(v_i)
     h_grid = torch.stack(h, dim=1)  # [N, NT, HV, K, V]
     return lay.flat_chunks(h_grid), lay.from_chunks(torch.stack(v_new, dim=1)), S
@@ -289,12 +309,12 @@ def chunk_output(
     """
     lay = _layout(q, chunk_size, cu_seqlens)
     dt = v_new.dtype
-    G_c = _chunk_G(lay, G.to(dt))  # [N, NT, HV, C, K]
+    G_c = _chunk_G(lay, G.to(torch.float64))  # [N, NT, HV, C, K]
     HV = G_c.shape[2]
     q_c = _expand_heads(lay.to_chunks(q.to(dt)), HV)  # [N, NT, HV, C, K]
     real = torch.arange(lay.NT)[None, :] < lay.chunks_per_sequence[:, None]  # [N, NT]
     S_grid = h.new_zeros(lay.N, lay.NT, *h.shape[1:])
     S_grid[real.to(h.device)] = h  # [N, NT, HV, K, V]
-    inter = (scale * q_c * torch.exp(G_c)) @ S_grid  # [N, NT, HV, C, V]
+    inter = (scale * q_c * torch.exp(G_c).to(dt)) @ S_grid  # [N, NT, HV, C, V]
     intra = lay.to_chunks(A_qk) @ lay.to_chunks(v_new)  # [N, NT, HV, C, V]
     return lay.from_chunks(inter + intra)
