@@ -131,6 +131,6 @@ def state_passing(
             meta.cu, meta.chunk_off,
             H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=max(16, triton.next_power_of_2(K)), BV=BV,
             HAS_H0=initial_state is not None, STATE_V_FIRST=state_v_first, PRECISION=dot_precision(k.dtype),
-            num_warps=8 if K > 64 else 4, num_stages=STATE_STAGES,
+            num_warps=8 if K > 64 else 4, num_stages=STATE_STAGES if K <= 128 else 1,
         )
     return h, v_new, ht

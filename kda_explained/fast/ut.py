@@ -30,7 +30,7 @@ from ._meta import seq_meta
 __all__ = ["ut_transform"]
 
 #: Warps per program; the blocks are 16 x 16, so a few warps suffice (see docs: kernel notes).
-UT_WARPS = 2
+UT_WARPS = 1
 
 
 @triton.jit
