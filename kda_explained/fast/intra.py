@@ -82,7 +82,7 @@ def _intra_chunk_kernel(
     m_left = (o_j < i_a * BC) & (bos + o_j < eos)  # columns of the sub-chunks before a
     # reference points: the last token before the strip (for the columns left of it, all
     # j <= ref <= r), and the middle of sub-chunk a (for the diagonal block)
-    t_left = tl.maximum(bos + i_a * BC - 1, bos)
+    t_left = tl.minimum(tl.maximum(bos + i_a * BC - 1, bos), eos - 1)
     t_mid = tl.minimum(bos + i_a * BC + BC // 2, eos - 1)
 
     b_Skk = tl.zeros([BC, BT], dtype=tl.float32)  # the strip, left of the diagonal block
