@@ -1,29 +1,29 @@
 """Stage 2 on the GPU: the intra-chunk matrices ``A_kk`` and ``A_qk`` (report Eq. 5 and Eq. 9).
 
-Mirrors :func:`kda_explained.chunked.stages.intra_chunk_matrices`. A chunk of ``BT``
-tokens is cut into sub-chunks of ``BC = 16``; one program computes the strip of
-rows of one sub-chunk ``a`` (``[BC, BT]``) for one chunk and value head, with
-tensor-core products through reference points (the decay ratio splits as
-``exp(G_r - G_j) = exp(G_r - G_ref) exp(G_ref - G_j)``)::
+Mirrors :func:`kda_explained.chunked.intra_chunk_matrices`. A chunk of ``BT``
+tokens is cut into sub-chunks of ``BC = 16``. Every ``[BC, BC]`` block ``(a, b)``
+on or below the diagonal is one tensor-core product through a reference point
+``G_ref`` (the decay ratio splits as ``exp(G_r - G_j) = exp(G_r - G_ref) exp(G_ref - G_j)``)::
 
-    A[a, :a] = (k_a * exp(G_a - G_ref)) @ (k_{<a} * exp(G_ref - G_{<a}))^T
+    A[a, b] = (k_a * exp(G_a - G_ref)) @ (k_b * exp(G_ref - G_b))^T
 
-- left of the diagonal block: ``G_ref = G`` at the last token before sub-chunk
-  ``a``. Since ``j <= ref <= r`` both exponents are ``<= 0``, whatever the gate.
-- the diagonal block: ``G_ref = G`` at the middle token of the sub-chunk. Now one
-  factor can have a *positive* exponent, up to the sub-chunk's decay span
-  ``max |G_r - G_ref|``. While the span is at most ``SAFE_SPAN = 40``, every
-  factor and every product of two factors stays below ``exp(80) ~ 5.5e34``,
-  inside float32 (the products with ``j > r``, masked away afterwards,
-  included), and the result is exact up to rounding: every gate with
-  ``lower_bound >= -5`` stays within it (8 tokens x 5 on either side of the
-  middle). A sub-chunk with a larger span is flagged, and a second kernel,
-  ``_intra_diag_exact_kernel``, recomputes just that diagonal block with the
+- ``a > b`` (below the diagonal): ``G_ref = G`` at the last token of sub-chunk
+  ``b``. Since ``j <= ref <= r`` both exponents are ``<= 0``, whatever the gate.
+- ``a == b`` (the diagonal): ``G_ref = G`` at the middle token of the sub-chunk.
+  Now one factor can have a *positive* exponent, up to the sub-chunk's decay
+  span ``max |G_r - G_ref|``. While the span is at most ``SAFE_SPAN = 40``,
+  every factor and every product of two factors stays below ``exp(80) ~ 5.5e34``,
+  inside float32 (the products with ``j > r``, masked away afterwards, included),
+  and the result is exact up to rounding: every gate with ``lower_bound >= -5``
+  stays within it (8 tokens x 5 on either side of the middle).
+  A sub-chunk with a larger span is flagged, and a second kernel,
+  :func:`_intra_diag_exact_kernel`, recomputes just that diagonal block with the
   exact ratio, column by column, each exponent masked to ``-inf`` *before* the
   ``exp`` for ``j > r``. So no gate ever overflows, and typical gates never pay
   for the slow path (the second launch finds no flag and exits).
-- right of the diagonal block: zeros (both matrices are lower triangular), written
-  so that consumers can read whole rows.
+- ``a < b``: zeros (both matrices are lower triangular), written by the
+  diagonal program of the same rows; the grid holds only the ``NS (NS + 1) / 2``
+  blocks on or below the diagonal.
 """
 
 from __future__ import annotations
@@ -68,68 +68,67 @@ def _intra_chunk_kernel(
     SPAN: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    # one program: the strip of rows of sub-chunk a, against every column of the chunk
-    i_c, i_a, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_ab, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NS: tl.constexpr = BT // BC
+    # i_ab = a (a + 1) / 2 + b  ->  row sub-chunk a, column sub-chunk b <= a  (NS <= 4)
+    i_a = (i_ab >= 1).to(tl.int32) + (i_ab >= 3).to(tl.int32) + (i_ab >= 6).to(tl.int32)
+    i_b = i_ab - i_a * (i_a + 1) // 2
     i_h = i_hv // (HV // H)  # GVA: the q/k head this value head reads
     i_n = tl.load(chunk_seq + i_c)
     bos = tl.load(chunk_bos + i_c).to(tl.int64)
     eos = tl.load(cu + i_n + 1).to(tl.int64)
 
-    o_r = i_a * BC + tl.arange(0, BC)  # rows of the strip (chunk-local)
-    o_j = tl.arange(0, BT)  # every column of the chunk
+    o_r = i_a * BC + tl.arange(0, BC)  # rows of this block (chunk-local)
+    o_j = i_b * BC + tl.arange(0, BC)  # columns of this block (chunk-local)
     m_r = bos + o_r < eos
-    m_left = (o_j < i_a * BC) & (bos + o_j < eos)  # columns of the sub-chunks before a
-    # reference points: the last token before the strip (for the columns left of it, all
-    # j <= ref <= r), and the middle of sub-chunk a (for the diagonal block)
-    t_left = tl.minimum(tl.maximum(bos + i_a * BC - 1, bos), eos - 1)
-    t_mid = tl.minimum(bos + i_a * BC + BC // 2, eos - 1)
+    m_j = bos + o_j < eos
+    # the reference token: last of sub-chunk b below the diagonal, middle of the sub-chunk on it.
+    # (If it is padding, every row of this block is padding too, and nothing real depends on it.)
+    t_ref = tl.where(i_a > i_b, bos + i_b * BC + BC - 1, bos + i_a * BC + BC // 2)
+    t_ref = tl.minimum(t_ref, eos - 1)
 
-    b_Skk = tl.zeros([BC, BT], dtype=tl.float32)  # the strip, left of the diagonal block
-    b_Sqk = tl.zeros([BC, BT], dtype=tl.float32)
-    b_Dkk = tl.zeros([BC, BC], dtype=tl.float32)  # the diagonal block
-    b_Dqk = tl.zeros([BC, BC], dtype=tl.float32)
+    b_Akk = tl.zeros([BC, BC], dtype=tl.float32)
+    b_Aqk = tl.zeros([BC, BC], dtype=tl.float32)
     b_span = tl.zeros([BC, BK], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         m_rk = m_r[:, None] & m_k[None, :]
-        m_jk = m_left[:, None] & m_k[None, :]
+        m_jk = m_j[:, None] & m_k[None, :]
         b_kr = tl.load(k + ((bos + o_r[:, None]) * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(tl.float32)
         b_qr = tl.load(q + ((bos + o_r[:, None]) * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(tl.float32)
         b_Gr = tl.load(G + ((bos + o_r[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0)
         b_kj = tl.load(k + ((bos + o_j[:, None]) * H + i_h) * K + o_k[None, :], mask=m_jk, other=0).to(tl.float32)
         b_Gj = tl.load(G + ((bos + o_j[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_jk, other=0)
-        # ---- left of the diagonal: both exponents <= 0, whatever the gate
-        b_Gl = tl.load(G + (t_left * HV + i_hv) * K + o_k, mask=m_k, other=0)
-        b_row = tl.exp(tl.where(m_rk, b_Gr - b_Gl[None, :], float("-inf")))  # [BC, BK]
-        b_col = b_kj * tl.exp(tl.where(m_jk, b_Gl[None, :] - b_Gj, float("-inf")))  # [BT, BK]
-        b_Skk += tl.dot(b_kr * b_row, tl.trans(b_col), input_precision=PRECISION)
-        b_Sqk += tl.dot(b_qr * b_row, tl.trans(b_col), input_precision=PRECISION)
-        # ---- the diagonal block: exponents within +-SPAN (clamped; flagged below if larger)
-        b_Gm = tl.load(G + (t_mid * HV + i_hv) * K + o_k, mask=m_k, other=0)
-        b_span = tl.maximum(b_span, tl.where(m_rk, tl.abs(b_Gr - b_Gm[None, :]), 0.0))
-        b_up = tl.exp(tl.minimum(tl.where(m_rk, b_Gr - b_Gm[None, :], float("-inf")), SPAN))
-        b_dn = b_kr * tl.exp(tl.minimum(tl.where(m_rk, b_Gm[None, :] - b_Gr, float("-inf")), SPAN))
-        b_Dkk += tl.dot(b_kr * b_up, tl.trans(b_dn), input_precision=PRECISION)
-        b_Dqk += tl.dot(b_qr * b_up, tl.trans(b_dn), input_precision=PRECISION)
+        b_Gref = tl.load(G + (t_ref * HV + i_hv) * K + o_k, mask=m_k, other=0)
+        # exponents: <= 0 below the diagonal; within +-SPAN on it (clamped, then flagged if larger)
+        b_er = tl.where(m_rk, b_Gr - b_Gref[None, :], float("-inf"))
+        b_ej = tl.where(m_jk, b_Gref[None, :] - b_Gj, float("-inf"))
+        b_span = tl.maximum(b_span, tl.where(m_rk, tl.abs(b_Gr - b_Gref[None, :]), 0.0))
+        b_left = tl.exp(tl.minimum(b_er, SPAN))  # [BC, BK]
+        b_right = b_kj * tl.exp(tl.minimum(b_ej, SPAN))  # [BC, BK]
+        b_Akk += tl.dot(b_kr * b_left, tl.trans(b_right), input_precision=PRECISION)
+        b_Aqk += tl.dot(b_qr * b_left, tl.trans(b_right), input_precision=PRECISION)
 
     b_beta = tl.load(beta + (bos + o_r) * HV + i_hv, mask=m_r, other=0).to(tl.float32)
-    p_row = ((bos + o_r[:, None]) * HV + i_hv) * BT
-    # the strip: real values left of the diagonal block, exact zeros right of it
-    m_strip = m_r[:, None] & ((o_j[None, :] < i_a * BC) | (o_j[None, :] >= i_a * BC + BC))
-    tl.store(A_kk + p_row + o_j[None, :], b_Skk * b_beta[:, None], mask=m_strip)  # Diag(beta) rows (Eq. 5)
-    tl.store(A_qk + p_row + o_j[None, :], b_Sqk * scale, mask=m_strip)
-    # the diagonal block: j < r for A_kk, j <= r for A_qk
-    o_d = i_a * BC + tl.arange(0, BC)
-    m_d = m_r[:, None] & (bos + o_d[None, :] < eos)
-    b_Dkk = tl.where(m_d & (o_d[None, :] < o_r[:, None]), b_Dkk * b_beta[:, None], 0.0)
-    b_Dqk = tl.where(m_d & (o_d[None, :] <= o_r[:, None]), b_Dqk * scale, 0.0)
-    tl.store(A_kk + p_row + o_d[None, :], b_Dkk, mask=m_r[:, None])
-    tl.store(A_qk + p_row + o_d[None, :], b_Dqk, mask=m_r[:, None])
-    # flag a diagonal block whose span the tensor-core form cannot take
-    is_unsafe = (tl.max(tl.max(b_span, axis=1), axis=0) > SPAN).to(tl.int32)
-    tl.store(unsafe + (i_c * HV + i_hv) * NS + i_a, is_unsafe)
+    m_valid = m_r[:, None] & m_j[None, :]
+    m_kk = m_valid & (o_j[None, :] < o_r[:, None])  # j < r
+    m_qk = m_valid & (o_j[None, :] <= o_r[:, None])  # j <= r
+    b_Akk = tl.where(m_kk, b_Akk * b_beta[:, None], 0.0)  # Diag(beta) on the rows (Eq. 5)
+    b_Aqk = tl.where(m_qk, b_Aqk * scale, 0.0)
+    m_store = m_r[:, None] & (o_j[None, :] < BT)
+    p_A = ((bos + o_r[:, None]) * HV + i_hv) * BT + o_j[None, :]
+    tl.store(A_kk + p_A, b_Akk, mask=m_store)
+    tl.store(A_qk + p_A, b_Aqk, mask=m_store)
+    if i_a == i_b:
+        # flag a diagonal block whose span the tensor-core form cannot take
+        is_unsafe = (tl.max(tl.max(b_span, axis=1), axis=0) > SPAN).to(tl.int32)
+        tl.store(unsafe + (i_c * HV + i_hv) * NS + i_a, is_unsafe)
+        # the zeros right of the diagonal, so consumers can read whole rows
+        for i_z in range(i_a + 1, NS):
+            p_z = ((bos + o_r[:, None]) * HV + i_hv) * BT + i_z * BC + tl.arange(0, BC)[None, :]
+            tl.store(A_kk + p_z, tl.zeros([BC, BC], dtype=tl.float32), mask=m_store)
+            tl.store(A_qk + p_z, tl.zeros([BC, BC], dtype=tl.float32), mask=m_store)
 
 
 @triton.jit
@@ -222,7 +221,7 @@ def intra_chunk_matrices(
     if meta.NC > 0:
         q, k, G, beta = q.contiguous(), k.contiguous(), G.contiguous(), beta.contiguous()
         common = (q, k, G, beta, A_kk, A_qk, unsafe, meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale))
-        _intra_chunk_kernel[(meta.NC, NS, HV)](
+        _intra_chunk_kernel[(meta.NC, NS * (NS + 1) // 2, HV)](
             *common, H=H, HV=HV, K=K, BT=chunk_size, BC=BC, BK=min(64, max(16, triton.next_power_of_2(K))),
             SPAN=SAFE_SPAN, PRECISION=dot_precision(q.dtype),
         )
