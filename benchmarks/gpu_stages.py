@@ -60,6 +60,28 @@ def stage_times(B, T, H, D, C=64):
     return out
 
 
+def lowp_sweep():
+    """Time and accuracy of chunk_kda with the state/output products in bf16 instead of tf32."""
+    from kda_explained import chunked
+    from kda_explained.testing import rel_rms_error
+
+    q, k, v, g, beta = make_inputs(8, 4096, 16, 128)
+    qs, ks, vs, gs, bs = (x[:2, :1024, :4] for x in (q, k, v, g, beta))
+    with torch.inference_mode():
+        ref, _ = chunked.kda(*(x.double() for x in (qs, ks, vs, gs, bs)))
+    res = {}
+    for st in (False, True):
+        for out in (False, True):
+            state.STATE_LOW_PRECISION_DOTS, output.OUTPUT_LOW_PRECISION_DOTS = st, out
+            with torch.inference_mode():
+                err = rel_rms_error(fast.chunk_kda(qs, ks, vs, gs, bs)[0], ref)
+                ms = bench(lambda: fast.chunk_kda(q, k, v, g, beta))
+            res[f"state{int(st)}_output{int(out)}"] = {"ms": ms, "rel_err": err}
+            print(f"low-precision dots: state {st} output {out}: {ms:.3f} ms, rel err {err:.2e}", flush=True)
+    state.STATE_LOW_PRECISION_DOTS = output.OUTPUT_LOW_PRECISION_DOTS = False
+    return res
+
+
 def decode_sweep(N=256, H=32, D=128):
     q, k, v, g, beta = make_inputs(N, 1, H, D, seed=1)
     pool = torch.randn(N, H, D, D, device="cuda") * 0.1
@@ -85,7 +107,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
-    res = {"stages_B8_T4096_H16": stage_times(8, 4096, 16, 128)}
+    res = {"stages_B8_T4096_H16": stage_times(8, 4096, 16, 128), "low_precision_dots": lowp_sweep()}
     for name, st in res.items():
         print(name, {k: round(v, 3) for k, v in st.items()}, flush=True)
     res["decode"] = decode_sweep()

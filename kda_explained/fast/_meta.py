@@ -17,12 +17,13 @@ Glossary
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-__all__ = ["SeqMeta", "seq_meta", "dot_precision"]
+__all__ = ["SeqMeta", "seq_meta", "dot_precision", "interpreting"]
 
 
 @dataclass(frozen=True)
@@ -63,3 +64,12 @@ def dot_precision(dtype: torch.dtype) -> str:
     against their 5e-3 bound, while float32 inputs keep their 1e-4 bound.
     """
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def interpreting() -> bool:
+    """True when the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, on the CPU).
+
+    The interpreter computes ``tl.dot`` on bf16/fp16 operands wrongly (NumPy has no bf16
+    matmul), so kernels keep their float32 operands there.
+    """
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

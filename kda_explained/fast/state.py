@@ -22,12 +22,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._meta import dot_precision, seq_meta
+from ._meta import dot_precision, interpreting, seq_meta
 
 __all__ = ["state_passing"]
 
 #: Software-pipelining depth of the chunk loop (loads of chunk i + 1 overlap the math of chunk i).
 STATE_STAGES = 2
+#: For bf16/fp16 inputs, feed the two products in the input dtype instead of float32 operands in
+#: tf32 (the state itself stays float32 in registers).
+STATE_LOW_PRECISION_DOTS = False
 
 
 @triton.jit
@@ -55,6 +58,7 @@ def _state_passing_kernel(
     HAS_H0: tl.constexpr,
     STATE_V_FIRST: tl.constexpr,
     PRECISION: tl.constexpr,
+    LOWP: tl.constexpr,
 ):
     i_v, i_n, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_h = i_hv // (HV // H)
@@ -88,7 +92,10 @@ def _state_passing_kernel(
         # v_new = U - W S
         b_W = tl.load(W + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0)
         b_U = tl.load(U + ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], mask=m_tv, other=0)
-        b_v = b_U - tl.dot(b_W, b_S, input_precision=PRECISION)  # [BT, BV]
+        if LOWP:
+            b_v = b_U - tl.dot(b_W.to(k.dtype.element_ty), b_S.to(k.dtype.element_ty))  # [BT, BV]
+        else:
+            b_v = b_U - tl.dot(b_W, b_S, input_precision=PRECISION)  # [BT, BV]
         tl.store(v_new + ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], b_v, mask=m_tv)
         # S = Diag(Gamma_C) S + (K * exp(G_C - G))^T v_new
         t_last = tl.minimum(t0 + BT, eos) - 1
@@ -96,7 +103,11 @@ def _state_passing_kernel(
         b_G = tl.load(G + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0)
         b_k = tl.load(k + ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tk, other=0).to(tl.float32)
         b_kdec = tl.where(m_tk, b_k * tl.exp(b_Glast[None, :] - b_G), 0.0)  # exp(<= 0)
-        b_S = b_S * tl.exp(b_Glast)[:, None] + tl.dot(tl.trans(b_kdec), b_v, input_precision=PRECISION)
+        if LOWP:
+            b_dS = tl.dot(tl.trans(b_kdec.to(k.dtype.element_ty)), b_v.to(k.dtype.element_ty))
+        else:
+            b_dS = tl.dot(tl.trans(b_kdec), b_v, input_precision=PRECISION)
+        b_S = b_S * tl.exp(b_Glast)[:, None] + b_dS
 
     tl.store(ht + (i_n * HV + i_hv) * K * V + o_S, b_S, mask=m_kv)
 
@@ -131,6 +142,7 @@ def state_passing(
             meta.cu, meta.chunk_off,
             H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=max(16, triton.next_power_of_2(K)), BV=BV,
             HAS_H0=initial_state is not None, STATE_V_FIRST=state_v_first, PRECISION=dot_precision(k.dtype),
+            LOWP=STATE_LOW_PRECISION_DOTS and k.dtype in (torch.bfloat16, torch.float16) and not interpreting(),
             num_warps=8 if K > 64 else 4, num_stages=STATE_STAGES if K <= 128 else 1,
         )
     return h, v_new, ht
