@@ -148,6 +148,15 @@ def main() -> None:
             if T * B * H <= 8 * 4096 * 16:
                 row["chunked_fwd_ms"] = bench(lambda: chunked.kda(q, k, v, g, beta, cu_seqlens=cu), rep_ms=500)
                 log(f"  chunked (PyTorch) fwd {row['chunked_fwd_ms']:.3f} ms")
+            if fla_chunk_kda is not None and shp is shapes[0]:
+                # accuracy of both against one float64 reference, on a slice small enough for it
+                sl = (x[:2, :1024, :4] for x in (q, k, v, g, beta))
+                qs, ks, vs, gs, bs = sl
+                ref, _ = chunked.kda(*(x.double() for x in (qs, ks, vs, gs, bs)))
+                row["fast_rel_err_vs_f64"] = rel_rms_error(fast.chunk_kda(qs, ks, vs, gs, bs)[0], ref)
+                row["fla_rel_err_vs_f64"] = rel_rms_error(fla_chunk_kda(qs, ks, vs, gs, bs)[0], ref)
+                log(f"  rel err vs float64 (slice B=2, T=1024, H=4): fast {row['fast_rel_err_vs_f64']:.2e}, "
+                    f"fla {row['fla_rel_err_vs_f64']:.2e}")
         row["bytes_floor_frac"] = row["bytes_floor_ms"] / row["fast_fwd_ms"]
         results["prefill"].append(row)
         del q, k, v, g, beta

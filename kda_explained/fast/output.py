@@ -23,7 +23,7 @@ OUTPUT_BV = 64
 OUTPUT_WARPS = 4
 #: For bf16/fp16 inputs, feed the products in the input dtype (as flash-linear-attention does)
 #: instead of float32 operands in tf32: half the shared-memory traffic, at a small accuracy cost.
-OUTPUT_LOW_PRECISION_DOTS = False
+OUTPUT_LOW_PRECISION_DOTS = True  # H100: chunk_kda 5.31 -> 4.47 ms, error 2.4e-3 -> 3.1e-3 (docs: kernel notes)
 
 
 @triton.jit

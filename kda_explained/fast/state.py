@@ -30,7 +30,7 @@ __all__ = ["state_passing"]
 STATE_STAGES = 2
 #: For bf16/fp16 inputs, feed the two products in the input dtype instead of float32 operands in
 #: tf32 (the state itself stays float32 in registers).
-STATE_LOW_PRECISION_DOTS = False
+STATE_LOW_PRECISION_DOTS = True  # H100: chunk_kda 5.31 -> 4.93 ms, error unchanged (docs: kernel notes)
 
 
 @triton.jit
