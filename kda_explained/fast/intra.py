@@ -1,6 +1,6 @@
 """Stage 2 on the GPU: the intra-chunk matrices ``A_kk`` and ``A_qk`` (report Eq. 5 and Eq. 9).
 
-Mirrors :func:`kda_explained.chunked.intra_chunk_matrices`. A chunk of ``BT``
+Mirrors :func:`kda_explained.chunked.stages.intra_chunk_matrices`. A chunk of ``BT``
 tokens is cut into sub-chunks of ``BC = 16``. Every ``[BC, BC]`` block ``(a, b)``
 on or below the diagonal is one tensor-core product through a reference point
 ``G_ref`` (the decay ratio splits as ``exp(G_r - G_j) = exp(G_r - G_ref) exp(G_ref - G_j)``)::
@@ -17,7 +17,7 @@ on or below the diagonal is one tensor-core product through a reference point
   and the result is exact up to rounding: every gate with ``lower_bound >= -5``
   stays within it (8 tokens x 5 on either side of the middle).
   A sub-chunk with a larger span is flagged, and a second kernel,
-  :func:`_intra_diag_exact_kernel`, recomputes just that diagonal block with the
+  ``_intra_diag_exact_kernel``, recomputes just that diagonal block with the
   exact ratio, column by column, each exponent masked to ``-inf`` *before* the
   ``exp`` for ``j > r``. So no gate ever overflows, and typical gates never pay
   for the slow path (the second launch finds no flag and exits).

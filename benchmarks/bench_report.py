@@ -1,0 +1,196 @@
+"""Tables of the stored benchmark results, as Markdown: read, never run.
+
+Usage::
+
+    python benchmarks/bench_report.py [--results DIR]   # print every table
+
+``docs/benchmarks.md`` and ``notebooks/04_performance.ipynb`` build their tables
+with these functions from the JSON in ``benchmarks/results/`` (written by
+``gpu_bench.py``, ``gpu_stages.py`` and ``cpu_chunked.py``), so the docs always
+show the last run and no number is copied by hand. Every function takes the
+parsed JSON and tolerates a field a run did not record (shown as ``-``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+#: Prefill implementations of ``gpu_bench.json``: key of the time per row -> label.
+PREFILL_TIMES = {
+    "fast_fwd_ms": "fast `chunk_kda`",
+    "fla_kda_fwd_ms": "fla `chunk_kda`",
+    "fla_gdn_fwd_ms": "fla gated delta rule",
+    "sdpa_causal_fwd_ms": "SDPA causal",
+}
+#: The two floors of a prefill row (the measured copy bandwidth and bf16 matmul rate of the run).
+PREFILL_FLOORS = {"bytes_floor_ms": "bytes floor", "flops_floor_ms": "FLOPs floor"}
+
+
+def load(name: str, results: Path = RESULTS) -> Optional[dict]:
+    """``results/<name>.json`` parsed, or ``None`` when that benchmark has not been run."""
+    path = Path(results) / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A GitHub-flavoured Markdown table; ``None`` cells show as ``-``."""
+    cell = lambda x: "-" if x is None else str(x)  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def ms(x: Optional[float]) -> Optional[str]:
+    return None if x is None else f"{x:.3f} ms"
+
+
+def shape_label(row: dict) -> str:
+    """``B=8, T=4096, H=16`` (``K = V = D``); a packed batch says so."""
+    label = f"B={row['B']}, T={row['T']}, H={row['H']}"
+    return label + " (varlen)" if "varlen" in row.get("name", "") else label
+
+
+def fast_over_fla(row: dict) -> Optional[float]:
+    """Time of fast / time of fla for a prefill or decode row (above 1: fast is slower)."""
+    fast = row.get("fast_fwd_ms", row.get("fast_decode_ms"))
+    fla = row.get("fla_kda_fwd_ms", row.get("fla_decode_ms"))
+    return fast / fla if fast and fla else None
+
+
+def decode_state_bytes(row: dict) -> int:
+    """Bytes a decode step must move: every float32 state ``[N, H, D, D]`` read once and written once."""
+    return 2 * row["N"] * row["H"] * row["D"] ** 2 * 4
+
+
+def run_line(bench: dict) -> str:
+    """Device, date and versions of a ``gpu_bench.json`` run, in one line."""
+    parts = [f"{bench.get('device', '?')}, {bench.get('date', '?')}"]
+    parts += [f"{k} {bench[k]}" for k in ("torch", "triton", "fla") if k in bench]
+    ceil = []
+    if "copy_GBps" in bench:
+        ceil.append(f"copy {bench['copy_GBps']:.0f} GB/s")
+    if "bf16_mm_TFLOPs" in bench:
+        ceil.append(f"bf16 matmul {bench['bf16_mm_TFLOPs']:.0f} TFLOP/s")
+    return "; ".join(parts) + ("; measured ceilings: " + ", ".join(ceil) if ceil else "")
+
+
+def prefill_table(bench: dict) -> str:
+    """Forward time per shape: the floors, fast, fla ``chunk_kda``, fla gated delta, SDPA, and fast / fla."""
+    header = ["shape (K = V = 128)", *PREFILL_FLOORS.values(), *PREFILL_TIMES.values(), "fast / fla"]
+    rows = []
+    for row in bench.get("prefill", []):
+        ratio = fast_over_fla(row)
+        rows.append([shape_label(row), *(ms(row.get(k)) for k in PREFILL_FLOORS),
+                     *(ms(row.get(k)) for k in PREFILL_TIMES), None if ratio is None else f"{ratio:.2f}"])
+    return markdown_table(header, rows)
+
+
+def decode_table(bench: dict) -> str:
+    """One decode step: time, state bandwidth and its share of the copy bandwidth, fast and fla."""
+    copy = bench.get("copy_GBps")
+
+    def share(gbps):
+        return None if gbps is None else f"{gbps:.0f}" + (f" ({gbps / copy:.0%} of copy)" if copy else "")
+
+    header = ["N, H (float32 state)", "bytes floor", "fast", "fast GB/s", "fla", "fla GB/s", "fast / fla"]
+    rows = []
+    for row in bench.get("decode", []):
+        floor = decode_state_bytes(row) / (copy * 1e9) * 1e3 if copy else None
+        ratio = fast_over_fla(row)
+        rows.append([f"N={row['N']}, H={row['H']}", ms(floor), ms(row.get("fast_decode_ms")),
+                     share(row.get("fast_state_GBps")), ms(row.get("fla_decode_ms")), share(row.get("fla_state_GBps")),
+                     None if ratio is None else f"{ratio:.2f}"])
+    return markdown_table(header, rows)
+
+
+def name_label(name: str) -> str:
+    """A shape name of the JSON as a label: ``B8_T4096_H16`` -> ``B=8, T=4096, H=16`` (else unchanged)."""
+    m = re.fullmatch(r"B(\d+)_T(\d+)_H(\d+)", name)
+    return f"B={m[1]}, T={m[2]}, H={m[3]}" if m else name
+
+
+def stage_shapes(stages: dict) -> dict[str, dict[str, float]]:
+    """``{shape name: {stage: ms}}`` from ``gpu_stages.json`` (keys ``stages_<shape>``).
+
+    Only the six stages (``1_cumsum`` ... ``6_output``) are kept: ``total`` and the
+    launch-shape sweeps (``3_ut_warps1``, ``5_state_stages2``, ...) are dropped.
+    """
+    six = re.compile(r"^[1-6]_[a-z]+$")
+    return {key[len("stages_"):]: {s: t for s, t in val.items() if six.match(s)}
+            for key, val in stages.items() if key.startswith("stages_")}
+
+
+def stage_label(key: str) -> str:
+    """``2_intra`` -> ``2. intra``."""
+    num, _, name = key.partition("_")
+    return f"{num}. {name}" if num.isdigit() else key
+
+
+def stages_table(stages: dict) -> str:
+    """Time of each stage kernel of the fast forward, per shape, with its share of the sum."""
+    shapes = stage_shapes(stages)
+    names = list(dict.fromkeys(s for per in shapes.values() for s in per))
+    header = ["stage", *(name_label(s) for s in shapes)]
+    rows = [[stage_label(s), *(None if s not in per else f"{per[s]:.2f} ms ({per[s] / sum(per.values()):.0%})"
+                               for per in shapes.values())] for s in names]
+    rows.append(["sum", *(f"{sum(per.values()):.2f} ms" for per in shapes.values())])
+    return markdown_table(header, rows)
+
+
+def decode_sweep_table(stages: dict) -> str:
+    """The decode kernel's launch shapes (value columns per program, warps) as ``gpu_stages.py`` swept them."""
+    sweep = stages.get("decode", {})
+    return markdown_table(["launch", "time", "state GB/s"],
+                          [[name, ms(r.get("ms")), None if "GBps" not in r else f"{r['GBps']:.0f}"]
+                           for name, r in sweep.items()])
+
+
+def cpu_table(cpu: dict) -> str:
+    """``cpu_chunked.json``: each implementation's median and minimum time, tokens/s and error vs naive."""
+    rows = []
+    for r in cpu.get("implementations", []):
+        note = " (extrapolated)" if r.get("extrapolated") else ""
+        err = r.get("rel_rms_error_vs_naive")
+        rows.append([f"`{r['name']}`", f"{r['median_s_full_T']:.3f} s{note}", f"{r['min_s_full_T']:.3f} s",
+                     f"{r['tokens_per_s']:,.0f}", None if err is None else f"{err:.1e}"])
+    return markdown_table(["implementation", "median", "min", "tokens/s", "rel. RMS error vs naive"], rows)
+
+
+def cpu_stages_table(cpu: dict) -> str:
+    """``cpu_chunked.json``: each stage of the chunked layer timed alone (median) and its share."""
+    st = cpu.get("stages", {})
+    med, share = st.get("median_s", {}), st.get("share_of_median_sum", {})
+    rows = [[f"`{name}`", f"{t * 1e3:.1f} ms", None if name not in share else f"{share[name]:.0%}"]
+            for name, t in med.items()]
+    return markdown_table(["stage (chunk 64)", "median", "share"], rows)
+
+
+def cpu_line(cpu: dict) -> str:
+    """The CPU run's problem and machine in one line."""
+    c, m = cpu.get("config", {}), cpu.get("machine", {})
+    prob = ", ".join(f"{k}={c[k]}" for k in ("B", "T", "H", "K", "V") if k in c)
+    return (f"{prob}, {c.get('dtype', '?')}, gate {c.get('gate', '?')}; {m.get('cpu_count', '?')} CPU cores, "
+            f"torch {m.get('torch', '?')} ({m.get('torch_threads', '?')} threads), {m.get('date', '?')}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    bench, stages, cpu = (load(n, args.results) for n in ("gpu_bench", "gpu_stages", "cpu_chunked"))
+    if bench:
+        print(run_line(bench), prefill_table(bench), decode_table(bench), sep="\n\n", end="\n\n")
+    if stages:
+        print(stages_table(stages), decode_sweep_table(stages), sep="\n\n", end="\n\n")
+    if cpu:
+        print(cpu_line(cpu), cpu_table(cpu), cpu_stages_table(cpu), sep="\n\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,347 @@
+"""A tiny causal LM in the Kimi Linear layout: 3 KDA layers to 1 full-attention layer (report §4).
+
+Each block is pre-norm: ``x = x + mixer(rmsnorm(x)); x = x + mlp(rmsnorm(x))``,
+where the mixer is :class:`~kda_explained.layers.KimiDeltaAttention` or plain
+multi-head softmax attention through ``torch.nn.functional.scaled_dot_product_attention``
+without positional encoding (NoPE: the KDA layers carry the order), and the MLP
+is SwiGLU. Kimi Linear's attention is MLA and its MLPs are MoE; neither changes
+what this model is for: showing that only 1 layer in 4 keeps a cache that grows
+with the context, and that cached decoding computes what recomputation computes.
+
+Glossary
+--------
+=============  ===============================================================
+``B``          batch rows
+``T``          tokens in this call; ``L`` tokens in the cache after it
+``D``          ``hidden_size``
+``H``, ``Dh``  heads and head width (attention and KDA alike)
+KV cache       per attention layer ``k, v: [B, H, L, Dh]``, grows with ``L``
+KDA cache      per KDA layer: state ``[B, HV, Dh, Dh]`` float32 + conv states, constant in ``L``
+=============  ===============================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Dict, List, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..validation import format_shape
+from .kda_layer import KDACache, KimiDeltaAttention
+
+__all__ = ["HybridConfig", "HybridLM", "HybridCache", "KVCache", "Attention", "cache_memory"]
+
+
+@dataclass(frozen=True)
+class HybridConfig:
+    """Sizes of a :class:`HybridLM`.
+
+    ``kda_per_attention = 3`` gives Kimi Linear's 3:1 layout (layers 3, 7, ... are
+    full attention, counting from 0); ``0`` makes every layer full attention.
+
+    >>> HybridConfig(num_layers=8).layer_types()
+    ['kda', 'kda', 'kda', 'attention', 'kda', 'kda', 'kda', 'attention']
+    >>> HybridConfig(num_layers=8).all_attention().layer_types().count("attention")
+    8
+    """
+
+    vocab_size: int = 256
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_heads: int = 2
+    head_dim: int = 32
+    intermediate_size: int = 256
+    kda_per_attention: int = 3
+    conv_size: int = 4
+    num_v_heads: Optional[int] = None
+    gate: str = "softplus"
+    norm_eps: float = 1e-5
+    kda_backend: str = "auto"
+
+    def layer_types(self) -> List[str]:
+        r = self.kda_per_attention
+        return ["attention" if r == 0 or (i + 1) % (r + 1) == 0 else "kda" for i in range(self.num_layers)]
+
+    def all_attention(self) -> "HybridConfig":
+        """The same model with full attention in every layer (the baseline of the cache comparison)."""
+        return replace(self, kda_per_attention=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# full attention with a KV cache
+# ----------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Keys and values of one attention layer, ``[B, H, L, Dh]``, in a buffer that grows by doubling."""
+
+    def __init__(self, batch_size: int, num_heads: int, head_dim: int, capacity: int = 0, *,
+                 dtype: torch.dtype = torch.float32, device=None):
+        shape = (batch_size, num_heads, max(capacity, 1), head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.k.shape[0])
+
+    def append(self, k: torch.Tensor, v: torch.Tensor):
+        """Add ``k, v [B, H, T, Dh]``; return all keys and values so far, ``[B, H, L, Dh]`` (views)."""
+        L = self.length + k.shape[2]
+        if L > self.k.shape[2]:
+            cap = max(L, 2 * self.k.shape[2])
+            grow = (*self.k.shape[:2], cap - self.k.shape[2], self.k.shape[3])
+            self.k = torch.cat([self.k, self.k.new_zeros(grow)], 2)
+            self.v = torch.cat([self.v, self.v.new_zeros(grow)], 2)
+        self.k[:, :, self.length:L] = k
+        self.v[:, :, self.length:L] = v
+        self.length = L
+        return self.k[:, :, :L], self.v[:, :, :L]
+
+    def nbytes(self) -> int:
+        """Bytes of the keys and values held (the used part of the buffer)."""
+        return 2 * self.k[:, :, : self.length].numel() * self.k.element_size()
+
+
+class Attention(nn.Module):
+    """Causal multi-head softmax attention, no positional encoding (NoPE), through SDPA."""
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
+        """``x [B, T, D]`` -> ``[B, T, D]``; ``key_mask [B, L]`` bool over cached + new tokens (``None``: all valid)."""
+        B, T, _ = x.shape
+        q, k, v = (p(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        past = cache.length if cache is not None else 0
+        if cache is not None:
+            k, v = cache.append(k, v)  # [B, H, L, Dh]
+        L = past + T
+        if key_mask is None and T == 1:
+            o = F.scaled_dot_product_attention(q, k, v)  # one new token sees every cached one
+        elif key_mask is None and past == 0:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            i = torch.arange(T, device=x.device)[:, None] + past  # query positions
+            j = torch.arange(L, device=x.device)[None, :]  # key positions
+            allowed = (j <= i)[None]  # [1, T, L] causal
+            if key_mask is not None:
+                # padding keys are hidden; a padding query still sees itself, so no row is empty
+                # (an empty row gives NaN, and 0 * NaN would leak into the valid rows of the next layer)
+                allowed = (allowed & key_mask[:, None, :].bool()) | (j == i)[None]  # [B, T, L]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+# ----------------------------------------------------------------------------------------------
+# the model
+# ----------------------------------------------------------------------------------------------
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: HybridConfig, kind: str, layer_idx: int):
+        super().__init__()
+        self.kind = kind
+        self.attn_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        if kind == "kda":
+            self.mixer = KimiDeltaAttention(config.hidden_size, config.num_heads, config.head_dim,
+                                            conv_size=config.conv_size, num_v_heads=config.num_v_heads,
+                                            gate=config.gate, norm_eps=config.norm_eps, backend=config.kda_backend,
+                                            layer_idx=layer_idx)
+        else:
+            self.mixer = Attention(config.hidden_size, config.num_heads, config.head_dim)
+        self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, mask, key_mask, cache):
+        h = self.attn_norm(x)
+        if self.kind == "kda":
+            x = x + self.mixer(h, attention_mask=mask, cache=cache)
+        else:
+            x = x + self.mixer(h, key_mask=key_mask, cache=cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+@dataclass
+class HybridCache:
+    """One cache per layer (:class:`KDACache` or :class:`KVCache`) and the padding mask of the cached tokens."""
+
+    layers: List[Union[KDACache, KVCache]]
+    batch_size: int
+    mask: Optional[torch.Tensor] = None  # [B, L] bool, None while every cached token is valid
+    length: int = 0
+
+    def nbytes(self) -> Dict[str, int]:
+        """``{"attention_kv", "kda_state", "kda_conv", "total"}`` bytes held now."""
+        out = {"attention_kv": 0, "kda_state": 0, "kda_conv": 0}
+        for c in self.layers:
+            if isinstance(c, KVCache):
+                out["attention_kv"] += c.nbytes()
+            else:
+                b = c.nbytes()
+                out["kda_state"] += b["state"]
+                out["kda_conv"] += b["conv"]
+        out["total"] = sum(out.values())
+        return out
+
+
+class HybridLM(nn.Module):
+    """Causal LM: embedding, ``num_layers`` blocks in the 3:1 KDA:attention layout, RMSNorm, LM head.
+
+    ``forward(input_ids [B, T], attention_mask [B, T] = None, cache = None)`` -> logits ``[B, T, vocab]``.
+    ``attention_mask`` covers this call's tokens (1 = token, 0 = padding); the cache
+    remembers the masks of earlier calls.
+
+    >>> import torch
+    >>> torch.manual_seed(0) and None
+    >>> model = HybridLM(HybridConfig(vocab_size=50, hidden_size=32, num_layers=4, num_heads=2, head_dim=16,
+    ...                               intermediate_size=64)).eval()
+    >>> prompt = torch.randint(0, 50, (2, 6))
+    >>> out = model.generate(prompt, max_new_tokens=4)
+    >>> out.shape
+    torch.Size([2, 10])
+    >>> bool((out == model.generate(prompt, max_new_tokens=4, use_cache=False)).all())
+    True
+    """
+
+    def __init__(self, config: HybridConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, kind, i) for i, kind in enumerate(config.layer_types()))
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def init_cache(self, batch_size: int, capacity: int = 0) -> HybridCache:
+        """Empty caches for ``batch_size`` rows; KV buffers pre-sized for ``capacity`` tokens."""
+        w = self.embed.weight
+        c = self.config
+        layers = [blk.mixer.init_cache(batch_size) if blk.kind == "kda" else
+                  KVCache(batch_size, c.num_heads, c.head_dim, capacity, dtype=w.dtype, device=w.device)
+                  for blk in self.layers]
+        return HybridCache(layers=layers, batch_size=batch_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                cache: Optional[HybridCache] = None) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+            got = format_shape(input_ids.shape) if hasattr(input_ids, "shape") else type(input_ids).__name__
+            raise ValueError(f"input_ids: expected an integer tensor of shape [B, T], got {got}")
+        B, T = input_ids.shape
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
+            raise ValueError(f"attention_mask: expected shape [B, T] = {format_shape((B, T))} to match input_ids, "
+                             f"got {format_shape(attention_mask.shape)}")
+        if cache is not None and cache.batch_size != B:
+            raise ValueError(f"cache: expected a cache for batch size B = {B} (input_ids {format_shape((B, T))}), "
+                             f"got one for {cache.batch_size}")
+        mask = None if attention_mask is None or bool(attention_mask.bool().all()) else attention_mask.bool()
+        key_mask = mask
+        if cache is not None:
+            if cache.mask is not None or mask is not None:  # remember padding for later attention calls
+                ones = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+                old = cache.mask if cache.mask is not None else torch.ones(B, cache.length, dtype=torch.bool,
+                                                                           device=input_ids.device)
+                cache.mask = torch.cat([old, mask if mask is not None else ones], 1)  # [B, L]
+            key_mask = cache.mask
+            cache.length += T
+
+        x = self.embed(input_ids)  # [B, T, D]
+        for i, blk in enumerate(self.layers):
+            x = blk(x, mask, key_mask, cache.layers[i] if cache is not None else None)
+        return self.lm_head(self.norm(x))  # [B, T, vocab]
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: Optional[torch.Tensor] = None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """Greedy decoding: ``input_ids [B, T]`` -> ``[B, T + max_new_tokens]``.
+
+        With ``use_cache`` the prompt is prefilled once and each new token is one
+        decoding step through the caches; without, the whole sequence is recomputed
+        every step (the reference the cache must reproduce). A padded prompt takes
+        its ``attention_mask`` (any padding side); new tokens are appended after it.
+        """
+        B, T = input_ids.shape
+        mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+                else attention_mask.bool())
+        last = T - 1 - torch.flip(mask, [1]).int().argmax(1)  # [B] position of each row's last token
+        rows = torch.arange(B, device=input_ids.device)
+        out = input_ids
+        cache = self.init_cache(B, capacity=T + max_new_tokens) if use_cache else None
+        logits = self(input_ids, attention_mask=mask, cache=cache)[rows, last]  # [B, vocab]
+        for step in range(max_new_tokens):
+            token = logits.argmax(-1, keepdim=True)  # [B, 1]
+            out = torch.cat([out, token], 1)
+            mask = torch.cat([mask, torch.ones_like(token, dtype=torch.bool)], 1)
+            if step == max_new_tokens - 1:
+                break
+            if use_cache:
+                logits = self(token, cache=cache)[:, -1]
+            else:
+                logits = self(out, attention_mask=mask)[:, -1]
+        return out
+
+
+def cache_memory(config: Union[HybridConfig, HybridLM], batch: int, context_len: int,
+                 dtype: torch.dtype = torch.bfloat16) -> Dict[str, Dict[str, float]]:
+    """Cache bytes at ``context_len`` tokens for ``batch`` rows: the hybrid vs the same model all-attention.
+
+    Per attention layer the KV cache holds ``2 B L H Dh`` elements of ``dtype``; per KDA
+    layer the state holds ``B HV Dh Dh`` float32 and the conv states ``B (W - 1)(2 H + HV) Dh``
+    elements of ``dtype``, both independent of ``L``. Returns
+    ``{"hybrid": {...}, "all_attention": {...}, "kv_reduction": ..., "total_reduction": ...}``
+    with ``attention_kv``, ``kda_state``, ``kda_conv``, ``total`` bytes per model and the
+    reductions as fractions.
+
+    >>> m = cache_memory(HybridConfig(num_layers=8, num_heads=16, head_dim=128), batch=1, context_len=131072)
+    >>> m["kv_reduction"]                     # 2 attention layers in 8 instead of 8: 75 % less KV cache
+    0.75
+    >>> m["hybrid"]["kda_state"] / 2**20     # 6 KDA layers x 16 heads x 128 x 128 x 4 bytes, in MiB
+    6.0
+    """
+    if isinstance(config, HybridLM):
+        config = config.config
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    H, Dh, W = config.num_heads, config.head_dim, config.conv_size
+    HV = config.num_v_heads or H
+
+    def one(cfg: HybridConfig) -> Dict[str, float]:
+        kinds = cfg.layer_types()
+        n_attn, n_kda = kinds.count("attention"), kinds.count("kda")
+        out = {
+            "attention_layers": n_attn,
+            "kda_layers": n_kda,
+            "attention_kv": n_attn * 2 * batch * context_len * H * Dh * itemsize,
+            "kda_state": n_kda * batch * HV * Dh * Dh * 4,
+            "kda_conv": n_kda * batch * (W - 1) * (2 * H + HV) * Dh * itemsize,
+        }
+        out["total"] = out["attention_kv"] + out["kda_state"] + out["kda_conv"]
+        return out
+
+    hybrid, full = one(config), one(config.all_attention())
+    return {
+        "hybrid": hybrid,
+        "all_attention": full,
+        "kv_reduction": 1 - hybrid["attention_kv"] / full["attention_kv"] if full["attention_kv"] else 0.0,
+        "total_reduction": 1 - hybrid["total"] / full["total"] if full["total"] else 0.0,
+    }
