@@ -86,13 +86,15 @@ napoleon_numpy_docstring = False
 # No intersphinx offline, so references to *external* types cannot resolve. Ignore exactly those,
 # by full name (autodoc writes ``np.ndarray`` hints as ``numpy.ndarray``); every reference into
 # kda_explained itself, and every typo, still fails the build. The torch names are for the
-# chunked and fast layers' pages.
+# chunked and fast layers' pages; ``torch.nn.modules.module.Module`` is the base class autodoc names
+# for the model layer's modules (``kda_explained.layers``).
 nitpicky = True
 nitpick_ignore = [
     ("py:class", "numpy.ndarray"),
     ("py:class", "torch.Tensor"),
     ("py:class", "torch.dtype"),
     ("py:class", "torch.device"),
+    ("py:class", "torch.nn.modules.module.Module"),
 ]
 
 # -- HTML ------------------------------------------------------------------------------------------

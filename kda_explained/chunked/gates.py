@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..validation import check_floating
+from ..validation import check_floating, check_gate_params
 
 __all__ = ["kda_gate", "lowerbound_gate", "l2norm", "beta_sigmoid"]
 
@@ -22,22 +22,9 @@ def _gate_params(x: torch.Tensor, A_log: Optional[torch.Tensor], dt_bias: Option
         raise ValueError(f"x: expected shape [..., HV, K], got {list(x.shape)}")
     HV, K = x.shape[-2:]
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if A_log is None:
-        rate = x.new_ones(HV, 1, dtype=dt)
-    else:
-        check_floating("A_log", A_log)
-        if A_log.numel() != HV or A_log.dim() not in (1, 4):
-            raise ValueError(f"A_log: expected shape [HV] = [{HV}], got {list(A_log.shape)}")
-        rate = torch.exp(A_log.to(dt).reshape(HV, 1))
-    if dt_bias is None:
-        bias = x.new_zeros(HV, K, dtype=dt)
-    else:
-        check_floating("dt_bias", dt_bias)
-        if tuple(dt_bias.shape) not in ((HV * K,), (HV, K)):
-            raise ValueError(
-                f"dt_bias: expected shape [HV * K] = [{HV * K}] or [HV, K] = [{HV}, {K}], got {list(dt_bias.shape)}"
-            )
-        bias = dt_bias.to(dt).reshape(HV, K)
+    check_gate_params(HV, K, A_log, dt_bias)  # A_log [HV] (or [1, 1, HV, 1]); dt_bias [HV * K] or [HV, K]
+    rate = x.new_ones(HV, 1, dtype=dt) if A_log is None else torch.exp(A_log.to(dt).reshape(HV, 1))
+    bias = x.new_zeros(HV, K, dtype=dt) if dt_bias is None else dt_bias.to(dt).reshape(HV, K)
     return rate, bias
 
 

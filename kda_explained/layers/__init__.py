@@ -1,7 +1,7 @@
 """Model layers built on the KDA core: the Kimi Linear ``KimiDeltaAttention`` layer and a tiny hybrid LM.
 
-- :class:`KimiDeltaAttention`: the KDA token mixer with the released Kimi Linear parameter names;
-  :class:`KDACache` its generation cache; :func:`convert_fla_state_dict` renames
+- :class:`~kda_explained.layers.kda_layer.KimiDeltaAttention`: the KDA token mixer with the released Kimi Linear parameter names;
+  :class:`~kda_explained.layers.kda_layer.KDACache` its generation cache; :func:`~kda_explained.layers.kda_layer.convert_fla_state_dict` renames
   flash-linear-attention's layer weights into it.
 - :mod:`kda_explained.layers.hybrid`: a small causal LM of 3 KDA layers to 1 full-attention
   layer (NoPE), with caches, ``generate`` and :func:`~kda_explained.layers.hybrid.cache_memory`.

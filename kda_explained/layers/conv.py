@@ -130,5 +130,6 @@ class ShortConvolution(nn.Module):
         return f"{self.channels}, conv_size={self.conv_size}"
 
     def forward(self, x, *, initial_state=None, output_final_state=False, cu_seqlens=None):
+        """:func:`causal_conv1d` with this module's weight."""
         return causal_conv1d(x, self.weight, initial_state=initial_state, output_final_state=output_final_state,
                              cu_seqlens=cu_seqlens)

@@ -1,7 +1,7 @@
 """A tiny causal LM in the Kimi Linear layout: 3 KDA layers to 1 full-attention layer (report §4).
 
 Each block is pre-norm: ``x = x + mixer(rmsnorm(x)); x = x + mlp(rmsnorm(x))``,
-where the mixer is :class:`~kda_explained.layers.KimiDeltaAttention` or plain
+where the mixer is :class:`~kda_explained.layers.kda_layer.KimiDeltaAttention` or plain
 multi-head softmax attention through ``torch.nn.functional.scaled_dot_product_attention``
 without positional encoding (NoPE: the KDA layers carry the order), and the MLP
 is SwiGLU. Kimi Linear's attention is MLA and its MLPs are MoE; neither changes
@@ -186,7 +186,7 @@ class Block(nn.Module):
 
 @dataclass
 class HybridCache:
-    """One cache per layer (:class:`KDACache` or :class:`KVCache`) and the padding mask of the cached tokens."""
+    """One cache per layer (:class:`~kda_explained.layers.kda_layer.KDACache` or :class:`KVCache`) and the padding mask of the cached tokens."""
 
     layers: List[Union[KDACache, KVCache]]
     batch_size: int
@@ -245,6 +245,7 @@ class HybridLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 cache: Optional[HybridCache] = None) -> torch.Tensor:
+        """Logits ``[B, T, vocab]`` for ``input_ids [B, T]``; reads and extends ``cache`` when given."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
             got = format_shape(input_ids.shape) if hasattr(input_ids, "shape") else type(input_ids).__name__
             raise ValueError(f"input_ids: expected an integer tensor of shape [B, T], got {got}")

@@ -136,6 +136,7 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(head_dim))
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """``x, gate [..., K]`` -> ``rms(x) * weight * sigmoid(gate)``, in ``x``'s dtype."""
         dt = _compute_dtype(x)
         xf = x.to(dt)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -335,6 +336,7 @@ class KimiDeltaAttention(nn.Module):
         cu_seqlens: Optional[torch.Tensor] = None,
         cache: Optional[KDACache] = None,
     ) -> torch.Tensor:
+        """``hidden_states [B, T, D]`` -> ``[B, T, D]``; arguments as in the class docstring."""
         cu_seqlens = self._check_inputs(hidden_states, attention_mask, cu_seqlens, cache)
         B, T, _ = hidden_states.shape
         x, indices = hidden_states, None

@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from ..validation import check_floating
+from ..validation import check_floating, check_gate_params
 
 __all__ = ["kda_gate", "lowerbound_gate", "l2norm", "beta_sigmoid", "softplus", "sigmoid"]
 
@@ -50,22 +50,11 @@ def _gate_params(
     if x.ndim < 2:
         raise ValueError(f"x: expected shape [..., HV, K], got {list(x.shape)}")
     HV, K = x.shape[-2:]
-    if A_log is None:
-        rate = np.ones((HV, 1))
-    else:
-        A_log = np.asarray(A_log, dtype=np.float64)
-        if A_log.shape != (HV,):
-            raise ValueError(f"A_log: expected shape [HV] = [{HV}], got {list(A_log.shape)}")
-        rate = np.exp(A_log)[:, None]
-    if dt_bias is None:
-        bias = np.zeros((HV, K))
-    else:
-        dt_bias = np.asarray(dt_bias, dtype=np.float64)
-        if dt_bias.shape not in ((HV * K,), (HV, K)):
-            raise ValueError(
-                f"dt_bias: expected shape [HV * K] = [{HV * K}] or [HV, K] = [{HV}, {K}], got {list(dt_bias.shape)}"
-            )
-        bias = dt_bias.reshape(HV, K)
+    A_log = None if A_log is None else np.asarray(A_log, dtype=np.float64)
+    dt_bias = None if dt_bias is None else np.asarray(dt_bias, dtype=np.float64)
+    check_gate_params(HV, K, A_log, dt_bias)  # A_log [HV] (or [1, 1, HV, 1]); dt_bias [HV * K] or [HV, K]
+    rate = np.ones((HV, 1)) if A_log is None else np.exp(A_log).reshape(HV, 1)
+    bias = np.zeros((HV, K)) if dt_bias is None else dt_bias.reshape(HV, K)
     return rate, bias
 
 
