@@ -92,7 +92,8 @@ def fused_recurrent_kda(
         check_gate_params(p.HV, p.K, A_log, dt_bias, lower_bound, require_A_log=True)
     else:
         A_log = dt_bias = None
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, g, beta)):
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                       for x in (q, k, v, g, beta, initial_state, A_log, dt_bias)):
         raise ValueError("q: fused_recurrent_kda is forward only (decoding); use chunk_kda to train, "
                          "or call it under torch.no_grad() / torch.inference_mode()")
     cu = torch.tensor([sp[1] + sp[0] * p.T for sp in p.spans] + [p.spans[-1][2] + p.spans[-1][0] * p.T],

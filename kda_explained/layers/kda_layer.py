@@ -47,6 +47,8 @@ __all__ = ["KimiDeltaAttention", "KDACache", "GatedRMSNorm", "convert_fla_state_
 
 GATES = ("softplus", "lowerbound")
 BACKENDS = ("auto", "chunked", "fast")
+#: Sequences up to this many tokens take the token-by-token path (as ``fast.kda`` does).
+RECURRENT_MAX_LEN = 16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,8 +396,11 @@ class KimiDeltaAttention(nn.Module):
 
     def _core_chunked(self, q, k, v, f, beta, S0, keep, cu_seqlens):
         q, k = chunked.l2norm(q), chunked.l2norm(k)
-        return chunked.kda(q, k, v, self.log_decay(f), beta, initial_state=S0, output_final_state=keep,
-                           cu_seqlens=cu_seqlens)
+        lengths = [q.shape[1]] if cu_seqlens is None else (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        # decoding (a few tokens per sequence): the recurrence itself, not a chunk's worth of matrices
+        core = chunked.recurrent_kda if max(lengths, default=0) <= RECURRENT_MAX_LEN else chunked.kda
+        return core(q, k, v, self.log_decay(f), beta, initial_state=S0, output_final_state=keep,
+                    cu_seqlens=cu_seqlens)
 
     def _core_fast(self, q, k, v, f, beta, S0, keep, cu_seqlens):
         from .. import fast  # imported on first use: importing triton is slow and reads TRITON_INTERPRET
