@@ -882,6 +882,16 @@ def test_fused_recurrent_with_grad_is_a_value_error(arg):
         fast.fused_recurrent_kda(**values)
 
 
+@pytest.mark.parametrize("arg", ["initial_state", "A_log", "dt_bias"])
+def test_fused_recurrent_with_grad_on_state_or_gate_is_a_value_error(arg):
+    args, kw = small_inputs()
+    HV, K = args[3].shape[2], args[3].shape[3]
+    extra = {"initial_state": kw["initial_state"], "A_log": torch.zeros(HV), "dt_bias": torch.zeros(HV * K)}
+    extra[arg] = extra[arg].clone().requires_grad_(True)
+    with pytest.raises(ValueError, match=r"fused_recurrent_kda is forward only"):
+        fast.fused_recurrent_kda(*args, use_gate_in_kernel=True, **extra)
+
+
 def test_intermediate_states_with_grad_is_a_value_error():
     (q, k, v, g, beta), _ = small_inputs()
     with pytest.raises(ValueError, match=r"^return_intermediate_states: inference only"):
