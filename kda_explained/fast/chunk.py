@@ -15,12 +15,12 @@ test oracle.
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 
 from ..validation import check_chunk_size, check_gate_params, check_kda_inputs
+from ._meta import interpreting
 from .intra import intra_chunk_matrices
 from .output import chunk_output
 from .prepare import chunk_local_cumsum, l2norm
@@ -39,10 +39,6 @@ MAX_HEAD_DIM = 256
 _FLA_NO_OPS = {"safe_gate", "disable_recompute", "cu_seqlens_cpu", "use_graph", "max_num_seqs"}
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def check_fast_inputs(q, k, v, g, beta, *, scale, initial_state, cu_seqlens, state_v_first=False):
     """Shared checks of the fast layer: DESIGN.md's, plus what the kernels need (device, head dims)."""
     from ..chunked.kda import as_tensor_cu_seqlens, require_tensors
@@ -54,7 +50,7 @@ def check_fast_inputs(q, k, v, g, beta, *, scale, initial_state, cu_seqlens, sta
     else:
         initial_state_kv = initial_state
     p = check_kda_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state_kv, cu_seqlens=cu_seqlens)
-    if q.device.type != "cuda" and not _interpreting():
+    if q.device.type != "cuda" and not interpreting():
         raise ValueError(
             f"q: expected a CUDA tensor for the Triton kernels (or TRITON_INTERPRET=1 to run them on the CPU), "
             f"got device {q.device}"
