@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
-__all__ = ["SeqMeta", "seq_meta", "dot_precision", "interpreting"]
+__all__ = ["SeqMeta", "seq_meta", "packed_offsets", "dot_precision", "interpreting"]
 
 
 @dataclass(frozen=True)
@@ -36,12 +36,16 @@ class SeqMeta:
     chunk_off: torch.Tensor
 
 
+def packed_offsets(B: int, T: int, cu_seqlens: Optional[torch.Tensor]) -> List[int]:
+    """Sequence offsets into the packed row: ``[0, T, ..., B T]``, or ``cu_seqlens`` itself."""
+    if cu_seqlens is None:
+        return [b * T for b in range(B + 1)]
+    return [int(x) for x in cu_seqlens.tolist()]
+
+
 def seq_meta(B: int, T: int, chunk_size: int, cu_seqlens: Optional[torch.Tensor], device) -> SeqMeta:
     """Sequence and chunk tables for ``B`` rows of ``T`` tokens, or the packed batch of ``cu_seqlens``."""
-    if cu_seqlens is None:
-        cu = [b * T for b in range(B + 1)]
-    else:
-        cu = [int(x) for x in cu_seqlens.tolist()]
+    cu = packed_offsets(B, T, cu_seqlens)
     chunk_seq, chunk_bos, chunk_off = [], [], [0]
     for n in range(len(cu) - 1):
         for bos in range(cu[n], cu[n + 1], chunk_size):

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from ..validation import check_gate_params
+from ._meta import packed_offsets
 from .chunk import check_fast_inputs, chunk_kda
 from .recurrent import fused_recurrent_kda_fwd
 
@@ -96,9 +97,7 @@ def fused_recurrent_kda(
                                        for x in (q, k, v, g, beta, initial_state, A_log, dt_bias)):
         raise ValueError("q: fused_recurrent_kda is forward only (decoding); use chunk_kda to train, "
                          "or call it under torch.no_grad() / torch.inference_mode()")
-    cu = torch.tensor([sp[1] + sp[0] * p.T for sp in p.spans] + [p.spans[-1][2] + p.spans[-1][0] * p.T],
-                      dtype=torch.int32, device=q.device) if p.N > 0 else torch.zeros(1, dtype=torch.int32,
-                                                                                        device=q.device)
+    cu = torch.tensor(packed_offsets(p.B, p.T, cu_t), dtype=torch.int32, device=q.device)  # [N + 1]
     o, final = fused_recurrent_kda_fwd(
         q, k, v, g, beta, scale=p.scale, cu=cu, N=p.N, initial_state=initial_state, final_state=final,
         ssm_state_indices=slots, state_v_first=state_v_first, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
