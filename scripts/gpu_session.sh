@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Everything the project checks and measures on a GPU, in one call (device time is scarce):
+# the gpu-marked tests, the accuracy check of every kernel, the per-stage timings, and the
+# benchmark against flash-linear-attention, writing into ${OUT:-benchmarks/results}.
+#
+#   bash scripts/gpu_session.sh [tests|check|stages|bench|decode ...]   (default: all but decode)
+#
+# Needs a CUDA GPU with torch and triton. flash-linear-attention is taken from .whl/ when
+# present (../shared/tools/fla-wheels.sh fetches the fla-core wheel there), as on the lent
+# H100, which cannot reach a package index. fla's cold autotune takes ~80 s per shape, so
+# `bench` alone runs 5-6 minutes.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+out=${OUT:-benchmarks/results}
+mkdir -p "$out"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/kda_site .whl/*.whl
+    export PYTHONPATH=/tmp/kda_site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(tests check stages bench)
+for step in "${steps[@]}"; do
+    echo "== $step"
+    case "$step" in
+        tests)  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fast_gpu.py tests/test_layers.py ;;
+        check)  python3 benchmarks/gpu_check.py ;;
+        stages) python3 benchmarks/gpu_stages.py --out "$out" ;;
+        bench)  python3 benchmarks/gpu_bench.py --out "$out" ;;
+        decode) python3 benchmarks/gpu_decode.py --quick --out "$out" ;;
+        *) echo "unknown step: $step (tests, check, stages, bench, decode)"; exit 2 ;;
+    esac
+done
