@@ -55,21 +55,12 @@ def _fold_G_grad(lay: ChunkLayout, dG_c: torch.Tensor, dtype: torch.dtype) -> to
     """
     dG_c = dG_c.to(torch.float64)
     N, NT, HV, C, K = dG_c.shape
-    start = torch.arange(NT, device=dG_c.device)[None, :] * C  # [1, NT]
-    n_real = (lay.lengths.to(dG_c.device)[:, None] - start).clamp(0, C)  # [N, NT]
+    n_real = lay.real_tokens.to(dG_c.device)  # [N, NT]
     pad = (torch.arange(C, device=dG_c.device)[None, None, :] >= n_real[:, :, None])[:, :, None, :, None]
     pad_sum = dG_c.masked_fill(~pad, 0).sum(3, keepdim=True)  # [N, NT, HV, 1, K]
     last = (n_real - 1).clamp(min=0)[:, :, None, None, None].expand(N, NT, HV, 1, K)
     dG_real = dG_c.masked_fill(pad, 0).scatter_add(3, last, pad_sum)  # [N, NT, HV, C, K]
     return lay.from_chunks(dG_real).to(dtype)
-
-
-def _state_grid(lay: ChunkLayout, h: torch.Tensor) -> torch.Tensor:
-    """Adjoint of ``lay.flat_chunks`` (and its inverse on real chunks): ``[NC, ...]`` -> ``[N, NT, ...]``, zeros elsewhere."""
-    real = torch.arange(lay.NT)[None, :] < lay.chunks_per_sequence[:, None]  # [N, NT]
-    grid = h.new_zeros(lay.N, lay.NT, *h.shape[1:])
-    grid[real.to(h.device)] = h
-    return grid
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,8 +170,8 @@ def state_passing_bwd(
     G_last = G_c[..., -1:, :]  # [N, NT, HV, 1, K]: the last real G (padding repeats it)
     k_dec = k_c * torch.exp(G_last - G_c).to(dt)  # Eq. 8: K * Gamma_C / Gamma
     decay_C = torch.exp(G_last).to(dt).transpose(-1, -2)  # [N, NT, HV, K, 1]: Gamma_C
-    S_grid = _state_grid(lay, h.to(dt))  # [N, NT, HV, K, V]; padding chunks: zeros, never read back
-    dh_grid = _state_grid(lay, dh.to(dt)) if dh is not None else torch.zeros_like(S_grid)
+    S_grid = lay.grid_chunks(h.to(dt))  # [N, NT, HV, K, V]; padding chunks: zeros, never read back
+    dh_grid = lay.grid_chunks(dh.to(dt)) if dh is not None else torch.zeros_like(S_grid)
     dvn_c = lay.to_chunks(dv_new.to(dt)) if dv_new is not None else torch.zeros_like(v_c)
     dS = W.new_zeros(N, HV, K, Vd) if dS_final is None else dS_final.to(dt)  # dL/dS' of the last chunk
     dW_c, dU_c, dk_dec, d_decay = [], [], [], []
@@ -240,7 +231,7 @@ def chunk_output_bwd(
     HV, H = G_c.shape[2], q.shape[2]
     Gamma = torch.exp(G_c).to(dt)  # [N, NT, HV, C, K]
     q_c = _expand_heads(lay.to_chunks(q.to(dt)), HV)  # [N, NT, HV, C, K]
-    S_grid = _state_grid(lay, h.to(dt))  # [N, NT, HV, K, V]
+    S_grid = lay.grid_chunks(h.to(dt))  # [N, NT, HV, K, V]
     do_c = lay.to_chunks(do.to(dt))  # [N, NT, HV, C, V]
     qg = scale * q_c * Gamma  # Eq. 9, inter-chunk part: O += qg S
     dS_grid = qg.transpose(-1, -2) @ do_c  # [N, NT, HV, K, V]

@@ -89,8 +89,23 @@ class ChunkLayout:
         out = out.index_copy(0, self.index.reshape(-1)[keep], y[keep])
         return out.view(self.B, self.T, HV, *rest)
 
+    @property
+    def real_chunks(self) -> torch.Tensor:
+        """``[N, NT]`` bool: which grid chunks hold at least one real token."""
+        return (torch.arange(self.NT)[None, :] < self.chunks_per_sequence[:, None]).to(self.index.device)
+
+    @property
+    def real_tokens(self) -> torch.Tensor:
+        """``[N, NT]``: how many real tokens each grid chunk holds (``C`` but in a sequence's last chunk)."""
+        start = torch.arange(self.NT, device=self.index.device)[None, :] * self.C  # [1, NT]
+        return (self.lengths.to(self.index.device)[:, None] - start).clamp(0, self.C)
+
     def flat_chunks(self, h: torch.Tensor) -> torch.Tensor:
         """``[N, NT, ...]`` -> ``[NC, ...]``: keep each sequence's real chunks, in order."""
-        NT = self.NT
-        real = torch.arange(NT)[None, :] < self.chunks_per_sequence[:, None]  # [N, NT]
-        return h[real.to(h.device)]
+        return h[self.real_chunks.to(h.device)]
+
+    def grid_chunks(self, h: torch.Tensor) -> torch.Tensor:
+        """``[NC, ...]`` -> ``[N, NT, ...]``, zeros for padding chunks: the inverse of :meth:`flat_chunks`."""
+        grid = h.new_zeros(self.N, self.NT, *h.shape[1:])
+        grid[self.real_chunks.to(h.device)] = h
+        return grid

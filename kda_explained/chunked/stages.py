@@ -69,8 +69,7 @@ def _chunk_G(lay: ChunkLayout, G: torch.Tensor) -> torch.Tensor:
     """
     G_c = lay.to_chunks(G)  # [N, NT, HV, C, K], zeros in the padding
     N, NT, HV, C, K = G_c.shape
-    start = torch.arange(NT, device=G.device)[None, :] * C  # [1, NT]
-    n_real = (lay.lengths.to(G.device)[:, None] - start).clamp(0, C)  # [N, NT] real tokens per chunk
+    n_real = lay.real_tokens.to(G.device)  # [N, NT] real tokens per chunk
     last = (n_real - 1).clamp(min=0)[:, :, None, None, None].expand(N, NT, HV, 1, K)
     G_last = torch.gather(G_c, 3, last)  # [N, NT, HV, 1, K]
     pad = torch.arange(C, device=G.device)[None, None, :] >= n_real[:, :, None]  # [N, NT, C]
@@ -315,9 +314,7 @@ def chunk_output(
     G_c = _chunk_G(lay, G.to(torch.float64))  # [N, NT, HV, C, K]
     HV = G_c.shape[2]
     q_c = _expand_heads(lay.to_chunks(q.to(dt)), HV)  # [N, NT, HV, C, K]
-    real = torch.arange(lay.NT)[None, :] < lay.chunks_per_sequence[:, None]  # [N, NT]
-    S_grid = h.new_zeros(lay.N, lay.NT, *h.shape[1:])
-    S_grid[real.to(h.device)] = h  # [N, NT, HV, K, V]
+    S_grid = lay.grid_chunks(h)  # [N, NT, HV, K, V]
     inter = (scale * q_c * torch.exp(G_c).to(dt)) @ S_grid  # [N, NT, HV, C, V]
     intra = lay.to_chunks(A_qk) @ lay.to_chunks(v_new)  # [N, NT, HV, C, V]
     return lay.from_chunks(inter + intra)
