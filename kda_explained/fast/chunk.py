@@ -15,7 +15,7 @@ test oracle.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
