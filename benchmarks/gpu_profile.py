@@ -1,7 +1,7 @@
 """One forward of fast.chunk_kda and one decode step, for Nsight Compute.
 
     ncu --section SpeedOfLight --section Occupancy --section LaunchStats \
-        -k regex:_kernel --launch-skip 8 --launch-count 8 python benchmarks/gpu_profile.py
+        -k regex:_kernel --launch-skip 6 --launch-count 6 python benchmarks/gpu_profile.py
 
 The first call compiles and warms up; ``--launch-skip`` skips its launches.
 """
@@ -25,7 +25,7 @@ if __name__ == "__main__":
     pool = torch.randn(256, 32, 128, 128, device="cuda") * 0.1
     with torch.inference_mode():
         for _ in range(2):
-            fast.chunk_kda(q, k, v, g, beta)  # 6 launches
+            fast.chunk_kda(q, k, v, g, beta)  # 4 launches
             fast.fused_recurrent_kda(qd, kd, vd, gd, bd, initial_state=pool, inplace_final_state=True)  # 1 launch
             fast.fused_recurrent_kda(qd, kd, vd, gd, bd, initial_state=pool, output_final_state=True)  # 1 launch
     torch.cuda.synchronize()

@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from kda_explained import fast  # noqa: E402
-from kda_explained.fast import output, recurrent, state, ut  # noqa: E402
+from kda_explained.fast import local, output, recurrent, state  # noqa: E402
 from gpu_bench import bench, make_inputs  # noqa: E402
 
 
@@ -28,34 +28,32 @@ def stage_times(B, T, H, D, C=64):
     with torch.inference_mode():
         G, b32 = fast.chunk_local_cumsum(g, C, beta=beta)
         out["1_cumsum"] = bench(lambda: fast.chunk_local_cumsum(g, C, beta=beta))
-        A_kk, A_qk = fast.intra_chunk_matrices(q, k, G, b32, scale, C)
-        out["2_intra"] = bench(lambda: fast.intra_chunk_matrices(q, k, G, b32, scale, C))
-        M = fast.ut_transform(A_kk, C)
-        out["3_ut"] = bench(lambda: fast.ut_transform(A_kk, C))
-        W, U = fast.wy_representation(k, v, G, b32, M, C)
-        out["4_wy"] = bench(lambda: fast.wy_representation(k, v, G, b32, M, C))
-        h, vn, S = fast.state_passing(k, W, U, G, None, C)
-        out["5_state"] = bench(lambda: fast.state_passing(k, W, U, G, None, C))
-        out["6_output"] = bench(lambda: fast.chunk_output(q, h, vn, G, A_qk, scale, C, out_dtype=v.dtype))
+        f = fast.chunk_local_factors(q, k, v, G, b32, scale, C)
+        out["2-4_local"] = bench(lambda: fast.chunk_local_factors(q, k, v, G, b32, scale, C))
+        h, vn, S = fast.state_passing(f.kg, f.W, f.U, G, None, C, h_dtype=f.W.dtype)
+        out["5_state"] = bench(lambda: fast.state_passing(f.kg, f.W, f.U, G, None, C, h_dtype=f.W.dtype))
+        out["6_output"] = bench(lambda: fast.chunk_output(f.qg, h, vn, f.A_qk, C, out_dtype=v.dtype))
         out["total"] = bench(lambda: fast.chunk_kda(q, k, v, g, beta))
         # launch-shape sweeps of the stages that have them (module-level tunables)
-        for w in (1, 2, 4):
-            ut.UT_WARPS = w
-            out[f"3_ut_warps{w}"] = bench(lambda: fast.ut_transform(A_kk, C))
-        ut.UT_WARPS = 2
+        for bk in (16, 32):
+            for w in (4, 8):
+                local.LOCAL_WARPS, local.LOCAL_BK = w, bk
+                out[f"2-4_local_bk{bk}_w{w}"] = bench(lambda: fast.chunk_local_factors(q, k, v, G, b32, scale, C))
+        local.LOCAL_WARPS, local.LOCAL_BK = 4, 16
         for st in (1, 2):
             state.STATE_STAGES = st
-            out[f"5_state_stages{st}"] = bench(lambda: fast.state_passing(k, W, U, G, None, C))
+            out[f"5_state_stages{st}"] = bench(
+                lambda: fast.state_passing(f.kg, f.W, f.U, G, None, C, h_dtype=f.W.dtype))
         state.STATE_STAGES = 2
         for bv in (64, 128):
             for w in (4, 8):
                 output.OUTPUT_BV, output.OUTPUT_WARPS = bv, w
                 out[f"6_output_bv{bv}_w{w}"] = bench(
-                    lambda: fast.chunk_output(q, h, vn, G, A_qk, scale, C, out_dtype=v.dtype))
+                    lambda: fast.chunk_output(f.qg, h, vn, f.A_qk, C, out_dtype=v.dtype))
         output.OUTPUT_BV, output.OUTPUT_WARPS = 64, 4
         # the exact diagonal fix-up: gates too strong for the tensor-core diagonal (span > SAFE_SPAN)
         G_strong = fast.chunk_local_cumsum(g * 4, C)
-        out["2_intra_strong_gates"] = bench(lambda: fast.intra_chunk_matrices(q, k, G_strong, b32, scale, C))
+        out["2-4_local_strong_gates"] = bench(lambda: fast.chunk_local_factors(q, k, v, G_strong, b32, scale, C))
     return out
 
 
@@ -92,7 +90,17 @@ def decode_sweep(N=256, H=32, D=128):
             ms = bench(lambda: fast.fused_recurrent_kda(q, k, v, g, beta, initial_state=pool, **kw))
             res[name] = {"ms": ms, "GBps": 2 * N * H * D * D * 4 / (ms * 1e-3) / 1e9}
             print(f"decode {name}: {ms:.4f} ms {res[name]['GBps']:.0f} GB/s", flush=True)
-        for bv in (32, 64):
+        # the kernel alone: one decode step captured in a CUDA graph (no host work in the timing)
+        step = lambda: fast.fused_recurrent_kda(q, k, v, g, beta, initial_state=pool,  # noqa: E731
+                                                ssm_state_indices=slots)
+        step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        ms = bench(graph.replay)
+        res["slots_cuda_graph"] = {"ms": ms, "GBps": 2 * N * H * D * D * 4 / (ms * 1e-3) / 1e9}
+        print(f"decode slots, CUDA graph: {ms:.4f} ms {res['slots_cuda_graph']['GBps']:.0f} GB/s", flush=True)
+        for bv in (16, 32, 64):
             for w in (2, 4):
                 recurrent.DECODE_BV, recurrent.DECODE_WARPS = bv, w
                 ms = bench(lambda: fast.fused_recurrent_kda(q, k, v, g, beta, initial_state=pool,

@@ -32,6 +32,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kda_explained import chunked, fast
+from kda_explained.chunked import stages as chunked_stages
 from kda_explained.fast import api as fast_api
 from kda_explained.testing import TOLERANCES, rel_rms_error
 from strategies import Problem, kda_problems, make_problem, to_torch
@@ -146,8 +147,9 @@ def reference_stages(p: Problem, C: int) -> SimpleNamespace:
     W, U = chunked.wy_representation(k, v, G, beta, M, C, cu)
     h, v_new, S = chunked.state_passing(k, W, U, G, S0, C, cu)
     o = chunked.chunk_output(q, h, v_new, G, A_qk, scale, C, cu)
+    qg, kg = chunked_stages.decayed_operands(q, k, G, scale, C, cu)  # what fast's stages 2-4 hand on
     return SimpleNamespace(q=q, k=k, v=v, g=g, beta=beta, cu=cu, S0=S0, scale=scale, G=G, A_kk=A_kk, A_qk=A_qk,
-                           M=M, W=W, U=U, h=h, v_new=v_new, S=S, o=o)
+                           M=M, W=W, U=U, h=h, v_new=v_new, S=S, o=o, qg=qg, kg=kg)
 
 
 @pin(*AWKWARD)
@@ -163,30 +165,17 @@ def test_stage_chunk_local_cumsum(p, C):
 @pin(*AWKWARD)
 @few
 @given(p=problems, C=chunk_16)
-def test_stage_intra_chunk_matrices(p, C):
+def test_stage_chunk_local_factors(p, C):
+    """Stages 2-4 in one kernel == intra_chunk_matrices, ut_transform and wy_representation."""
     r = reference_stages(p, C)
-    A_kk, A_qk = fast.intra_chunk_matrices(f32(r.q), f32(r.k), f32(r.G), f32(r.beta), r.scale, C, r.cu)
-    assert_close(A_kk, r.A_kk, F32, "A_kk")
-    assert_close(A_qk, r.A_qk, F32, "A_qk")
-
-
-@pin(*AWKWARD)
-@few
-@given(p=problems, C=chunk_16)
-def test_stage_ut_transform(p, C):
-    r = reference_stages(p, C)
-    M = fast.ut_transform(f32(r.A_kk), C, r.cu)
-    assert_close(M, r.M, F32, "M")
-
-
-@pin(*AWKWARD)
-@few
-@given(p=problems, C=chunk_16)
-def test_stage_wy_representation(p, C):
-    r = reference_stages(p, C)
-    W, U = fast.wy_representation(f32(r.k), f32(r.v), f32(r.G), f32(r.beta), f32(r.M), C, r.cu)
-    assert_close(W, r.W, F32, "W")
-    assert_close(U, r.U, F32, "U")
+    f = fast.chunk_local_factors(f32(r.q), f32(r.k), f32(r.v), f32(r.G), f32(r.beta), r.scale, C, r.cu,
+                                 store_akk=True)
+    assert_close(f.A_kk, r.A_kk, F32, "A_kk")
+    assert_close(f.A_qk, r.A_qk, F32, "A_qk")
+    assert_close(f.W, r.W, F32, "W")
+    assert_close(f.U, r.U, F32, "U")
+    assert_close(f.qg, r.qg, F32, "qg")
+    assert_close(f.kg, r.kg, F32, "kg")
 
 
 @pin(*AWKWARD)
@@ -194,7 +183,7 @@ def test_stage_wy_representation(p, C):
 @given(p=problems, C=chunk_16)
 def test_stage_state_passing(p, C):
     r = reference_stages(p, C)
-    h, v_new, S = fast.state_passing(f32(r.k), f32(r.W), f32(r.U), f32(r.G), f32(r.S0), C, r.cu)
+    h, v_new, S = fast.state_passing(f32(r.kg), f32(r.W), f32(r.U), f32(r.G), f32(r.S0), C, r.cu)
     assert_close(h, r.h, F32, "h")
     assert_close(v_new, r.v_new, F32, "v_new")
     assert_close(S, r.S, F32, "final state")
@@ -205,13 +194,13 @@ def test_stage_state_passing(p, C):
 @given(p=problems, C=chunk_16)
 def test_stage_chunk_output(p, C):
     r = reference_stages(p, C)
-    o = fast.chunk_output(f32(r.q), f32(r.h), f32(r.v_new), f32(r.G), f32(r.A_qk), r.scale, C, r.cu)
+    o = fast.chunk_output(f32(r.qg), f32(r.h), f32(r.v_new), f32(r.A_qk), C, r.cu)
     assert_close(o, r.o, F32, "o")
 
 
-#: Gates at and past the strength the tensor-core diagonal of ``intra_chunk_matrices`` takes: a
-#: diagonal block whose decay span around its middle token exceeds ``fast.intra.SAFE_SPAN`` (40)
-#: is redone by the exact kernel. ``lower_bound = -5`` sits exactly at the limit (8 tokens x 5).
+#: Gates at and past the strength the tensor-core diagonal of ``chunk_local_factors`` takes: a
+#: diagonal block whose decay span from its first token exceeds ``fast.local.SAFE_SPAN`` (80)
+#: is redone exactly, column by column. ``lower_bound = -5`` stays inside it (15 steps x 5 = 75).
 EXTREME_GATES = ("at_limit", "past_limit", "mixed_channels", "cliff", "uniform_strong")
 
 
@@ -220,9 +209,9 @@ def extreme_gate(kind: str, shape, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     B, T, HV, K = shape
     if kind == "at_limit":
-        g = torch.full(shape, -5.0, dtype=torch.float64)  # span exactly 40: the tensor-core diagonal
+        g = torch.full(shape, -5.0, dtype=torch.float64)  # span 75 (lower_bound = -5): the tensor-core diagonal
     elif kind == "past_limit":
-        g = torch.full(shape, -5.5, dtype=torch.float64)  # span 44: every diagonal block exact
+        g = torch.full(shape, -5.5, dtype=torch.float64)  # span 82.5: every diagonal block exact
     elif kind == "mixed_channels":
         g = torch.zeros(shape, dtype=torch.float64)
         g[..., 1::2] = -20.0  # half the channels keep everything, half forget at once
@@ -239,14 +228,18 @@ EXTREME_PROBLEM = make_problem(T=40, H=1, HV=2, K=80, V=16, cu_seqlens=[0, 19, 4
 
 @pytest.mark.parametrize("C", [16, 64])
 @pytest.mark.parametrize("gate", EXTREME_GATES)
-def test_stage_intra_chunk_matrices_extreme_gates(gate, C):
-    (q, k, _, _, beta), kw = inputs(EXTREME_PROBLEM, torch.float64)
+def test_stage_chunk_local_factors_extreme_gates(gate, C):
+    (q, k, v, _, beta), kw = inputs(EXTREME_PROBLEM, torch.float64)
     cu, scale = kw["cu_seqlens"], EXTREME_PROBLEM.shape[4] ** -0.5
     G = chunked.chunk_local_cumsum(extreme_gate(gate, beta.shape + (q.shape[-1],)), C, cu)
     A_kk, A_qk = chunked.intra_chunk_matrices(q, k, G, beta, scale, C, cu)
-    A_kk_f, A_qk_f = fast.intra_chunk_matrices(f32(q), f32(k), f32(G), f32(beta), scale, C, cu)
-    assert_close(A_kk_f, A_kk, F32, "A_kk")
-    assert_close(A_qk_f, A_qk, F32, "A_qk")
+    f = fast.chunk_local_factors(f32(q), f32(k), f32(v), f32(G), f32(beta), scale, C, cu, store_akk=True)
+    assert_close(f.A_kk, A_kk, F32, "A_kk")
+    assert_close(f.A_qk, A_qk, F32, "A_qk")
+    M = chunked.ut_transform(A_kk, C, cu)
+    W, U = chunked.wy_representation(k, v, G, beta, M, C, cu)
+    assert_close(f.W, W, F32, "W")
+    assert_close(f.U, U, F32, "U")
 
 
 @pytest.mark.parametrize("gate", EXTREME_GATES)
@@ -552,10 +545,11 @@ def test_fused_recurrent_state_pool(slots, state_v_first):
     S0 = before[[max(s, 0) for s in slots]]  # [N, HV, K, V] (or [V, K])
     o_ref, S_ref = reference(*args, initial_state=S0, cu_seqlens=kw["cu_seqlens"], state_v_first=state_v_first)
     for n, s in enumerate(slots):
-        if s < 0:
-            continue  # a skipped sequence: its state is untouched (checked above); its output rows are unspecified
-        assert_close(pool[s], S_ref[n], F32, f"slot {s} (sequence {n})")
         _, bos, eos = p.spans[n]
+        if s < 0:  # a skipped sequence: its state is untouched (checked above), its outputs are zeros
+            assert torch.all(o[:, bos:eos] == 0), f"o of skipped sequence {n}"
+            continue
+        assert_close(pool[s], S_ref[n], F32, f"slot {s} (sequence {n})")
         if eos > bos:
             assert_close(o[:, bos:eos], o_ref[:, bos:eos], F32, f"o of sequence {n}")
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from kda_explained import chunked, fast
+from kda_explained.chunked import stages as chunked_stages
 from kda_explained.testing import TOLERANCES
 
 import test_fast as small  # the small-size properties' oracle and checks
@@ -112,27 +113,24 @@ def test_stages_match_chunked(C):
     S0, scale = kw["initial_state"].double(), 128 ** -0.5
     G = chunked.chunk_local_cumsum(g, C)
     A_kk, A_qk = chunked.intra_chunk_matrices(q, k, G, beta, scale, C)
-    M = chunked.ut_transform(A_kk, C)
-    W, U = chunked.wy_representation(k, v, G, beta, M, C)
+    W, U = chunked.wy_representation(k, v, G, beta, chunked.ut_transform(A_kk, C), C)
     h, v_new, S = chunked.state_passing(k, W, U, G, S0, C)
     o = chunked.chunk_output(q, h, v_new, G, A_qk, scale, C)
 
     def f32(x):
         return x.float()
 
+    qg, kg = chunked_stages.decayed_operands(q, k, G, scale, C)
     assert_close(fast.chunk_local_cumsum(f32(g), C), G, F32, "G")
-    A_kk_f, A_qk_f = fast.intra_chunk_matrices(f32(q), f32(k), f32(G), f32(beta), scale, C)
-    assert_close(A_kk_f, A_kk, F32, "A_kk")
-    assert_close(A_qk_f, A_qk, F32, "A_qk")
-    assert_close(fast.ut_transform(f32(A_kk), C), M, F32, "M")
-    W_f, U_f = fast.wy_representation(f32(k), f32(v), f32(G), f32(beta), f32(M), C)
-    assert_close(W_f, W, F32, "W")
-    assert_close(U_f, U, F32, "U")
-    h_f, v_new_f, S_f = fast.state_passing(f32(k), f32(W), f32(U), f32(G), f32(S0), C)
+    f = fast.chunk_local_factors(f32(q), f32(k), f32(v), f32(G), f32(beta), scale, C, store_akk=True)
+    for name, ours, ref in (("A_kk", f.A_kk, A_kk), ("A_qk", f.A_qk, A_qk), ("W", f.W, W), ("U", f.U, U),
+                            ("qg", f.qg, qg), ("kg", f.kg, kg)):
+        assert_close(ours, ref, F32, name)
+    h_f, v_new_f, S_f = fast.state_passing(f32(kg), f32(W), f32(U), f32(G), f32(S0), C)
     assert_close(h_f, h, F32, "h")
     assert_close(v_new_f, v_new, F32, "v_new")
     assert_close(S_f, S, F32, "final state")
-    assert_close(fast.chunk_output(f32(q), f32(h), f32(v_new), f32(G), f32(A_qk), scale, C), o, F32, "o")
+    assert_close(fast.chunk_output(f32(qg), f32(h), f32(v_new), f32(A_qk), C), o, F32, "o")
 
 
 # ==============================================================================================
@@ -319,6 +317,7 @@ def test_decode_state_pool_in_place():
     before = pool.clone()
     slots = torch.randperm(P, generator=gen, device=DEVICE)[:N]
     slots[::17] = -1  # sequences a serving engine has no slot for this step: skipped
+    slots[5] = P + 3  # past the pool: on the device the kernel skips it too (no host check, no sync)
     with torch.inference_mode():
         for t in range(steps):
             o_t, out = fast.fused_recurrent_kda(*(x[:, t : t + 1] for x in args), initial_state=pool,
@@ -326,13 +325,15 @@ def test_decode_state_pool_in_place():
             assert out is pool
             if t == 0:
                 o_first = o_t
-    live = slots >= 0
+    live = (slots >= 0) & (slots < P)
     touched = torch.zeros(P, dtype=torch.bool, device=DEVICE)
     touched[slots[live]] = True
     assert torch.equal(pool[~touched], before[~touched])  # every other slot bit for bit
-    o_ref, S_ref = reference(*(x[:, :1] for x in args), initial_state=before[slots.clamp(min=0)])
-    assert_close(o_first[live], o_ref[live], LOW, "o of the first step")  # a skipped sequence's rows are unspecified
-    _, S_ref = reference(*args, initial_state=before[slots.clamp(min=0)])
+    safe = torch.where(live, slots, 0)
+    o_ref, S_ref = reference(*(x[:, :1] for x in args), initial_state=before[safe])
+    assert_close(o_first[live], o_ref[live], LOW, "o of the first step")
+    assert torch.all(o_first[~live] == 0)  # a skipped sequence outputs zeros
+    _, S_ref = reference(*args, initial_state=before[safe])
     assert_close(pool[slots[live]], S_ref[live], LOW, "touched slots")
 
 

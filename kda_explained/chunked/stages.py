@@ -44,6 +44,7 @@ __all__ = [
     "intra_chunk_matrices",
     "ut_transform",
     "wy_representation",
+    "decayed_operands",
     "state_passing",
     "chunk_output",
     "SUB_CHUNK",
@@ -243,6 +244,30 @@ def wy_representation(
     W = M_c @ (beta_c * torch.exp(G_c).to(dt) * k_c)  # [N, NT, HV, C, K]
     U = M_c @ (beta_c * lay.to_chunks(v.to(dt)))  # [N, NT, HV, C, V]
     return lay.from_chunks(W), lay.from_chunks(U)
+
+
+def decayed_operands(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    G: torch.Tensor,
+    scale: float,
+    chunk_size: int,
+    cu_seqlens: Optional[torch.Tensor] = None,
+):
+    """``qg = scale * q * Gamma`` and ``kg = K * Gamma_C / Gamma``: the decayed operands of Eq. 8 and 9.
+
+    Stages 5 and 6 below form them inside; the fast layer's fused stage 2-4 kernel
+    (:func:`kda_explained.fast.chunk_local_factors`) writes them once for both, and is
+    tested against this function. ``q, k: [B, T, H, K]``, ``G: [B, T, HV, K]`` ->
+    ``qg, kg: [B, T, HV, K]`` (``G``'s dtype).
+    """
+    lay = _layout(k, chunk_size, cu_seqlens)
+    HV, dt = G.shape[2], G.dtype
+    G_c = _chunk_G(lay, G)  # [N, NT, HV, C, K], padding repeats the last real G
+    k_c = _expand_heads(lay.to_chunks(k.to(dt)), HV)
+    kg = lay.from_chunks(k_c * torch.exp(G_c[..., -1:, :] - G_c))  # exponents <= 0
+    qg = scale * q.to(dt).repeat_interleave(HV // q.shape[2], dim=2) * torch.exp(G)
+    return qg, kg
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,21 +9,17 @@ On a machine without a GPU the kernels run under the Triton interpreter when
 
 from .api import RECURRENT_MAX_LEN, fused_recurrent_kda, kda
 from .chunk import FAST_CHUNK_SIZES, MAX_HEAD_DIM, chunk_kda
-from .intra import intra_chunk_matrices
+from .local import chunk_local_factors
 from .output import chunk_output
 from .prepare import chunk_local_cumsum, l2norm
 from .state import state_passing
-from .ut import ut_transform
-from .wy import wy_representation
 
 __all__ = [
     "kda",
     "chunk_kda",
     "fused_recurrent_kda",
     "chunk_local_cumsum",
-    "intra_chunk_matrices",
-    "ut_transform",
-    "wy_representation",
+    "chunk_local_factors",
     "state_passing",
     "chunk_output",
     "l2norm",

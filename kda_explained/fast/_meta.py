@@ -17,6 +17,7 @@ Glossary
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import List, Optional
@@ -44,8 +45,23 @@ def packed_offsets(B: int, T: int, cu_seqlens: Optional[torch.Tensor]) -> List[i
 
 
 def seq_meta(B: int, T: int, chunk_size: int, cu_seqlens: Optional[torch.Tensor], device) -> SeqMeta:
-    """Sequence and chunk tables for ``B`` rows of ``T`` tokens, or the packed batch of ``cu_seqlens``."""
-    cu = packed_offsets(B, T, cu_seqlens)
+    """Sequence and chunk tables for ``B`` rows of ``T`` tokens, or the packed batch of ``cu_seqlens``.
+
+    The tables of a plain batch depend on ``(B, T, chunk_size, device)`` alone and are
+    cached, so repeated calls copy nothing to the device; a packed batch's are built
+    from ``cu_seqlens`` (one read-back), once per pipeline call.
+    """
+    if cu_seqlens is None:
+        return _plain_seq_meta(B, T, chunk_size, torch.device(device))
+    return _build_seq_meta(packed_offsets(B, T, cu_seqlens), chunk_size, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _plain_seq_meta(B: int, T: int, chunk_size: int, device: torch.device) -> SeqMeta:
+    return _build_seq_meta(packed_offsets(B, T, None), chunk_size, device)
+
+
+def _build_seq_meta(cu: List[int], chunk_size: int, device) -> SeqMeta:
     chunk_seq, chunk_bos, chunk_off = [], [], [0]
     for n in range(len(cu) - 1):
         for bos in range(cu[n], cu[n + 1], chunk_size):

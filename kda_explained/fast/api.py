@@ -45,7 +45,10 @@ def fused_recurrent_kda(
 
     - ``ssm_state_indices: [N]`` int: ``initial_state`` is a state pool
       ``[P, HV, K, V]`` and sequence ``n`` reads and writes slot
-      ``ssm_state_indices[n]`` *in place* (a negative slot skips the sequence);
+      ``ssm_state_indices[n]`` *in place*. A negative slot skips the sequence (its
+      outputs are zeros); so does a slot past the pool when the indices are on the
+      GPU (indices on the CPU are checked: ``ValueError``). Nothing here reads the
+      device back, so a decode step can be captured in a CUDA graph;
       the pool is returned as the final state.
     - ``inplace_final_state=True`` without indices also updates ``initial_state`` in place.
 
@@ -71,9 +74,12 @@ def fused_recurrent_kda(
         if pool.dtype != torch.float32 or not pool.is_contiguous():
             raise ValueError(f"initial_state: expected a contiguous float32 state pool to update in place, "
                              f"got {pool.dtype}, contiguous={pool.is_contiguous()}")
+        if ssm_state_indices.device.type == "cpu" and ssm_state_indices.numel() \
+                and int(ssm_state_indices.max()) >= pool.shape[0]:
+            # checked where it is free; on the device the kernel skips such a slot (no sync)
+            raise ValueError(f"ssm_state_indices: expected slots < pool size {pool.shape[0]}, "
+                             f"got {int(ssm_state_indices.max())}")
         slots = ssm_state_indices.to(device=q.device, dtype=torch.int64)
-        if slots.numel() and int(slots.max()) >= pool.shape[0]:
-            raise ValueError(f"ssm_state_indices: expected slots < pool size {pool.shape[0]}, got {int(slots.max())}")
         final = pool
     else:
         p, cu_t = check_fast_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state,
@@ -97,7 +103,8 @@ def fused_recurrent_kda(
                                        for x in (q, k, v, g, beta, initial_state, A_log, dt_bias)):
         raise ValueError("q: fused_recurrent_kda is forward only (decoding); use chunk_kda to train, "
                          "or call it under torch.no_grad() / torch.inference_mode()")
-    cu = torch.tensor(packed_offsets(p.B, p.T, cu_t), dtype=torch.int32, device=q.device)  # [N + 1]
+    # a plain batch needs no offsets table (and so no host-to-device copy per decode step)
+    cu = None if cu_t is None else torch.tensor(packed_offsets(p.B, p.T, cu_t), dtype=torch.int32, device=q.device)
     o, final = fused_recurrent_kda_fwd(
         q, k, v, g, beta, scale=p.scale, cu=cu, N=p.N, initial_state=initial_state, final_state=final,
         ssm_state_indices=slots, state_v_first=state_v_first, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,

@@ -2,15 +2,15 @@
 
 The forward reads as the same pipeline (report §3.1)::
 
-    G, beta   = chunk_local_cumsum(g, ...)            # 1. gate + in-chunk cumsum (+ beta sigmoid)
-    A_kk, A_qk = intra_chunk_matrices(q, k, G, beta)  # 2. Eq. 5 and the intra part of Eq. 9
-    M         = ut_transform(A_kk)                    # 3. Eq. 6
-    W, U      = wy_representation(k, v, G, beta, M)   # 4. Eq. 7
-    h, v_new, S = state_passing(k, W, U, G, S0)       # 5. Eq. 8
-    o         = chunk_output(q, h, v_new, G, A_qk)    # 6. Eq. 9
+    G, beta   = chunk_local_cumsum(g, ...)                    # 1. gate + in-chunk cumsum (+ beta sigmoid)
+    A_qk, W, U, qg, kg = chunk_local_factors(q, k, v, G, beta) # 2.-4. Eq. 5-7: A_kk, M stay on chip
+    h, v_new, S = state_passing(kg, W, U, G, S0)              # 5. Eq. 8
+    o         = chunk_output(qg, h, v_new, A_qk)              # 6. Eq. 9
 
-Every stage is its own kernel with the chunked stage of the same name as its
-test oracle.
+Stages 2-4 (intra-chunk matrices, UT transform, WY factors) run as one kernel,
+since ``A_kk`` and ``M`` are only needed to make ``W`` and ``U``; the tests check
+its outputs against the three chunked stages of those names. Intermediates
+travel in the input dtype for bf16/fp16 inputs, in float32 otherwise.
 """
 
 from __future__ import annotations
@@ -20,13 +20,11 @@ from typing import Optional
 import torch
 
 from ..validation import check_chunk_size, check_gate_params, check_kda_inputs
-from ._meta import interpreting
-from .intra import intra_chunk_matrices
+from ._meta import interpreting, seq_meta
+from .local import chunk_local_factors, intermediate_dtype
 from .output import chunk_output
 from .prepare import chunk_local_cumsum, l2norm
 from .state import state_passing
-from .ut import ut_transform
-from .wy import wy_representation
 
 __all__ = ["chunk_kda", "chunk_kda_fwd", "FAST_CHUNK_SIZES", "MAX_HEAD_DIM", "check_fast_inputs"]
 
@@ -67,22 +65,28 @@ def chunk_kda_fwd(
     q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, chunk_size: int = 64,
     use_qk_l2norm_in_kernel: bool = False, use_gate_in_kernel: bool = False, A_log=None, dt_bias=None,
     lower_bound: Optional[float] = None, use_beta_sigmoid_in_kernel: bool = False, allow_neg_eigval: bool = False,
-    state_v_first: bool = False,
+    state_v_first: bool = False, float32_chunk_states: bool = False,
 ):
-    """The six stages on validated inputs; returns ``o`` (``v``'s dtype), the final state and the chunk states."""
+    """The stages on validated inputs; returns ``o`` (``v``'s dtype), the final state and the chunk states.
+
+    The chunk states ``h`` are float32 with ``float32_chunk_states``, else in the
+    intermediate dtype (all stage 6 needs).
+    """
     C = chunk_size
+    meta = seq_meta(q.shape[0], q.shape[1], C, cu_seqlens, q.device)  # the chunk tables, built once
     if use_qk_l2norm_in_kernel:
         q, k = l2norm(q), l2norm(k)
     G, beta32 = chunk_local_cumsum(
         g, C, cu_seqlens, beta=beta, use_gate_in_kernel=use_gate_in_kernel, A_log=A_log, dt_bias=dt_bias,
         lower_bound=lower_bound, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
-        allow_neg_eigval=allow_neg_eigval,
+        allow_neg_eigval=allow_neg_eigval, meta=meta,
     )  # 1.                                                                              [B, T, HV, K]
-    A_kk, A_qk = intra_chunk_matrices(q, k, G, beta32, scale, C, cu_seqlens)  # 2.      [B, T, HV, C]
-    M = ut_transform(A_kk, C, cu_seqlens)  # 3.                                          [B, T, HV, C]
-    W, U = wy_representation(k, v, G, beta32, M, C, cu_seqlens)  # 4.           [B, T, HV, K], [.., V]
-    h, v_new, S = state_passing(k, W, U, G, initial_state, C, cu_seqlens, state_v_first=state_v_first)  # 5.
-    o = chunk_output(q, h, v_new, G, A_qk, scale, C, cu_seqlens, out_dtype=v.dtype, state_v_first=state_v_first)
+    A_qk, W, U, qg, kg, _ = chunk_local_factors(q, k, v, G, beta32, scale, C, cu_seqlens, meta=meta)  # 2.-4.
+    h_dtype = torch.float32 if float32_chunk_states else intermediate_dtype(q.dtype)
+    h, v_new, S = state_passing(kg, W, U, G, initial_state, C, cu_seqlens, state_v_first=state_v_first,
+                                h_dtype=h_dtype, meta=meta)  # 5.                       h: [NC, HV, K, V]
+    o = chunk_output(qg, h, v_new, A_qk, C, cu_seqlens, out_dtype=v.dtype, state_v_first=state_v_first,
+                     meta=meta)  # 6.
     return o, S, h
 
 
@@ -212,7 +216,8 @@ def chunk_kda(
         if needs_grad:
             raise ValueError("return_intermediate_states: inference only (use torch.inference_mode()), "
                              "got inputs that require grad")
-        o, S, h = chunk_kda_fwd(q, k, v, g, beta, initial_state=initial_state, A_log=A_log, dt_bias=dt_bias, **opts)
+        o, S, h = chunk_kda_fwd(q, k, v, g, beta, initial_state=initial_state, A_log=A_log, dt_bias=dt_bias,
+                                float32_chunk_states=True, **opts)
         return o, (S if output_final_state else None), h
     if needs_grad:
         o, S = _ChunkKDAFunction.apply(q, k, v, g, beta, A_log, dt_bias, initial_state, opts)

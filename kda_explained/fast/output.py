@@ -3,7 +3,8 @@
 Mirrors :func:`kda_explained.chunked.stages.chunk_output`. One program writes one
 chunk of one value head for one tile of ``BV`` value columns: what the entering
 state recalls (``[BT, K] @ [K, BV]``) plus what the chunk itself wrote
-(``[BT, BT] @ [BT, BV]``).
+(``[BT, BT] @ [BT, BV]``). The decayed, scaled queries ``qg = scale * q * exp(G)``
+come ready from :func:`~kda_explained.fast.local.chunk_local_factors`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._meta import dot_precision, interpreting, seq_meta
+from ._meta import SeqMeta, dot_precision, interpreting, seq_meta
 
 __all__ = ["chunk_output"]
 
@@ -29,19 +30,15 @@ OUTPUT_LOW_PRECISION_DOTS = True  # H100: chunk_kda 5.31 -> 4.47 ms, error 2.4e-
 @triton.jit
 def _chunk_output_kernel(
     # pointers
-    q,  # [TT, H, K]
-    h,  # [NC, HV, K, V] float32 (or [V, K] each with STATE_V_FIRST)
-    v_new,  # [TT, HV, V] float32
-    G,  # [TT, HV, K] float32
-    A_qk,  # [TT, HV, BT] float32
+    qg,  # [TT, HV, K] scale * q * exp(G)
+    h,  # [NC, HV, K, V] (or [V, K] each with STATE_V_FIRST)
+    v_new,  # [TT, HV, V]
+    A_qk,  # [TT, HV, BT]
     o,  # [TT, HV, V] out, v's dtype
     cu,
     chunk_seq,
     chunk_bos,
-    # scalars
-    scale,
     # sizes
-    H: tl.constexpr,
     HV: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
@@ -54,7 +51,6 @@ def _chunk_output_kernel(
     LOWP: tl.constexpr,
 ):
     i_v, i_c, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_h = i_hv // (HV // H)
     i_n = tl.load(chunk_seq + i_c)
     bos = tl.load(chunk_bos + i_c).to(tl.int64)
     eos = tl.load(cu + i_n + 1).to(tl.int64)
@@ -65,58 +61,60 @@ def _chunk_output_kernel(
     m_tv = m_t[:, None] & m_v[None, :]
 
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
-    # inter-chunk: scale (q * exp(G)) @ S, one K tile at a time
+    # inter-chunk: qg @ S, one K tile at a time
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         m_tk = m_t[:, None] & m_k[None, :]
-        b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tk, other=0).to(tl.float32)
-        b_G = tl.load(G + ((bos + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0)
+        b_qg = tl.load(qg + ((bos + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0)
         if STATE_V_FIRST:
             o_S = o_v[None, :] * K + o_k[:, None]
         else:
             o_S = o_k[:, None] * V + o_v[None, :]
         b_S = tl.load(h + (i_c.to(tl.int64) * HV + i_hv) * K * V + o_S, mask=m_k[:, None] & m_v[None, :], other=0)
         if LOWP:
-            b_o += tl.dot((b_q * tl.exp(b_G) * scale).to(q.dtype.element_ty), b_S.to(q.dtype.element_ty))
+            b_o += tl.dot(b_qg, b_S.to(qg.dtype.element_ty))
         else:
-            b_o += tl.dot(b_q * tl.exp(b_G) * scale, b_S, input_precision=PRECISION)
+            b_o += tl.dot(b_qg.to(tl.float32), b_S.to(tl.float32), input_precision=PRECISION)
     # intra-chunk: A_qk @ v_new
     b_A = tl.load(A_qk + ((bos + o_t[:, None]) * HV + i_hv) * BT + o_t[None, :], mask=m_t[:, None] & m_t[None, :], other=0)
     b_v = tl.load(v_new + ((bos + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], mask=m_tv, other=0)
     if LOWP:
-        b_o += tl.dot(b_A.to(q.dtype.element_ty), b_v.to(q.dtype.element_ty))
+        b_o += tl.dot(b_A.to(qg.dtype.element_ty), b_v.to(qg.dtype.element_ty))
     else:
-        b_o += tl.dot(b_A, b_v, input_precision=PRECISION)
+        b_o += tl.dot(b_A.to(tl.float32), b_v.to(tl.float32), input_precision=PRECISION)
     tl.store(o + ((bos + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
 def chunk_output(
-    q: torch.Tensor,
+    qg: torch.Tensor,
     h: torch.Tensor,
     v_new: torch.Tensor,
-    G: torch.Tensor,
     A_qk: torch.Tensor,
-    scale: float,
     chunk_size: int,
     cu_seqlens: Optional[torch.Tensor] = None,
     *,
     out_dtype: Optional[torch.dtype] = None,
     state_v_first: bool = False,
+    meta: Optional[SeqMeta] = None,
 ) -> torch.Tensor:
-    """``o: [B, T, HV, V]`` (``out_dtype``, default float32) from the chunk states and pseudo-values."""
-    B, T, H, K = q.shape
-    HV, V = v_new.shape[2], v_new.shape[3]
-    meta = seq_meta(B, T, chunk_size, cu_seqlens, q.device)
-    o = torch.empty(B, T, HV, V, dtype=out_dtype or torch.float32, device=q.device)
+    """``o: [B, T, HV, V]`` (``out_dtype``, default float32) from the chunk states and pseudo-values.
+
+    ``qg = scale * q * exp(G)`` is ``[B, T, HV, K]``; the products run in ``qg``'s dtype
+    when it is bf16/fp16.
+    """
+    B, T, HV, K = qg.shape
+    V = v_new.shape[3]
+    meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, qg.device)
+    o = torch.empty(B, T, HV, V, dtype=out_dtype or torch.float32, device=qg.device)
     BV = min(OUTPUT_BV, max(16, triton.next_power_of_2(V)))
     if meta.NC > 0:
         _chunk_output_kernel[(triton.cdiv(V, BV), meta.NC, HV)](
-            q.contiguous(), h.contiguous(), v_new.contiguous(), G.contiguous(), A_qk.contiguous(), o,
-            meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale),
-            H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=min(64, max(16, triton.next_power_of_2(K))), BV=BV,
-            STATE_V_FIRST=state_v_first, PRECISION=dot_precision(q.dtype), num_stages=2,
-            LOWP=OUTPUT_LOW_PRECISION_DOTS and q.dtype in (torch.bfloat16, torch.float16) and not interpreting(),
+            qg.contiguous(), h.contiguous(), v_new.contiguous(), A_qk.contiguous(), o,
+            meta.cu, meta.chunk_seq, meta.chunk_bos,
+            HV=HV, K=K, V=V, BT=chunk_size, BK=min(64, max(16, triton.next_power_of_2(K))), BV=BV,
+            STATE_V_FIRST=state_v_first, PRECISION=dot_precision(qg.dtype), num_stages=2,
+            LOWP=OUTPUT_LOW_PRECISION_DOTS and qg.dtype in (torch.bfloat16, torch.float16) and not interpreting(),
             num_warps=OUTPUT_WARPS,
         )
     return o

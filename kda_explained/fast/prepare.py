@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._meta import seq_meta
+from ._meta import SeqMeta, seq_meta
 
 __all__ = ["chunk_local_cumsum", "l2norm"]
 
@@ -103,6 +103,7 @@ def chunk_local_cumsum(
     lower_bound: Optional[float] = None,
     use_beta_sigmoid_in_kernel: bool = False,
     allow_neg_eigval: bool = False,
+    meta: Optional[SeqMeta] = None,
 ) -> torch.Tensor | Tuple[torch.Tensor, torch.Tensor]:
     """``G = in-chunk cumsum of g``: ``g: [B, T, HV, K]`` -> ``G: [B, T, HV, K]`` float32.
 
@@ -112,7 +113,7 @@ def chunk_local_cumsum(
     sigmoid if ``use_beta_sigmoid_in_kernel``; ``2 * sigmoid`` with ``allow_neg_eigval``).
     """
     B, T, HV, K = g.shape
-    meta = seq_meta(B, T, chunk_size, cu_seqlens, g.device)
+    meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, g.device)
     g = g.contiguous()
     G = torch.empty(B, T, HV, K, dtype=torch.float32, device=g.device)
     beta_out = torch.empty(B, T, HV, dtype=torch.float32, device=g.device) if beta is not None else G

@@ -12,7 +12,11 @@ Decoding moves the state (``4 K V`` bytes per head, read and written) and little
 else, so the kernel is bound by memory bandwidth; its floor is the state bytes
 over the copy rate. With ``ssm_state_indices`` a serving engine keeps all states
 in one pool ``[P, HV, K, V]`` and names the slot of each sequence: the kernel
-reads and writes that slot in place, and a negative index skips the sequence.
+reads and writes that slot in place. A slot outside ``[0, P)`` (negative for
+"no sequence here", or past the pool) skips the sequence, whose outputs are then
+zeros: the kernel never touches memory outside the pool, and the host never has
+to read the indices back (no device sync, so a decode step can be captured in a
+CUDA graph).
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ import triton.language as tl
 __all__ = ["fused_recurrent_kda_fwd"]
 
 #: Launch shape of the decode kernel, value columns per program and warps per program.
-DECODE_BV = 32
-DECODE_WARPS = 2  # measured best of {1, 2, 4, 8} x BV {16, 32, 64} on the H100 (docs: kernel notes)
+DECODE_BV = 64
+DECODE_WARPS = 2  # measured best of {2, 4} x BV {16, 32, 64} on the H100 (docs: kernel notes)
 
 
 @triton.jit
@@ -43,11 +47,13 @@ def _fused_recurrent_kernel(
     o,  # [TT, HV, V] out
     h0,  # [P, HV, K, V] state pool (or [N, HV, K, V]); [V, K] each with STATE_V_FIRST
     ht,  # [N, HV, K, V] final states (may alias h0 for in-place updates)
-    cu,  # [N + 1]
+    cu,  # [N + 1] (IS_VARLEN)
     slots,  # [N] state slot of each sequence (HAS_SLOTS)
     # scalars
     scale,
     lower_bound,
+    T,  # tokens per sequence (not IS_VARLEN)
+    P,  # state slots in the pool (HAS_SLOTS)
     # sizes
     H: tl.constexpr,
     HV: tl.constexpr,
@@ -56,6 +62,7 @@ def _fused_recurrent_kernel(
     # meta-parameters
     BK: tl.constexpr,
     BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
     HAS_H0: tl.constexpr,
     HAS_SLOTS: tl.constexpr,
     STORE_FINAL: tl.constexpr,
@@ -68,19 +75,29 @@ def _fused_recurrent_kernel(
     BETA_SIGMOID: tl.constexpr,
     BETA_SCALE: tl.constexpr,
 ):
-    i_v, i_n, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # one flat grid, value tile fastest, then head, then sequence: programs launched together
+    # read neighbouring state tiles (one sequence's [HV, K, V] block is contiguous in the pool)
+    NV: tl.constexpr = (V + BV - 1) // BV
+    pid = tl.program_id(0)
+    i_v, i_hv, i_n = pid % NV, (pid // NV) % HV, pid // (NV * HV)
     i_h = i_hv // (HV // H)
-    bos = tl.load(cu + i_n).to(tl.int64)
-    eos = tl.load(cu + i_n + 1).to(tl.int64)
+    if IS_VARLEN:
+        bos = tl.load(cu + i_n).to(tl.int64)
+        eos = tl.load(cu + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
     if HAS_SLOTS:
         slot = tl.load(slots + i_n).to(tl.int64)
+        is_live = (slot >= 0) & (slot < P)
     else:
         slot = i_n.to(tl.int64)
-    if slot >= 0:
-        o_k = tl.arange(0, BK)
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_k = o_k < K
-        m_v = o_v < V
+        is_live = slot >= 0
+    if is_live:
         m_kv = m_k[:, None] & m_v[None, :]
         if STATE_V_FIRST:
             o_S = o_v[None, :] * K + o_k[:, None]
@@ -125,6 +142,9 @@ def _fused_recurrent_kernel(
 
         if STORE_FINAL:
             tl.store(ht + (slot * HV + i_hv) * K * V + o_S, b_S.to(ht.dtype.element_ty), mask=m_kv)
+    else:
+        for t in range(bos, eos):  # a skipped sequence outputs zeros, never uninitialised memory
+            tl.store(o + (t * HV + i_hv) * V + o_v, tl.zeros([BV], dtype=o.dtype.element_ty), mask=m_v)
 
 
 def fused_recurrent_kda_fwd(
@@ -135,7 +155,7 @@ def fused_recurrent_kda_fwd(
     beta: torch.Tensor,
     *,
     scale: float,
-    cu: torch.Tensor,
+    cu: Optional[torch.Tensor],
     N: int,
     initial_state: Optional[torch.Tensor],
     final_state: Optional[torch.Tensor],
@@ -149,7 +169,8 @@ def fused_recurrent_kda_fwd(
     use_beta_sigmoid_in_kernel: bool = False,
     allow_neg_eigval: bool = False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Launch the recurrent kernel. Inputs already validated; ``cu`` is ``[N + 1]`` int32 on the device.
+    """Launch the recurrent kernel. Inputs already validated; ``cu`` is ``[N + 1]`` int32 on the device,
+    or ``None`` for ``N = B`` sequences of ``T`` tokens each.
 
     ``final_state`` is written at each sequence's slot (``ssm_state_indices[n]``,
     or ``n``); passing the pool itself as both ``initial_state`` and
@@ -161,16 +182,17 @@ def fused_recurrent_kda_fwd(
     BV = min(DECODE_BV, max(16, triton.next_power_of_2(V)))
     HV_K = (HV, K)
     if N > 0:
-        _fused_recurrent_kernel[(triton.cdiv(V, BV), N, HV)](
+        _fused_recurrent_kernel[(triton.cdiv(V, BV) * HV * N,)](
             q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(),
             A_log.contiguous() if A_log is not None else q,
             dt_bias.reshape(HV_K).contiguous() if dt_bias is not None else q,
             # a pool updated in place is contiguous (checked), so .contiguous() keeps it the same tensor
             o, initial_state.contiguous() if initial_state is not None else o, final_state if final_state is not None else o,
-            cu, ssm_state_indices.contiguous() if ssm_state_indices is not None else cu,
+            cu if cu is not None else o, ssm_state_indices.contiguous() if ssm_state_indices is not None else o,
             float(scale), float(lower_bound) if lower_bound is not None else 0.0,
+            T, initial_state.shape[0] if initial_state is not None else 0,
             H=H, HV=HV, K=K, V=V, BK=max(16, triton.next_power_of_2(K)), BV=BV,
-            HAS_H0=initial_state is not None, HAS_SLOTS=ssm_state_indices is not None,
+            IS_VARLEN=cu is not None, HAS_H0=initial_state is not None, HAS_SLOTS=ssm_state_indices is not None,
             STORE_FINAL=final_state is not None, STATE_V_FIRST=state_v_first,
             QK_L2NORM=use_qk_l2norm_in_kernel, USE_GATE=use_gate_in_kernel, HAS_A=A_log is not None,
             HAS_BIAS=dt_bias is not None, USE_LOWER_BOUND=lower_bound is not None,

@@ -4,9 +4,14 @@ Mirrors :func:`kda_explained.chunked.stages.state_passing`. One program owns the
 ``S [K, BV]`` of one sequence, one value head and one tile of ``BV`` value
 columns, in float32 registers, and walks the sequence's chunks in order::
 
-    h[chunk] = S                                             # the state entering the chunk
-    v_new    = U - W S                                       # what each token really writes
-    S        = Diag(Gamma_C) S + (K * Gamma_C / Gamma)^T v_new
+    h[chunk] = S                                  # the state entering the chunk
+    v_new    = U - W S                            # what each token really writes
+    S        = Diag(Gamma_C) S + kg^T v_new       # kg = K * Gamma_C / Gamma, made by stage 2-4
+
+The decayed keys ``kg = k * exp(G_last - G)`` come ready from
+:func:`~kda_explained.fast.local.chunk_local_factors`, so this sequential loop
+does no ``exp`` but one ``[K]`` vector per chunk and reads ``G`` only at each
+chunk's last token.
 
 Value columns are independent in all three lines, which is what lets the
 ``V`` axis split across programs. ``STATE_V_FIRST`` reads and writes the
@@ -22,13 +27,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._meta import dot_precision, interpreting, seq_meta
+from ._meta import SeqMeta, dot_precision, interpreting, seq_meta
 
 __all__ = ["state_passing"]
 
 #: Software-pipelining depth of the chunk loop (loads of chunk i + 1 overlap the math of chunk i).
 STATE_STAGES = 2
-#: For bf16/fp16 inputs, feed the two products in the input dtype instead of float32 operands in
+#: For bf16/fp16 intermediates, feed the two products in that dtype instead of float32 operands in
 #: tf32 (the state itself stays float32 in registers).
 STATE_LOW_PRECISION_DOTS = True  # H100: chunk_kda 5.31 -> 4.93 ms, error unchanged (docs: kernel notes)
 
@@ -36,18 +41,17 @@ STATE_LOW_PRECISION_DOTS = True  # H100: chunk_kda 5.31 -> 4.93 ms, error unchan
 @triton.jit
 def _state_passing_kernel(
     # pointers
-    k,  # [TT, H, K]
-    W,  # [TT, HV, K] float32
-    U,  # [TT, HV, V] float32
-    G,  # [TT, HV, K] float32
+    kg,  # [TT, HV, K] decayed keys k * exp(G_last - G)
+    W,  # [TT, HV, K]
+    U,  # [TT, HV, V]
+    G,  # [TT, HV, K] float32 (read at each chunk's last token)
     h0,  # [N, HV, K, V] initial states (or [V, K] each with STATE_V_FIRST)
-    h,  # [NC, HV, K, V] float32 out: state entering each chunk
-    v_new,  # [TT, HV, V] float32 out
+    h,  # [NC, HV, K, V] out: state entering each chunk (float32, or W's dtype)
+    v_new,  # [TT, HV, V] out, W's dtype
     ht,  # [N, HV, K, V] float32 out: final states
     cu,
     chunk_off,
     # sizes
-    H: tl.constexpr,
     HV: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
@@ -61,7 +65,6 @@ def _state_passing_kernel(
     LOWP: tl.constexpr,
 ):
     i_v, i_n, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_h = i_hv // (HV // H)
     bos = tl.load(cu + i_n).to(tl.int64)
     eos = tl.load(cu + i_n + 1).to(tl.int64)
     c0 = tl.load(chunk_off + i_n).to(tl.int64)
@@ -88,32 +91,31 @@ def _state_passing_kernel(
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
         # h[chunk] = S
-        tl.store(h + ((c0 + i_t) * HV + i_hv) * K * V + o_S, b_S, mask=m_kv)
+        tl.store(h + ((c0 + i_t) * HV + i_hv) * K * V + o_S, b_S.to(h.dtype.element_ty), mask=m_kv)
         # v_new = U - W S
         b_W = tl.load(W + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0)
-        b_U = tl.load(U + ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], mask=m_tv, other=0)
+        b_U = tl.load(U + ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], mask=m_tv, other=0).to(tl.float32)
         if LOWP:
-            b_v = b_U - tl.dot(b_W.to(k.dtype.element_ty), b_S.to(k.dtype.element_ty))  # [BT, BV]
+            b_v = b_U - tl.dot(b_W, b_S.to(W.dtype.element_ty))  # [BT, BV]
         else:
-            b_v = b_U - tl.dot(b_W, b_S, input_precision=PRECISION)  # [BT, BV]
-        tl.store(v_new + ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], b_v, mask=m_tv)
-        # S = Diag(Gamma_C) S + (K * exp(G_C - G))^T v_new
+            b_v = b_U - tl.dot(b_W.to(tl.float32), b_S, input_precision=PRECISION)  # [BT, BV]
+        tl.store(v_new + ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], b_v.to(v_new.dtype.element_ty),
+                 mask=m_tv)
+        # S = Diag(Gamma_C) S + kg^T v_new
         t_last = tl.minimum(t0 + BT, eos) - 1
         b_Glast = tl.load(G + (t_last * HV + i_hv) * K + o_k, mask=m_k, other=0)  # [BK]
-        b_G = tl.load(G + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0)
-        b_k = tl.load(k + ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tk, other=0).to(tl.float32)
-        b_kdec = tl.where(m_tk, b_k * tl.exp(b_Glast[None, :] - b_G), 0.0)  # exp(<= 0)
+        b_kg = tl.load(kg + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0)
         if LOWP:
-            b_dS = tl.dot(tl.trans(b_kdec.to(k.dtype.element_ty)), b_v.to(k.dtype.element_ty))
+            b_dS = tl.dot(tl.trans(b_kg), b_v.to(kg.dtype.element_ty))
         else:
-            b_dS = tl.dot(tl.trans(b_kdec), b_v, input_precision=PRECISION)
+            b_dS = tl.dot(tl.trans(b_kg.to(tl.float32)), b_v, input_precision=PRECISION)
         b_S = b_S * tl.exp(b_Glast)[:, None] + b_dS
 
     tl.store(ht + (i_n * HV + i_hv) * K * V + o_S, b_S, mask=m_kv)
 
 
 def state_passing(
-    k: torch.Tensor,
+    kg: torch.Tensor,
     W: torch.Tensor,
     U: torch.Tensor,
     G: torch.Tensor,
@@ -122,27 +124,32 @@ def state_passing(
     cu_seqlens: Optional[torch.Tensor] = None,
     *,
     state_v_first: bool = False,
+    h_dtype: Optional[torch.dtype] = None,
+    meta: Optional[SeqMeta] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``h: [NC, HV, K, V]``, ``v_new: [B, T, HV, V]``, ``final_state: [N, HV, K, V]`` (float32).
+    """``h: [NC, HV, K, V]``, ``v_new: [B, T, HV, V]``, ``final_state: [N, HV, K, V]`` float32.
 
-    With ``state_v_first``, ``initial_state``, ``h`` and the final state are ``[..., V, K]``.
+    ``kg = k * exp(G_last - G)`` (``[B, T, HV, K]``) are the decayed keys of
+    :func:`~kda_explained.fast.local.chunk_local_factors`; ``v_new`` has ``W``'s dtype and
+    ``h`` has ``h_dtype`` (default float32). With ``state_v_first``, ``initial_state``,
+    ``h`` and the final state are ``[..., V, K]``.
     """
-    B, T, H, K = k.shape
-    HV, V = U.shape[2], U.shape[3]
-    meta = seq_meta(B, T, chunk_size, cu_seqlens, k.device)
+    B, T, HV, K = kg.shape
+    V = U.shape[3]
+    meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, kg.device)
     state_shape = (HV, V, K) if state_v_first else (HV, K, V)
-    h = torch.empty(meta.NC, *state_shape, dtype=torch.float32, device=k.device)
-    ht = torch.empty(meta.N, *state_shape, dtype=torch.float32, device=k.device)
-    v_new = torch.empty(B, T, HV, V, dtype=torch.float32, device=k.device)
+    h = torch.empty(meta.NC, *state_shape, dtype=h_dtype or torch.float32, device=kg.device)
+    ht = torch.empty(meta.N, *state_shape, dtype=torch.float32, device=kg.device)
+    v_new = torch.empty(B, T, HV, V, dtype=W.dtype, device=kg.device)
     BV = min(64, max(16, triton.next_power_of_2(V)))  # BV = 32 measured slower on the H100 (docs: kernel notes)
     if meta.N > 0:
         _state_passing_kernel[(triton.cdiv(V, BV), meta.N, HV)](
-            k.contiguous(), W.contiguous(), U.contiguous(), G.contiguous(),
+            kg.contiguous(), W.contiguous(), U.contiguous(), G.contiguous(),
             initial_state.contiguous() if initial_state is not None else ht, h, v_new, ht,
             meta.cu, meta.chunk_off,
-            H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=max(16, triton.next_power_of_2(K)), BV=BV,
-            HAS_H0=initial_state is not None, STATE_V_FIRST=state_v_first, PRECISION=dot_precision(k.dtype),
-            LOWP=STATE_LOW_PRECISION_DOTS and k.dtype in (torch.bfloat16, torch.float16) and not interpreting(),
+            HV=HV, K=K, V=V, BT=chunk_size, BK=max(16, triton.next_power_of_2(K)), BV=BV,
+            HAS_H0=initial_state is not None, STATE_V_FIRST=state_v_first, PRECISION=dot_precision(W.dtype),
+            LOWP=STATE_LOW_PRECISION_DOTS and W.dtype in (torch.bfloat16, torch.float16) and not interpreting(),
             num_warps=8 if K > 64 else 4, num_stages=STATE_STAGES if K <= 128 else 1,
         )
     return h, v_new, ht
