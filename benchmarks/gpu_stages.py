@@ -36,10 +36,10 @@ def stage_times(B, T, H, D, C=64):
         out["total"] = bench(lambda: fast.chunk_kda(q, k, v, g, beta))
         # launch-shape sweeps of the stages that have them (module-level tunables)
         for bk in (16, 32):
-            for w in (4, 8):
+            for w in (1, 2, 4):
                 local.LOCAL_WARPS, local.LOCAL_BK = w, bk
                 out[f"2-4_local_bk{bk}_w{w}"] = bench(lambda: fast.chunk_local_factors(q, k, v, G, b32, scale, C))
-        local.LOCAL_WARPS, local.LOCAL_BK = 4, 16
+        local.LOCAL_WARPS, local.LOCAL_BK = 2, 16
         for st in (1, 2):
             state.STATE_STAGES = st
             out[f"5_state_stages{st}"] = bench(

@@ -73,7 +73,7 @@ __all__ = ["chunk_local_factors", "LocalFactors", "SAFE_SPAN", "intermediate_dty
 SAFE_SPAN = 80.0
 #: Warps per program (one program holds the ten ``[16, 16]`` blocks and the ``[16, BK]`` row tiles),
 #: and the width of the ``K`` tiles of step 1 (register pressure grows with it).
-LOCAL_WARPS = 4
+LOCAL_WARPS = 2
 LOCAL_BK = 16
 
 
@@ -95,60 +95,89 @@ def _store_block(x, b, t0, eos, stride_t, c0, NCOL: tl.constexpr, BC: tl.constex
 
 
 @triton.jit
-def _unit_lower_inverse(A, BC: tl.constexpr):
-    """``(I + A)^{-1}`` of a strictly lower ``[BC, BC]`` block: row ``i`` is ``e_i - sum_{c<i} A_ic D_c``."""
-    o_i = tl.arange(0, BC)
-    D = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
-    for i in range(1, BC):
-        b_a = tl.sum(tl.where(o_i[:, None] == i, A, 0.0), axis=0)  # row i of A                [BC]
-        b_d = tl.sum(b_a[:, None] * D, axis=0)  # sum_{c<i} A_ic D_c (rows c >= i are unit rows times 0)
-        D = tl.where(o_i[:, None] == i, D - b_d[None, :], D)
-    return D
+def _row_block(x_h, k_h, G_h, ti, eos, SK, SG, c0, K: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    """Row block starting at token ``ti``, one ``K`` tile, for the left operand ``x`` (``k`` or ``q``).
+
+    Returns ``k``, ``G``, ``G_ref`` (``G`` at ``ti``, ``[1, BK]``), the decayed left factor
+    ``x exp(G - G_ref)`` (exponents ``<= 0``), ``x`` itself, and the block's decay span per
+    channel, ``G_ref - G`` at its last real token (0 for a block of padding).
+    """
+    o_k = c0 + tl.arange(0, BK)
+    m_k = o_k < K
+    k_i = _load_block(k_h, ti, eos, SK, c0, K, BC, BK)
+    x_i = _load_block(x_h, ti, eos, SK, c0, K, BC, BK)
+    G_i = _load_block(G_h, ti, eos, SG, c0, K, BC, BK)
+    G_ref = tl.load(G_h + ti * SG + o_k, mask=m_k & (ti + 0 * o_k < eos), other=0)
+    t_end = tl.minimum(ti + BC, eos) - 1
+    G_end = tl.load(G_h + t_end * SG + o_k, mask=m_k & (t_end + 0 * o_k >= ti), other=0)
+    span = tl.where(t_end >= ti, G_ref - G_end, 0.0)
+    lx = x_i * tl.exp(tl.minimum(G_i - G_ref[None, :], 0.0))
+    return k_i, G_i, G_ref[None, :], lx, x_i, span
 
 
 @triton.jit
-def _diag_exact(k_h, q_h, G_h, t0, eos, stride_k, stride_G, K: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+def _accumulate(A, lx, k_j, G_j, G_ref, HI: tl.constexpr, PRECISION: tl.constexpr):
+    """One block of step 1, one ``K`` tile: ``A + lx (k_j exp(G_ref - G_j))^T``.
+
+    The right exponent is clamped at ``HI``: 0 below the diagonal (where it is never
+    positive anyway), ``SAFE_SPAN`` on it.
+    """
+    return tl.dot(lx, tl.trans(k_j * tl.exp(tl.minimum(G_ref - G_j, HI))), A, input_precision=PRECISION)
+
+
+@triton.jit
+def _diag_exact(x_h, k_h, G_h, t0, eos, SK, SG, K: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
     """The diagonal block of rows ``t0 ..`` without the reference split: column by column, exact."""
     o_i = tl.arange(0, BC)
     b_A = tl.zeros([BC, BC], dtype=tl.float32)
-    b_Q = tl.zeros([BC, BC], dtype=tl.float32)
     for jj in range(0, BC):
-        b_ca = tl.zeros([BC], dtype=tl.float32)
-        b_cq = tl.zeros([BC], dtype=tl.float32)
+        b_col = tl.zeros([BC], dtype=tl.float32)
         for i_k in range(0, tl.cdiv(K, BK)):
             o_k = i_k * BK + tl.arange(0, BK)
             m_k1 = (o_k < K) & (t0 + jj + 0 * o_k < eos)  # column jj is a real token
-            b_k = _load_block(k_h, t0, eos, stride_k, i_k * BK, K, BC, BK)
-            b_q = _load_block(q_h, t0, eos, stride_k, i_k * BK, K, BC, BK)
-            b_G = _load_block(G_h, t0, eos, stride_G, i_k * BK, K, BC, BK)
-            b_k1 = tl.load(k_h + (t0 + jj) * stride_k + o_k, mask=m_k1, other=0).to(tl.float32)
-            b_G1 = tl.load(G_h + (t0 + jj) * stride_G + o_k, mask=m_k1, other=0)
+            b_x = _load_block(x_h, t0, eos, SK, i_k * BK, K, BC, BK)
+            b_G = _load_block(G_h, t0, eos, SG, i_k * BK, K, BC, BK)
+            b_k1 = tl.load(k_h + (t0 + jj) * SK + o_k, mask=m_k1, other=0).to(tl.float32)
+            b_G1 = tl.load(G_h + (t0 + jj) * SG + o_k, mask=m_k1, other=0)
             # exponent G_r - G_j only where r >= j (else -inf -> ratio 0): never positive
             m_rj = (o_i >= jj)[:, None] & m_k1[None, :]
-            b_ratio = tl.exp(tl.where(m_rj, b_G - b_G1[None, :], float("-inf"))) * b_k1[None, :]
-            b_ca += tl.sum(b_k * b_ratio, axis=1)
-            b_cq += tl.sum(b_q * b_ratio, axis=1)
-        b_A = tl.where(o_i[None, :] == jj, b_ca[:, None], b_A)
-        b_Q = tl.where(o_i[None, :] == jj, b_cq[:, None], b_Q)
-    return b_A, b_Q
+            b_col += tl.sum(b_x * tl.exp(tl.where(m_rj, b_G - b_G1[None, :], float("-inf"))) * b_k1[None, :], axis=1)
+        b_A = tl.where(o_i[None, :] == jj, b_col[:, None], b_A)
+    return b_A
 
 
 @triton.jit
-def _finish_diag(A, Q, beta_i, t0, eos, BC: tl.constexpr, scale):
-    """Masks of a diagonal block: ``A`` strictly lower times ``beta`` rows, ``Q`` lower times ``scale``."""
-    o_i = tl.arange(0, BC)
-    m = ((t0 + o_i) < eos)[:, None] & ((t0 + o_i) < eos)[None, :]
-    A = tl.where(m & (o_i[None, :] < o_i[:, None]), A * beta_i[:, None], 0.0)
-    Q = tl.where(m & (o_i[None, :] <= o_i[:, None]), Q * scale, 0.0)
-    return A, Q
-
-
-@triton.jit
-def _finish_off(A, Q, beta_i, ti, tj, eos, BC: tl.constexpr, scale):
-    """Masks of a block below the diagonal: real rows and columns only."""
+def _finish(A, w, ti, tj, eos, BC: tl.constexpr, DIAG: tl.constexpr, STRICT: tl.constexpr):
+    """Rows of block ``(ti, tj)`` times ``w``; zeros for padding and, on the diagonal, above it."""
     o_i = tl.arange(0, BC)
     m = ((ti + o_i) < eos)[:, None] & ((tj + o_i) < eos)[None, :]
-    return tl.where(m, A * beta_i[:, None], 0.0), tl.where(m, Q * scale, 0.0)
+    if DIAG:
+        if STRICT:
+            m = m & (o_i[None, :] < o_i[:, None])
+        else:
+            m = m & (o_i[None, :] <= o_i[:, None])
+    return tl.where(m, A * w, 0.0)
+
+
+@triton.jit
+def _unit_lower_inverse4(A0, A1, A2, A3, BC: tl.constexpr):
+    """``(I + A)^{-1}`` of four strictly lower ``[BC, BC]`` blocks, by forward substitution.
+
+    Row ``i`` of the inverse ``D`` is ``e_i - sum_{c<i} A_ic D_c``. The four blocks are
+    independent, so one loop of ``BC - 1`` steps serves them all (four reductions in
+    flight per step instead of one).
+    """
+    o_i = tl.arange(0, BC)
+    eye = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
+    D0, D1, D2, D3 = eye, eye, eye, eye
+    for i in range(1, BC):
+        row = o_i[:, None] == i
+        # sum_{c<i} A_ic D_c: row i of A against D (rows c >= i of D meet zeros of A)
+        D0 = tl.where(row, D0 - tl.sum(tl.sum(tl.where(row, A0, 0.0), axis=0)[:, None] * D0, axis=0)[None, :], D0)
+        D1 = tl.where(row, D1 - tl.sum(tl.sum(tl.where(row, A1, 0.0), axis=0)[:, None] * D1, axis=0)[None, :], D1)
+        D2 = tl.where(row, D2 - tl.sum(tl.sum(tl.where(row, A2, 0.0), axis=0)[:, None] * D2, axis=0)[None, :], D2)
+        D3 = tl.where(row, D3 - tl.sum(tl.sum(tl.where(row, A3, 0.0), axis=0)[:, None] * D3, axis=0)[None, :], D3)
+    return D0, D1, D2, D3
 
 
 @triton.jit
@@ -159,12 +188,12 @@ def _chunk_local_kernel(
     v,  # [TT, HV, V]
     G,  # [TT, HV, K] float32, in-chunk cumulative log decay
     beta,  # [TT, HV] float32
-    A_qk,  # [TT, HV, BT] out
-    A_kk,  # [TT, HV, BT] float32 out (STORE_AKK)
+    A_out,  # [TT, HV, BT] out: A_qk (QK), or A_kk (STORE_A, float32)
     W,  # [TT, HV, K] out
     U,  # [TT, HV, V] out
-    qg,  # [TT, HV, K] out: scale * q * exp(G)
+    qg,  # [TT, HV, K] out (QK): scale * q * exp(G)
     kg,  # [TT, HV, K] out: k * exp(G_last - G)
+    flags,  # [NC, HV] int32: 1 where a sub-chunk's span exceeds SPAN (keys' first pass writes, EXACT_DIAG reads)
     cu,
     chunk_seq,
     chunk_bos,
@@ -182,232 +211,202 @@ def _chunk_local_kernel(
     BV: tl.constexpr,
     SPAN: tl.constexpr,
     PRECISION: tl.constexpr,
-    STORE_AKK: tl.constexpr,
+    QK: tl.constexpr,  # the queries' pass (A_qk, qg) instead of the keys' pass (A_kk -> M -> W, U, kg)
+    EXACT_DIAG: tl.constexpr,  # the second launch: flagged chunks again, with exact diagonal blocks
+    STORE_A: tl.constexpr,
 ):
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    if EXACT_DIAG:
+        if tl.load(flags + i_c * HV + i_hv) == 0:
+            return  # the first launch's tensor-core diagonal was exact enough
     NS: tl.constexpr = BT // BC
     i_h = i_hv // (HV // H)  # GVA: the q/k head this value head reads
     i_n = tl.load(chunk_seq + i_c)
     bos = tl.load(chunk_bos + i_c).to(tl.int64)
     eos = tl.load(cu + i_n + 1).to(tl.int64)
     # each tensor seen from this head: token rows `stride` apart
-    q_h, k_h, SK = q + i_h * K, k + i_h * K, H * K
+    k_h, SK = k + i_h * K, H * K
+    if QK:
+        x_h = q + i_h * K  # left operand of A: q for A_qk, k for A_kk
+    else:
+        x_h = k_h
     G_h, SG = G + i_hv * K, HV * K
     t0, t1, t2, t3 = bos, bos + BC, bos + 2 * BC, bos + 3 * BC  # first token of each sub-chunk
     o_i = tl.arange(0, BC)
 
-    # ==== 1. the blocks of A_kk (A) and A_qk (Q), summed over tiles of K
+    # ==== 1. the blocks of A (A_kk, or A_qk in the queries' pass), summed over tiles of K
     Z = tl.zeros([BC, BC], dtype=tl.float32)
     A00, A10, A11, A20, A21, A22, A30, A31, A32, A33 = Z, Z, Z, Z, Z, Z, Z, Z, Z, Z
-    Q00, Q10, Q11, Q20, Q21, Q22, Q30, Q31, Q32, Q33 = Z, Z, Z, Z, Z, Z, Z, Z, Z, Z
-    span0 = tl.zeros([], dtype=tl.float32)  # the decay span of each sub-chunk, max over channels
-    span1, span2, span3 = span0, span0, span0
+    z = tl.zeros([BK], dtype=tl.float32)
+    d0, d1, d2, d3 = z, z, z, z  # per-channel decay span of each sub-chunk, max over K tiles
+    DIAG: tl.constexpr = not EXACT_DIAG  # diagonal blocks on tensor cores (else exactly, after the loop)
+    qg_h = qg + i_hv * K
     for i_k in range(0, tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
         c0 = i_k * BK
-        # sub-chunk 0: its diagonal block
-        k0 = _load_block(k_h, t0, eos, SK, c0, K, BC, BK)
-        G0 = _load_block(G_h, t0, eos, SG, c0, K, BC, BK)
-        Gr = tl.load(G_h + t0 * SG + o_k, mask=m_k & (t0 + 0 * o_k < eos), other=0)[None, :]  # G_ref of row block 0
-        span0 = tl.maximum(span0, tl.max(tl.max(tl.where(t0 + o_i[:, None] < eos, Gr - G0, 0.0), axis=1), axis=0))
-        left = tl.exp(tl.minimum(G0 - Gr, 0.0))
-        lk, lq = k0 * left, _load_block(q_h, t0, eos, SK, c0, K, BC, BK) * left
-        r = k0 * tl.exp(tl.minimum(Gr - G0, SPAN))
-        A00 += tl.dot(lk, tl.trans(r), input_precision=PRECISION)
-        Q00 += tl.dot(lq, tl.trans(r), input_precision=PRECISION)
+        k0, G0, Gr, lx, x0, sp = _row_block(x_h, k_h, G_h, t0, eos, SK, SG, c0, K, BC, BK)
+        d0 = tl.maximum(d0, sp)
+        if DIAG:
+            A00 = _accumulate(A00, lx, k0, G0, Gr, SPAN, PRECISION)
+        if QK:
+            _store_block(qg_h, x0 * tl.exp(G0) * scale, t0, eos, SG, c0, K, BC, BK)
         if NS > 1:
-            k1 = _load_block(k_h, t1, eos, SK, c0, K, BC, BK)
-            G1 = _load_block(G_h, t1, eos, SG, c0, K, BC, BK)
-            Gr = tl.load(G_h + t1 * SG + o_k, mask=m_k & (t1 + 0 * o_k < eos), other=0)[None, :]
-            span1 = tl.maximum(span1, tl.max(tl.max(tl.where(t1 + o_i[:, None] < eos, Gr - G1, 0.0), axis=1), axis=0))
-            left = tl.exp(tl.minimum(G1 - Gr, 0.0))
-            lk, lq = k1 * left, _load_block(q_h, t1, eos, SK, c0, K, BC, BK) * left
-            r = k0 * tl.exp(tl.minimum(Gr - G0, 0.0))
-            A10 += tl.dot(lk, tl.trans(r), input_precision=PRECISION)
-            Q10 += tl.dot(lq, tl.trans(r), input_precision=PRECISION)
-            r = k1 * tl.exp(tl.minimum(Gr - G1, SPAN))
-            A11 += tl.dot(lk, tl.trans(r), input_precision=PRECISION)
-            Q11 += tl.dot(lq, tl.trans(r), input_precision=PRECISION)
+            k1, G1, Gr, lx, x1, sp = _row_block(x_h, k_h, G_h, t1, eos, SK, SG, c0, K, BC, BK)
+            d1 = tl.maximum(d1, sp)
+            A10 = _accumulate(A10, lx, k0, G0, Gr, 0.0, PRECISION)
+            if DIAG:
+                A11 = _accumulate(A11, lx, k1, G1, Gr, SPAN, PRECISION)
+            if QK:
+                _store_block(qg_h, x1 * tl.exp(G1) * scale, t1, eos, SG, c0, K, BC, BK)
         if NS > 2:
-            k2 = _load_block(k_h, t2, eos, SK, c0, K, BC, BK)
-            G2 = _load_block(G_h, t2, eos, SG, c0, K, BC, BK)
-            Gr = tl.load(G_h + t2 * SG + o_k, mask=m_k & (t2 + 0 * o_k < eos), other=0)[None, :]
-            span2 = tl.maximum(span2, tl.max(tl.max(tl.where(t2 + o_i[:, None] < eos, Gr - G2, 0.0), axis=1), axis=0))
-            left = tl.exp(tl.minimum(G2 - Gr, 0.0))
-            lk, lq = k2 * left, _load_block(q_h, t2, eos, SK, c0, K, BC, BK) * left
-            r = k0 * tl.exp(tl.minimum(Gr - G0, 0.0))
-            A20 += tl.dot(lk, tl.trans(r), input_precision=PRECISION)
-            Q20 += tl.dot(lq, tl.trans(r), input_precision=PRECISION)
-            r = k1 * tl.exp(tl.minimum(Gr - G1, 0.0))
-            A21 += tl.dot(lk, tl.trans(r), input_precision=PRECISION)
-            Q21 += tl.dot(lq, tl.trans(r), input_precision=PRECISION)
-            r = k2 * tl.exp(tl.minimum(Gr - G2, SPAN))
-            A22 += tl.dot(lk, tl.trans(r), input_precision=PRECISION)
-            Q22 += tl.dot(lq, tl.trans(r), input_precision=PRECISION)
+            k2, G2, Gr, lx, x2, sp = _row_block(x_h, k_h, G_h, t2, eos, SK, SG, c0, K, BC, BK)
+            d2 = tl.maximum(d2, sp)
+            A20 = _accumulate(A20, lx, k0, G0, Gr, 0.0, PRECISION)
+            A21 = _accumulate(A21, lx, k1, G1, Gr, 0.0, PRECISION)
+            if DIAG:
+                A22 = _accumulate(A22, lx, k2, G2, Gr, SPAN, PRECISION)
+            if QK:
+                _store_block(qg_h, x2 * tl.exp(G2) * scale, t2, eos, SG, c0, K, BC, BK)
         if NS > 3:
-            k3 = _load_block(k_h, t3, eos, SK, c0, K, BC, BK)
-            G3 = _load_block(G_h, t3, eos, SG, c0, K, BC, BK)
-            Gr = tl.load(G_h + t3 * SG + o_k, mask=m_k & (t3 + 0 * o_k < eos), other=0)[None, :]
-            span3 = tl.maximum(span3, tl.max(tl.max(tl.where(t3 + o_i[:, None] < eos, Gr - G3, 0.0), axis=1), axis=0))
-            left = tl.exp(tl.minimum(G3 - Gr, 0.0))
-            lk, lq = k3 * left, _load_block(q_h, t3, eos, SK, c0, K, BC, BK) * left
-            r = k0 * tl.exp(tl.minimum(Gr - G0, 0.0))
-            A30 += tl.dot(lk, tl.trans(r), input_precision=PRECISION)
-            Q30 += tl.dot(lq, tl.trans(r), input_precision=PRECISION)
-            r = k1 * tl.exp(tl.minimum(Gr - G1, 0.0))
-            A31 += tl.dot(lk, tl.trans(r), input_precision=PRECISION)
-            Q31 += tl.dot(lq, tl.trans(r), input_precision=PRECISION)
-            r = k2 * tl.exp(tl.minimum(Gr - G2, 0.0))
-            A32 += tl.dot(lk, tl.trans(r), input_precision=PRECISION)
-            Q32 += tl.dot(lq, tl.trans(r), input_precision=PRECISION)
-            r = k3 * tl.exp(tl.minimum(Gr - G3, SPAN))
-            A33 += tl.dot(lk, tl.trans(r), input_precision=PRECISION)
-            Q33 += tl.dot(lq, tl.trans(r), input_precision=PRECISION)
+            k3, G3, Gr, lx, x3, sp = _row_block(x_h, k_h, G_h, t3, eos, SK, SG, c0, K, BC, BK)
+            d3 = tl.maximum(d3, sp)
+            A30 = _accumulate(A30, lx, k0, G0, Gr, 0.0, PRECISION)
+            A31 = _accumulate(A31, lx, k1, G1, Gr, 0.0, PRECISION)
+            A32 = _accumulate(A32, lx, k2, G2, Gr, 0.0, PRECISION)
+            if DIAG:
+                A33 = _accumulate(A33, lx, k3, G3, Gr, SPAN, PRECISION)
+            if QK:
+                _store_block(qg_h, x3 * tl.exp(G3) * scale, t3, eos, SG, c0, K, BC, BK)
 
-    # too strong a gate for the split: redo that diagonal block exactly (rare; skipped at run time)
-    if span0 > SPAN:
-        A00, Q00 = _diag_exact(k_h, q_h, G_h, t0, eos, SK, SG, K, BC, BK)
-    if NS > 1:
-        if span1 > SPAN:
-            A11, Q11 = _diag_exact(k_h, q_h, G_h, t1, eos, SK, SG, K, BC, BK)
-    if NS > 2:
-        if span2 > SPAN:
-            A22, Q22 = _diag_exact(k_h, q_h, G_h, t2, eos, SK, SG, K, BC, BK)
-    if NS > 3:
-        if span3 > SPAN:
-            A33, Q33 = _diag_exact(k_h, q_h, G_h, t3, eos, SK, SG, K, BC, BK)
-
-    # Diag(beta) on the rows of A_kk (Eq. 5), scale on A_qk, and the causal masks
-    be0 = tl.load(beta + (t0 + o_i) * HV + i_hv, mask=t0 + o_i < eos, other=0)
-    be1 = tl.load(beta + (t1 + o_i) * HV + i_hv, mask=t1 + o_i < eos, other=0)
-    be2 = tl.load(beta + (t2 + o_i) * HV + i_hv, mask=t2 + o_i < eos, other=0)
-    be3 = tl.load(beta + (t3 + o_i) * HV + i_hv, mask=t3 + o_i < eos, other=0)
-    A00, Q00 = _finish_diag(A00, Q00, be0, t0, eos, BC, scale)
-    A11, Q11 = _finish_diag(A11, Q11, be1, t1, eos, BC, scale)
-    A22, Q22 = _finish_diag(A22, Q22, be2, t2, eos, BC, scale)
-    A33, Q33 = _finish_diag(A33, Q33, be3, t3, eos, BC, scale)
-    A10, Q10 = _finish_off(A10, Q10, be1, t1, t0, eos, BC, scale)
-    A20, Q20 = _finish_off(A20, Q20, be2, t2, t0, eos, BC, scale)
-    A21, Q21 = _finish_off(A21, Q21, be2, t2, t1, eos, BC, scale)
-    A30, Q30 = _finish_off(A30, Q30, be3, t3, t0, eos, BC, scale)
-    A31, Q31 = _finish_off(A31, Q31, be3, t3, t1, eos, BC, scale)
-    A32, Q32 = _finish_off(A32, Q32, be3, t3, t2, eos, BC, scale)
-
-    # A_qk (and A_kk for tests), whole rows: the blocks above the diagonal are zeros
-    Aq_h, SA = A_qk + i_hv * BT, HV * BT
-    Ak_h = A_kk + i_hv * BT
-    for i_s in tl.static_range(NS):
-        ti = bos + i_s * BC
-        for j_s in tl.static_range(NS):
-            if j_s > i_s:
-                _store_block(Aq_h, Z, ti, eos, SA, j_s * BC, BT, BC, BC)
-                if STORE_AKK:
-                    _store_block(Ak_h, Z, ti, eos, SA, j_s * BC, BT, BC, BC)
-    _store_block(Aq_h, Q00, t0, eos, SA, 0, BT, BC, BC)
-    if NS > 1:
-        _store_block(Aq_h, Q10, t1, eos, SA, 0, BT, BC, BC)
-        _store_block(Aq_h, Q11, t1, eos, SA, BC, BT, BC, BC)
-    if NS > 2:
-        _store_block(Aq_h, Q20, t2, eos, SA, 0, BT, BC, BC)
-        _store_block(Aq_h, Q21, t2, eos, SA, BC, BT, BC, BC)
-        _store_block(Aq_h, Q22, t2, eos, SA, 2 * BC, BT, BC, BC)
-    if NS > 3:
-        _store_block(Aq_h, Q30, t3, eos, SA, 0, BT, BC, BC)
-        _store_block(Aq_h, Q31, t3, eos, SA, BC, BT, BC, BC)
-        _store_block(Aq_h, Q32, t3, eos, SA, 2 * BC, BT, BC, BC)
-        _store_block(Aq_h, Q33, t3, eos, SA, 3 * BC, BT, BC, BC)
-    if STORE_AKK:
-        _store_block(Ak_h, A00, t0, eos, SA, 0, BT, BC, BC)
+    if EXACT_DIAG:
+        # this chunk's gate is too strong for the split: its diagonal blocks exactly, column by column
+        A00 = _diag_exact(x_h, k_h, G_h, t0, eos, SK, SG, K, BC, BK)
         if NS > 1:
-            _store_block(Ak_h, A10, t1, eos, SA, 0, BT, BC, BC)
-            _store_block(Ak_h, A11, t1, eos, SA, BC, BT, BC, BC)
+            A11 = _diag_exact(x_h, k_h, G_h, t1, eos, SK, SG, K, BC, BK)
         if NS > 2:
-            _store_block(Ak_h, A20, t2, eos, SA, 0, BT, BC, BC)
-            _store_block(Ak_h, A21, t2, eos, SA, BC, BT, BC, BC)
-            _store_block(Ak_h, A22, t2, eos, SA, 2 * BC, BT, BC, BC)
+            A22 = _diag_exact(x_h, k_h, G_h, t2, eos, SK, SG, K, BC, BK)
         if NS > 3:
-            _store_block(Ak_h, A30, t3, eos, SA, 0, BT, BC, BC)
-            _store_block(Ak_h, A31, t3, eos, SA, BC, BT, BC, BC)
-            _store_block(Ak_h, A32, t3, eos, SA, 2 * BC, BT, BC, BC)
-            _store_block(Ak_h, A33, t3, eos, SA, 3 * BC, BT, BC, BC)
+            A33 = _diag_exact(x_h, k_h, G_h, t3, eos, SK, SG, K, BC, BK)
+    elif not QK:
+        # flag the chunk for the second launches if any sub-chunk's span passed SAFE_SPAN
+        span = tl.maximum(tl.maximum(tl.max(d0, axis=0), tl.max(d1, axis=0)),
+                          tl.maximum(tl.max(d2, axis=0), tl.max(d3, axis=0)))
+        tl.store(flags + i_c * HV + i_hv, (span > SPAN).to(tl.int32))
 
-    # ==== 2. M = (I + A_kk)^{-1} by blocks: M_ij = -D_i sum_{j <= c < i} A_ic M_cj, in full float32
-    M00 = _unit_lower_inverse(A00, BC)
-    M11 = _unit_lower_inverse(A11, BC)
-    M22 = _unit_lower_inverse(A22, BC)
-    M33 = _unit_lower_inverse(A33, BC)
-    M10 = -tl.dot(M11, tl.dot(A10, M00, input_precision="ieee"), input_precision="ieee")
-    M21 = -tl.dot(M22, tl.dot(A21, M11, input_precision="ieee"), input_precision="ieee")
-    M20 = -tl.dot(M22, tl.dot(A20, M00, input_precision="ieee") + tl.dot(A21, M10, input_precision="ieee"),
-                  input_precision="ieee")
-    M32 = -tl.dot(M33, tl.dot(A32, M22, input_precision="ieee"), input_precision="ieee")
-    M31 = -tl.dot(M33, tl.dot(A31, M11, input_precision="ieee") + tl.dot(A32, M21, input_precision="ieee"),
-                  input_precision="ieee")
-    M30 = -tl.dot(M33, tl.dot(A30, M00, input_precision="ieee") + tl.dot(A31, M10, input_precision="ieee")
-                  + tl.dot(A32, M20, input_precision="ieee"), input_precision="ieee")
+    # rows times beta and strictly lower (A_kk, Eq. 5), or times scale and lower (A_qk); padding zeroed
+    if QK:
+        w0, w1, w2, w3 = scale, scale, scale, scale
+    else:
+        w0 = tl.load(beta + (t0 + o_i) * HV + i_hv, mask=t0 + o_i < eos, other=0)[:, None]
+        w1 = tl.load(beta + (t1 + o_i) * HV + i_hv, mask=t1 + o_i < eos, other=0)[:, None]
+        w2 = tl.load(beta + (t2 + o_i) * HV + i_hv, mask=t2 + o_i < eos, other=0)[:, None]
+        w3 = tl.load(beta + (t3 + o_i) * HV + i_hv, mask=t3 + o_i < eos, other=0)[:, None]
+    STRICT: tl.constexpr = not QK
+    A00 = _finish(A00, w0, t0, t0, eos, BC, True, STRICT)
+    A10 = _finish(A10, w1, t1, t0, eos, BC, False, STRICT)
+    A11 = _finish(A11, w1, t1, t1, eos, BC, True, STRICT)
+    A20 = _finish(A20, w2, t2, t0, eos, BC, False, STRICT)
+    A21 = _finish(A21, w2, t2, t1, eos, BC, False, STRICT)
+    A22 = _finish(A22, w2, t2, t2, eos, BC, True, STRICT)
+    A30 = _finish(A30, w3, t3, t0, eos, BC, False, STRICT)
+    A31 = _finish(A31, w3, t3, t1, eos, BC, False, STRICT)
+    A32 = _finish(A32, w3, t3, t2, eos, BC, False, STRICT)
+    A33 = _finish(A33, w3, t3, t3, eos, BC, True, STRICT)
 
-    # ==== 3. W = M Diag(beta)(Gamma * K), with qg and kg; then U = M Diag(beta) V
-    t_last = tl.minimum(bos + BT, eos) - 1
-    W_h, qg_h, kg_h = W + i_hv * K, qg + i_hv * K, kg + i_hv * K
-    for i_k in range(0, tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        c0 = i_k * BK
-        G_last = tl.load(G_h + t_last * SG + o_k, mask=o_k < K, other=0)[None, :]
-        G0 = _load_block(G_h, t0, eos, SG, c0, K, BC, BK)
-        k0 = _load_block(k_h, t0, eos, SK, c0, K, BC, BK)
-        kb0 = k0 * tl.exp(G0) * be0[:, None]
-        _store_block(W_h, tl.dot(M00, kb0, input_precision=PRECISION), t0, eos, SG, c0, K, BC, BK)
-        _store_block(qg_h, _load_block(q_h, t0, eos, SK, c0, K, BC, BK) * tl.exp(G0) * scale, t0, eos, SG, c0, K, BC, BK)
-        _store_block(kg_h, k0 * tl.exp(tl.minimum(G_last - G0, 0.0)), t0, eos, SG, c0, K, BC, BK)
+    if QK or STORE_A:
+        # whole rows of A: the blocks above the diagonal are zeros
+        A_h, SA = A_out + i_hv * BT, HV * BT
+        for i_s in tl.static_range(NS):
+            for j_s in tl.static_range(i_s + 1, NS):
+                _store_block(A_h, Z, bos + i_s * BC, eos, SA, j_s * BC, BT, BC, BC)
+        _store_block(A_h, A00, t0, eos, SA, 0, BT, BC, BC)
         if NS > 1:
-            G1 = _load_block(G_h, t1, eos, SG, c0, K, BC, BK)
-            k1 = _load_block(k_h, t1, eos, SK, c0, K, BC, BK)
-            kb1 = k1 * tl.exp(G1) * be1[:, None]
-            b_W = tl.dot(M10, kb0, input_precision=PRECISION) + tl.dot(M11, kb1, input_precision=PRECISION)
-            _store_block(W_h, b_W, t1, eos, SG, c0, K, BC, BK)
-            _store_block(qg_h, _load_block(q_h, t1, eos, SK, c0, K, BC, BK) * tl.exp(G1) * scale,
-                         t1, eos, SG, c0, K, BC, BK)
-            _store_block(kg_h, k1 * tl.exp(tl.minimum(G_last - G1, 0.0)), t1, eos, SG, c0, K, BC, BK)
+            _store_block(A_h, A10, t1, eos, SA, 0, BT, BC, BC)
+            _store_block(A_h, A11, t1, eos, SA, BC, BT, BC, BC)
         if NS > 2:
-            G2 = _load_block(G_h, t2, eos, SG, c0, K, BC, BK)
-            k2 = _load_block(k_h, t2, eos, SK, c0, K, BC, BK)
-            kb2 = k2 * tl.exp(G2) * be2[:, None]
-            b_W = (tl.dot(M20, kb0, input_precision=PRECISION) + tl.dot(M21, kb1, input_precision=PRECISION)
-                   + tl.dot(M22, kb2, input_precision=PRECISION))
-            _store_block(W_h, b_W, t2, eos, SG, c0, K, BC, BK)
-            _store_block(qg_h, _load_block(q_h, t2, eos, SK, c0, K, BC, BK) * tl.exp(G2) * scale,
-                         t2, eos, SG, c0, K, BC, BK)
-            _store_block(kg_h, k2 * tl.exp(tl.minimum(G_last - G2, 0.0)), t2, eos, SG, c0, K, BC, BK)
+            _store_block(A_h, A20, t2, eos, SA, 0, BT, BC, BC)
+            _store_block(A_h, A21, t2, eos, SA, BC, BT, BC, BC)
+            _store_block(A_h, A22, t2, eos, SA, 2 * BC, BT, BC, BC)
         if NS > 3:
-            G3 = _load_block(G_h, t3, eos, SG, c0, K, BC, BK)
-            k3 = _load_block(k_h, t3, eos, SK, c0, K, BC, BK)
-            kb3 = k3 * tl.exp(G3) * be3[:, None]
-            b_W = (tl.dot(M30, kb0, input_precision=PRECISION) + tl.dot(M31, kb1, input_precision=PRECISION)
-                   + tl.dot(M32, kb2, input_precision=PRECISION) + tl.dot(M33, kb3, input_precision=PRECISION))
-            _store_block(W_h, b_W, t3, eos, SG, c0, K, BC, BK)
-            _store_block(qg_h, _load_block(q_h, t3, eos, SK, c0, K, BC, BK) * tl.exp(G3) * scale,
-                         t3, eos, SG, c0, K, BC, BK)
-            _store_block(kg_h, k3 * tl.exp(tl.minimum(G_last - G3, 0.0)), t3, eos, SG, c0, K, BC, BK)
-    v_h, U_h, SV = v + i_hv * V, U + i_hv * V, HV * V
-    for i_v in range(0, tl.cdiv(V, BV)):
-        c0 = i_v * BV
-        vb0 = _load_block(v_h, t0, eos, SV, c0, V, BC, BV) * be0[:, None]
-        _store_block(U_h, tl.dot(M00, vb0, input_precision=PRECISION), t0, eos, SV, c0, V, BC, BV)
-        if NS > 1:
-            vb1 = _load_block(v_h, t1, eos, SV, c0, V, BC, BV) * be1[:, None]
-            b_U = tl.dot(M10, vb0, input_precision=PRECISION) + tl.dot(M11, vb1, input_precision=PRECISION)
-            _store_block(U_h, b_U, t1, eos, SV, c0, V, BC, BV)
-        if NS > 2:
-            vb2 = _load_block(v_h, t2, eos, SV, c0, V, BC, BV) * be2[:, None]
-            b_U = (tl.dot(M20, vb0, input_precision=PRECISION) + tl.dot(M21, vb1, input_precision=PRECISION)
-                   + tl.dot(M22, vb2, input_precision=PRECISION))
-            _store_block(U_h, b_U, t2, eos, SV, c0, V, BC, BV)
-        if NS > 3:
-            vb3 = _load_block(v_h, t3, eos, SV, c0, V, BC, BV) * be3[:, None]
-            b_U = (tl.dot(M30, vb0, input_precision=PRECISION) + tl.dot(M31, vb1, input_precision=PRECISION)
-                   + tl.dot(M32, vb2, input_precision=PRECISION) + tl.dot(M33, vb3, input_precision=PRECISION))
-            _store_block(U_h, b_U, t3, eos, SV, c0, V, BC, BV)
+            _store_block(A_h, A30, t3, eos, SA, 0, BT, BC, BC)
+            _store_block(A_h, A31, t3, eos, SA, BC, BT, BC, BC)
+            _store_block(A_h, A32, t3, eos, SA, 2 * BC, BT, BC, BC)
+            _store_block(A_h, A33, t3, eos, SA, 3 * BC, BT, BC, BC)
+
+    if not QK:
+        # ==== 2. M = (I + A_kk)^{-1} by blocks: M_ij = -D_i sum_{j <= c < i} A_ic M_cj, in full float32
+        M00, M11, M22, M33 = _unit_lower_inverse4(A00, A11, A22, A33, BC)
+        M10 = -tl.dot(M11, tl.dot(A10, M00, input_precision="ieee"), input_precision="ieee")
+        M21 = -tl.dot(M22, tl.dot(A21, M11, input_precision="ieee"), input_precision="ieee")
+        M20 = -tl.dot(M22, tl.dot(A20, M00, input_precision="ieee") + tl.dot(A21, M10, input_precision="ieee"),
+                      input_precision="ieee")
+        M32 = -tl.dot(M33, tl.dot(A32, M22, input_precision="ieee"), input_precision="ieee")
+        M31 = -tl.dot(M33, tl.dot(A31, M11, input_precision="ieee") + tl.dot(A32, M21, input_precision="ieee"),
+                      input_precision="ieee")
+        M30 = -tl.dot(M33, tl.dot(A30, M00, input_precision="ieee") + tl.dot(A31, M10, input_precision="ieee")
+                      + tl.dot(A32, M20, input_precision="ieee"), input_precision="ieee")
+
+        # ==== 3. W = M Diag(beta)(Gamma * K) and kg, tile by tile of K; then U = M Diag(beta) V
+        t_last = tl.minimum(bos + BT, eos) - 1
+        W_h, kg_h = W + i_hv * K, kg + i_hv * K
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            c0 = i_k * BK
+            G_last = tl.load(G_h + t_last * SG + o_k, mask=o_k < K, other=0)[None, :]
+            G0 = _load_block(G_h, t0, eos, SG, c0, K, BC, BK)
+            k0 = _load_block(k_h, t0, eos, SK, c0, K, BC, BK)
+            kb0 = k0 * tl.exp(G0) * w0
+            _store_block(W_h, tl.dot(M00, kb0, input_precision=PRECISION), t0, eos, SG, c0, K, BC, BK)
+            _store_block(kg_h, k0 * tl.exp(tl.minimum(G_last - G0, 0.0)), t0, eos, SG, c0, K, BC, BK)
+            if NS > 1:
+                G1 = _load_block(G_h, t1, eos, SG, c0, K, BC, BK)
+                k1 = _load_block(k_h, t1, eos, SK, c0, K, BC, BK)
+                kb1 = k1 * tl.exp(G1) * w1
+                b_W = tl.dot(M10, kb0, input_precision=PRECISION)
+                b_W = tl.dot(M11, kb1, b_W, input_precision=PRECISION)
+                _store_block(W_h, b_W, t1, eos, SG, c0, K, BC, BK)
+                _store_block(kg_h, k1 * tl.exp(tl.minimum(G_last - G1, 0.0)), t1, eos, SG, c0, K, BC, BK)
+            if NS > 2:
+                G2 = _load_block(G_h, t2, eos, SG, c0, K, BC, BK)
+                k2 = _load_block(k_h, t2, eos, SK, c0, K, BC, BK)
+                kb2 = k2 * tl.exp(G2) * w2
+                b_W = tl.dot(M20, kb0, input_precision=PRECISION)
+                b_W = tl.dot(M21, kb1, b_W, input_precision=PRECISION)
+                b_W = tl.dot(M22, kb2, b_W, input_precision=PRECISION)
+                _store_block(W_h, b_W, t2, eos, SG, c0, K, BC, BK)
+                _store_block(kg_h, k2 * tl.exp(tl.minimum(G_last - G2, 0.0)), t2, eos, SG, c0, K, BC, BK)
+            if NS > 3:
+                G3 = _load_block(G_h, t3, eos, SG, c0, K, BC, BK)
+                k3 = _load_block(k_h, t3, eos, SK, c0, K, BC, BK)
+                kb3 = k3 * tl.exp(G3) * w3
+                b_W = tl.dot(M30, kb0, input_precision=PRECISION)
+                b_W = tl.dot(M31, kb1, b_W, input_precision=PRECISION)
+                b_W = tl.dot(M32, kb2, b_W, input_precision=PRECISION)
+                b_W = tl.dot(M33, kb3, b_W, input_precision=PRECISION)
+                _store_block(W_h, b_W, t3, eos, SG, c0, K, BC, BK)
+                _store_block(kg_h, k3 * tl.exp(tl.minimum(G_last - G3, 0.0)), t3, eos, SG, c0, K, BC, BK)
+        v_h, U_h, SV = v + i_hv * V, U + i_hv * V, HV * V
+        for i_v in range(0, tl.cdiv(V, BV)):
+            c0 = i_v * BV
+            vb0 = _load_block(v_h, t0, eos, SV, c0, V, BC, BV) * w0
+            _store_block(U_h, tl.dot(M00, vb0, input_precision=PRECISION), t0, eos, SV, c0, V, BC, BV)
+            if NS > 1:
+                vb1 = _load_block(v_h, t1, eos, SV, c0, V, BC, BV) * w1
+                b_U = tl.dot(M10, vb0, input_precision=PRECISION)
+                b_U = tl.dot(M11, vb1, b_U, input_precision=PRECISION)
+                _store_block(U_h, b_U, t1, eos, SV, c0, V, BC, BV)
+            if NS > 2:
+                vb2 = _load_block(v_h, t2, eos, SV, c0, V, BC, BV) * w2
+                b_U = tl.dot(M20, vb0, input_precision=PRECISION)
+                b_U = tl.dot(M21, vb1, b_U, input_precision=PRECISION)
+                b_U = tl.dot(M22, vb2, b_U, input_precision=PRECISION)
+                _store_block(U_h, b_U, t2, eos, SV, c0, V, BC, BV)
+            if NS > 3:
+                vb3 = _load_block(v_h, t3, eos, SV, c0, V, BC, BV) * w3
+                b_U = tl.dot(M30, vb0, input_precision=PRECISION)
+                b_U = tl.dot(M31, vb1, b_U, input_precision=PRECISION)
+                b_U = tl.dot(M32, vb2, b_U, input_precision=PRECISION)
+                b_U = tl.dot(M33, vb3, b_U, input_precision=PRECISION)
+                _store_block(U_h, b_U, t3, eos, SV, c0, V, BC, BV)
 
 
 class LocalFactors(NamedTuple):
@@ -473,11 +472,20 @@ def chunk_local_factors(
     qg = torch.empty(B, T, HV, K, dtype=dt, device=dev)
     kg = torch.empty(B, T, HV, K, dtype=dt, device=dev)
     if meta.NC > 0:
-        _chunk_local_kernel[(meta.NC, HV)](
-            q.contiguous(), k.contiguous(), v.contiguous(), G.contiguous(), beta.contiguous().float(),
-            A_qk, A_kk if store_akk else A_qk, W, U, qg, kg, meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale),
-            H=H, HV=HV, K=K, V=V, BT=chunk_size, BC=BC, BK=min(LOCAL_BK, max(16, triton.next_power_of_2(K))),
-            BV=min(64, max(16, triton.next_power_of_2(V))), SPAN=SAFE_SPAN, PRECISION=dot_precision(q.dtype),
-            STORE_AKK=store_akk, num_warps=LOCAL_WARPS,
-        )
+        flags = torch.empty(meta.NC, HV, dtype=torch.int32, device=dev)
+        inputs = (q.contiguous(), k.contiguous(), v.contiguous(), G.contiguous(), beta.contiguous().float())
+        consts = dict(H=H, HV=HV, K=K, V=V, BT=chunk_size, BC=BC,
+                      BK=min(LOCAL_BK, max(16, triton.next_power_of_2(K))), BV=min(64, max(16, triton.next_power_of_2(V))),
+                      SPAN=SAFE_SPAN, PRECISION=dot_precision(q.dtype), num_warps=LOCAL_WARPS)
+        tables = (flags, meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale))
+        grid = (meta.NC, HV)
+        # the keys' pass (A_kk -> M -> W, U, kg), then the queries' pass (A_qk, qg); each launched
+        # twice: every chunk with the tensor-core diagonal, then the chunks the first keys' pass
+        # flagged, exactly (the other programs read their flag and exit: typical gates never pay)
+        for exact in (False, True):
+            _chunk_local_kernel[grid](*inputs, A_kk if store_akk else A_qk, W, U, qg, kg, *tables, **consts,
+                                      QK=False, EXACT_DIAG=exact, STORE_A=store_akk)
+        for exact in (False, True):
+            _chunk_local_kernel[grid](*inputs, A_qk, W, U, qg, kg, *tables, **consts,
+                                      QK=True, EXACT_DIAG=exact, STORE_A=True)
     return LocalFactors(A_qk, W, U, qg, kg, A_kk)
