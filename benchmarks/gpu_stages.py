@@ -35,11 +35,18 @@ def stage_times(B, T, H, D, C=64):
         out["6_output"] = bench(lambda: fast.chunk_output(f.qg, h, vn, f.A_qk, C, out_dtype=v.dtype))
         out["total"] = bench(lambda: fast.chunk_kda(q, k, v, g, beta))
         # launch-shape sweeps of the stages that have them (module-level tunables)
-        for bk in (16, 32):
-            for w in (1, 2, 4):
-                local.LOCAL_WARPS, local.LOCAL_BK = w, bk
-                out[f"2-4_local_bk{bk}_w{w}"] = bench(lambda: fast.chunk_local_factors(q, k, v, G, b32, scale, C))
-        local.LOCAL_WARPS, local.LOCAL_BK = 2, 16
+        for pass_, shapes in (("keys", ((16, 1), (32, 1), (16, 2), (32, 2))),
+                              ("queries", ((16, 1), (16, 2), (16, 4), (32, 2), (32, 4)))):
+            for bk, w in shapes:
+                local.LOCAL_LAUNCH[pass_] = (bk, w)
+                out[f"2-4_local_{pass_}_bk{bk}_w{w}"] = bench(
+                    lambda: fast.chunk_local_factors(q, k, v, G, b32, scale, C))
+            local.LOCAL_LAUNCH[pass_] = (16, 1)
+        for w, bv, st in ((2, 32, 2), (4, 32, 2), (4, 64, 2), (8, 32, 2), (4, 32, 3), (4, 64, 3), (8, 64, 3)):
+            state.STATE_WARPS, state.STATE_BV, state.STATE_STAGES = w, bv, st
+            out[f"5_state_w{w}_bv{bv}_st{st}"] = bench(
+                lambda: fast.state_passing(f.kg, f.W, f.U, G, None, C, h_dtype=f.W.dtype))
+        state.STATE_WARPS, state.STATE_BV, state.STATE_STAGES = 8, 64, 2
         for st in (1, 2):
             state.STATE_STAGES = st
             out[f"5_state_stages{st}"] = bench(

@@ -71,10 +71,10 @@ __all__ = ["chunk_local_factors", "LocalFactors", "SAFE_SPAN", "intermediate_dty
 
 #: Largest in-sub-chunk decay span ``G_ref - G_r`` the tensor-core diagonal takes.
 SAFE_SPAN = 80.0
-#: Warps per program (one program holds the ten ``[16, 16]`` blocks and the ``[16, BK]`` row tiles),
-#: and the width of the ``K`` tiles of step 1 (register pressure grows with it).
-LOCAL_WARPS = 2
-LOCAL_BK = 16
+#: Launch shape of each pass, ``(BK, num_warps)``: the width of the ``K`` tiles and the warps per
+#: program. Every ``[16, 16]`` block costs a warp ~8 registers however many warps share it, so
+#: few warps waste least; measured on the H100 (docs: kernel notes).
+LOCAL_LAUNCH = {"keys": (16, 1), "queries": (16, 1)}
 
 
 @triton.jit
@@ -474,18 +474,17 @@ def chunk_local_factors(
     if meta.NC > 0:
         flags = torch.empty(meta.NC, HV, dtype=torch.int32, device=dev)
         inputs = (q.contiguous(), k.contiguous(), v.contiguous(), G.contiguous(), beta.contiguous().float())
-        consts = dict(H=H, HV=HV, K=K, V=V, BT=chunk_size, BC=BC,
-                      BK=min(LOCAL_BK, max(16, triton.next_power_of_2(K))), BV=min(64, max(16, triton.next_power_of_2(V))),
-                      SPAN=SAFE_SPAN, PRECISION=dot_precision(q.dtype), num_warps=LOCAL_WARPS)
+        consts = dict(H=H, HV=HV, K=K, V=V, BT=chunk_size, BC=BC, BV=min(64, max(16, triton.next_power_of_2(V))),
+                      SPAN=SAFE_SPAN, PRECISION=dot_precision(q.dtype))
         tables = (flags, meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale))
         grid = (meta.NC, HV)
         # the keys' pass (A_kk -> M -> W, U, kg), then the queries' pass (A_qk, qg); each launched
         # twice: every chunk with the tensor-core diagonal, then the chunks the first keys' pass
         # flagged, exactly (the other programs read their flag and exit: typical gates never pay)
-        for exact in (False, True):
-            _chunk_local_kernel[grid](*inputs, A_kk if store_akk else A_qk, W, U, qg, kg, *tables, **consts,
-                                      QK=False, EXACT_DIAG=exact, STORE_A=store_akk)
-        for exact in (False, True):
-            _chunk_local_kernel[grid](*inputs, A_qk, W, U, qg, kg, *tables, **consts,
-                                      QK=True, EXACT_DIAG=exact, STORE_A=True)
+        for qk, out in ((False, A_kk if store_akk else A_qk), (True, A_qk)):
+            BK, warps = LOCAL_LAUNCH["queries" if qk else "keys"]
+            for exact in (False, True):
+                _chunk_local_kernel[grid](*inputs, out, W, U, qg, kg, *tables, **consts,
+                                          BK=min(BK, max(16, triton.next_power_of_2(K))), QK=qk, EXACT_DIAG=exact,
+                                          STORE_A=qk or store_akk, num_warps=warps)
     return LocalFactors(A_qk, W, U, qg, kg, A_kk)

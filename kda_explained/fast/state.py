@@ -36,6 +36,9 @@ STATE_STAGES = 2
 #: For bf16/fp16 intermediates, feed the two products in that dtype instead of float32 operands in
 #: tf32 (the state itself stays float32 in registers).
 STATE_LOW_PRECISION_DOTS = True  # H100: chunk_kda 5.31 -> 4.93 ms, error unchanged (docs: kernel notes)
+#: Warps per program for K > 64, and value columns per program.
+STATE_WARPS = 8
+STATE_BV = 64
 
 
 @triton.jit
@@ -141,7 +144,7 @@ def state_passing(
     h = torch.empty(meta.NC, *state_shape, dtype=h_dtype or torch.float32, device=kg.device)
     ht = torch.empty(meta.N, *state_shape, dtype=torch.float32, device=kg.device)
     v_new = torch.empty(B, T, HV, V, dtype=W.dtype, device=kg.device)
-    BV = min(64, max(16, triton.next_power_of_2(V)))  # BV = 32 measured slower on the H100 (docs: kernel notes)
+    BV = min(STATE_BV, max(16, triton.next_power_of_2(V)))
     if meta.N > 0:
         _state_passing_kernel[(triton.cdiv(V, BV), meta.N, HV)](
             kg.contiguous(), W.contiguous(), U.contiguous(), G.contiguous(),
@@ -150,6 +153,6 @@ def state_passing(
             HV=HV, K=K, V=V, BT=chunk_size, BK=max(16, triton.next_power_of_2(K)), BV=BV,
             HAS_H0=initial_state is not None, STATE_V_FIRST=state_v_first, PRECISION=dot_precision(W.dtype),
             LOWP=STATE_LOW_PRECISION_DOTS and W.dtype in (torch.bfloat16, torch.float16) and not interpreting(),
-            num_warps=8 if K > 64 else 4, num_stages=STATE_STAGES if K <= 128 else 1,
+            num_warps=STATE_WARPS if K > 64 else 4, num_stages=STATE_STAGES if K <= 128 else 1,
         )
     return h, v_new, ht
