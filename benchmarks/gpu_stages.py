@@ -35,23 +35,23 @@ def stage_times(B, T, H, D, C=64):
         out["6_output"] = bench(lambda: fast.chunk_output(f.qg, h, vn, f.A_qk, C, out_dtype=v.dtype))
         out["total"] = bench(lambda: fast.chunk_kda(q, k, v, g, beta))
         # launch-shape sweeps of the stages that have them (module-level tunables)
-        for pass_, shapes in (("keys", ((16, 1), (32, 1), (16, 2), (32, 2))),
-                              ("queries", ((16, 1), (16, 2), (16, 4), (32, 2), (32, 4)))):
+        for pass_ in ("keys", "queries"):
+            local._PASSES = (pass_,)
+            out[f"2-4_local_{pass_}_only"] = bench(lambda: fast.chunk_local_factors(q, k, v, G, b32, scale, C))
+        local._PASSES = ("keys", "queries")
+        for name, value in (("LOCAL_STAGES", 1), ("LOCAL_STAGES", 3), ("UT_PRECISION", "tf32x3"),
+                            ("UT_PRECISION", "tf32")):
+            old = getattr(local, name)
+            setattr(local, name, value)
+            out[f"2-4_local_{name}_{value}"] = bench(lambda: fast.chunk_local_factors(q, k, v, G, b32, scale, C))
+            setattr(local, name, old)
+        for pass_, shapes in (("keys", ((32, 4), (64, 2))), ("queries", ((32, 1), (64, 2)))):
             for bk, w in shapes:
+                old = local.LOCAL_LAUNCH[pass_]
                 local.LOCAL_LAUNCH[pass_] = (bk, w)
                 out[f"2-4_local_{pass_}_bk{bk}_w{w}"] = bench(
                     lambda: fast.chunk_local_factors(q, k, v, G, b32, scale, C))
-            local.LOCAL_LAUNCH[pass_] = (16, 1)
-        for w, bv, st in ((2, 32, 2), (4, 32, 2), (4, 64, 2), (8, 32, 2), (4, 32, 3), (4, 64, 3), (8, 64, 3)):
-            state.STATE_WARPS, state.STATE_BV, state.STATE_STAGES = w, bv, st
-            out[f"5_state_w{w}_bv{bv}_st{st}"] = bench(
-                lambda: fast.state_passing(f.kg, f.W, f.U, G, None, C, h_dtype=f.W.dtype))
-        state.STATE_WARPS, state.STATE_BV, state.STATE_STAGES = 8, 64, 2
-        for st in (1, 2):
-            state.STATE_STAGES = st
-            out[f"5_state_stages{st}"] = bench(
-                lambda: fast.state_passing(f.kg, f.W, f.U, G, None, C, h_dtype=f.W.dtype))
-        state.STATE_STAGES = 2
+                local.LOCAL_LAUNCH[pass_] = old
         for bv in (64, 128):
             for w in (4, 8):
                 output.OUTPUT_BV, output.OUTPUT_WARPS = bv, w
@@ -83,6 +83,14 @@ def lowp_sweep():
             res[f"state{int(st)}_output{int(out)}"] = {"ms": ms, "rel_err": err}
             print(f"low-precision dots: state {st} output {out}: {ms:.3f} ms, rel err {err:.2e}", flush=True)
     state.STATE_LOW_PRECISION_DOTS = output.OUTPUT_LOW_PRECISION_DOTS = True
+    for prec in ("ieee", "tf32x3", "tf32"):
+        local.UT_PRECISION = prec
+        with torch.inference_mode():
+            err = rel_rms_error(fast.chunk_kda(qs, ks, vs, gs, bs)[0], ref)
+            ms = bench(lambda: fast.chunk_kda(q, k, v, g, beta))
+        res[f"ut_{prec}"] = {"ms": ms, "rel_err": err}
+        print(f"UT transform products in {prec}: {ms:.3f} ms, rel err {err:.2e}", flush=True)
+    local.UT_PRECISION = "ieee"
     return res
 
 

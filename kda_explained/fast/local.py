@@ -74,7 +74,12 @@ SAFE_SPAN = 80.0
 #: Launch shape of each pass, ``(BK, num_warps)``: the width of the ``K`` tiles and the warps per
 #: program. Every ``[16, 16]`` block costs a warp ~8 registers however many warps share it, so
 #: few warps waste least; measured on the H100 (docs: kernel notes).
-LOCAL_LAUNCH = {"keys": (16, 1), "queries": (16, 1)}
+LOCAL_LAUNCH = {"keys": (32, 2), "queries": (16, 1)}
+#: Software pipelining of the K loops, and the precision of the UT transform's products.
+LOCAL_STAGES = 2
+UT_PRECISION = "ieee"
+#: Which passes the launcher runs (all, but the benchmarks time each alone).
+_PASSES = ("keys", "queries")
 
 
 @triton.jit
@@ -211,6 +216,7 @@ def _chunk_local_kernel(
     BV: tl.constexpr,
     SPAN: tl.constexpr,
     PRECISION: tl.constexpr,
+    UT_PREC: tl.constexpr,
     QK: tl.constexpr,  # the queries' pass (A_qk, qg) instead of the keys' pass (A_kk -> M -> W, U, kg)
     EXACT_DIAG: tl.constexpr,  # the second launch: flagged chunks again, with exact diagonal blocks
     STORE_A: tl.constexpr,
@@ -335,15 +341,15 @@ def _chunk_local_kernel(
     if not QK:
         # ==== 2. M = (I + A_kk)^{-1} by blocks: M_ij = -D_i sum_{j <= c < i} A_ic M_cj, in full float32
         M00, M11, M22, M33 = _unit_lower_inverse4(A00, A11, A22, A33, BC)
-        M10 = -tl.dot(M11, tl.dot(A10, M00, input_precision="ieee"), input_precision="ieee")
-        M21 = -tl.dot(M22, tl.dot(A21, M11, input_precision="ieee"), input_precision="ieee")
-        M20 = -tl.dot(M22, tl.dot(A20, M00, input_precision="ieee") + tl.dot(A21, M10, input_precision="ieee"),
-                      input_precision="ieee")
-        M32 = -tl.dot(M33, tl.dot(A32, M22, input_precision="ieee"), input_precision="ieee")
-        M31 = -tl.dot(M33, tl.dot(A31, M11, input_precision="ieee") + tl.dot(A32, M21, input_precision="ieee"),
-                      input_precision="ieee")
-        M30 = -tl.dot(M33, tl.dot(A30, M00, input_precision="ieee") + tl.dot(A31, M10, input_precision="ieee")
-                      + tl.dot(A32, M20, input_precision="ieee"), input_precision="ieee")
+        M10 = -tl.dot(M11, tl.dot(A10, M00, input_precision=UT_PREC), input_precision=UT_PREC)
+        M21 = -tl.dot(M22, tl.dot(A21, M11, input_precision=UT_PREC), input_precision=UT_PREC)
+        M20 = -tl.dot(M22, tl.dot(A20, M00, input_precision=UT_PREC) + tl.dot(A21, M10, input_precision=UT_PREC),
+                      input_precision=UT_PREC)
+        M32 = -tl.dot(M33, tl.dot(A32, M22, input_precision=UT_PREC), input_precision=UT_PREC)
+        M31 = -tl.dot(M33, tl.dot(A31, M11, input_precision=UT_PREC) + tl.dot(A32, M21, input_precision=UT_PREC),
+                      input_precision=UT_PREC)
+        M30 = -tl.dot(M33, tl.dot(A30, M00, input_precision=UT_PREC) + tl.dot(A31, M10, input_precision=UT_PREC)
+                      + tl.dot(A32, M20, input_precision=UT_PREC), input_precision=UT_PREC)
 
         # ==== 3. W = M Diag(beta)(Gamma * K) and kg, tile by tile of K; then U = M Diag(beta) V
         t_last = tl.minimum(bos + BT, eos) - 1
@@ -475,16 +481,18 @@ def chunk_local_factors(
         flags = torch.empty(meta.NC, HV, dtype=torch.int32, device=dev)
         inputs = (q.contiguous(), k.contiguous(), v.contiguous(), G.contiguous(), beta.contiguous().float())
         consts = dict(H=H, HV=HV, K=K, V=V, BT=chunk_size, BC=BC, BV=min(64, max(16, triton.next_power_of_2(V))),
-                      SPAN=SAFE_SPAN, PRECISION=dot_precision(q.dtype))
+                      SPAN=SAFE_SPAN, PRECISION=dot_precision(q.dtype), UT_PREC=UT_PRECISION)
         tables = (flags, meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale))
         grid = (meta.NC, HV)
         # the keys' pass (A_kk -> M -> W, U, kg), then the queries' pass (A_qk, qg); each launched
         # twice: every chunk with the tensor-core diagonal, then the chunks the first keys' pass
         # flagged, exactly (the other programs read their flag and exit: typical gates never pay)
         for qk, out in ((False, A_kk if store_akk else A_qk), (True, A_qk)):
+            if ("queries" if qk else "keys") not in _PASSES:
+                continue
             BK, warps = LOCAL_LAUNCH["queries" if qk else "keys"]
             for exact in (False, True):
                 _chunk_local_kernel[grid](*inputs, out, W, U, qg, kg, *tables, **consts,
                                           BK=min(BK, max(16, triton.next_power_of_2(K))), QK=qk, EXACT_DIAG=exact,
-                                          STORE_A=qk or store_akk, num_warps=warps)
+                                          STORE_A=qk or store_akk, num_warps=warps, num_stages=LOCAL_STAGES)
     return LocalFactors(A_qk, W, U, qg, kg, A_kk)

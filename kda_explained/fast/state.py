@@ -37,7 +37,7 @@ STATE_STAGES = 2
 #: tf32 (the state itself stays float32 in registers).
 STATE_LOW_PRECISION_DOTS = True  # H100: chunk_kda 5.31 -> 4.93 ms, error unchanged (docs: kernel notes)
 #: Warps per program for K > 64, and value columns per program.
-STATE_WARPS = 8
+STATE_WARPS = 4
 STATE_BV = 64
 
 
