@@ -39,13 +39,7 @@ def stage_times(B, T, H, D, C=64):
             local._PASSES = (pass_,)
             out[f"2-4_local_{pass_}_only"] = bench(lambda: fast.chunk_local_factors(q, k, v, G, b32, scale, C))
         local._PASSES = ("keys", "queries")
-        for name, value in (("LOCAL_STAGES", 1), ("LOCAL_STAGES", 3), ("UT_PRECISION", "tf32x3"),
-                            ("UT_PRECISION", "tf32")):
-            old = getattr(local, name)
-            setattr(local, name, value)
-            out[f"2-4_local_{name}_{value}"] = bench(lambda: fast.chunk_local_factors(q, k, v, G, b32, scale, C))
-            setattr(local, name, old)
-        for pass_, shapes in (("keys", ((32, 4), (64, 2))), ("queries", ((32, 1), (64, 2)))):
+        for pass_, shapes in (("keys", ((16, 1), (32, 1))), ("queries", ((16, 1), (32, 2)))):
             for bk, w in shapes:
                 old = local.LOCAL_LAUNCH[pass_]
                 local.LOCAL_LAUNCH[pass_] = (bk, w)
@@ -84,13 +78,32 @@ def lowp_sweep():
             print(f"low-precision dots: state {st} output {out}: {ms:.3f} ms, rel err {err:.2e}", flush=True)
     state.STATE_LOW_PRECISION_DOTS = output.OUTPUT_LOW_PRECISION_DOTS = True
     for prec in ("ieee", "tf32x3", "tf32"):
-        local.UT_PRECISION = prec
+        local.UT_PRECISION["tf32"] = prec
         with torch.inference_mode():
             err = rel_rms_error(fast.chunk_kda(qs, ks, vs, gs, bs)[0], ref)
             ms = bench(lambda: fast.chunk_kda(q, k, v, g, beta))
         res[f"ut_{prec}"] = {"ms": ms, "rel_err": err}
         print(f"UT transform products in {prec}: {ms:.3f} ms, rel err {err:.2e}", flush=True)
-    local.UT_PRECISION = "ieee"
+    local.UT_PRECISION["tf32"] = "tf32"
+    return res
+
+
+def long_sequence_state_sweep(T=65536, H=16, D=128, C=64):
+    """The state kernel on one long sequence: few programs, so value columns per program matter."""
+    q, k, v, g, beta = make_inputs(1, T, H, D)
+    res = {}
+    with torch.inference_mode():
+        G, b32 = fast.chunk_local_cumsum(g, C, beta=beta)
+        f = fast.chunk_local_factors(q, k, v, G, b32, D ** -0.5, C)
+        for bv in (16, 32, 64):
+            for w in (2, 4):
+                state.STATE_BV, state.STATE_WARPS = bv, w
+                ms = bench(lambda: fast.state_passing(f.kg, f.W, f.U, G, None, C, h_dtype=f.W.dtype))
+                res[f"state_bv{bv}_w{w}"] = ms
+                print(f"T={T} state BV={bv} warps={w}: {ms:.3f} ms", flush=True)
+        state.STATE_BV, state.STATE_WARPS = None, 4
+        res["total_default"] = bench(lambda: fast.chunk_kda(q, k, v, g, beta))
+        print(f"T={T} chunk_kda: {res['total_default']:.3f} ms", flush=True)
     return res
 
 
@@ -131,6 +144,7 @@ if __name__ == "__main__":
     args = ap.parse_args()
     res = {"stages_B8_T4096_H16": stage_times(8, 4096, 16, 128), "low_precision_dots": lowp_sweep()}
     print("stages_B8_T4096_H16", {k: round(v, 3) for k, v in res["stages_B8_T4096_H16"].items()}, flush=True)
+    res["long_sequence"] = long_sequence_state_sweep()
     res["decode"] = decode_sweep()
     with open(os.path.join(args.out, "gpu_stages.json"), "w") as f:
         json.dump(res, f, indent=1)

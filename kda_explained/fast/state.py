@@ -36,9 +36,10 @@ STATE_STAGES = 2
 #: For bf16/fp16 intermediates, feed the two products in that dtype instead of float32 operands in
 #: tf32 (the state itself stays float32 in registers).
 STATE_LOW_PRECISION_DOTS = True  # H100: chunk_kda 5.31 -> 4.93 ms, error unchanged (docs: kernel notes)
-#: Warps per program for K > 64, and value columns per program.
+#: Warps per program for K > 64, and value columns per program (None: 64, or fewer when that
+#: leaves SMs idle: one long sequence has only HV * V / BV programs to spread over the GPU).
 STATE_WARPS = 4
-STATE_BV = 64
+STATE_BV = None
 
 
 @triton.jit
@@ -117,6 +118,15 @@ def _state_passing_kernel(
     tl.store(ht + (i_n * HV + i_hv) * K * V + o_S, b_S, mask=m_kv)
 
 
+def _state_bv(sequences_x_heads: int, V: int, device) -> int:
+    """64 value columns per program, halved (down to 16) while that leaves SMs without a program."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    BV = min(64, max(16, triton.next_power_of_2(V)))
+    while BV > 16 and sequences_x_heads * triton.cdiv(V, BV) < sms:
+        BV //= 2
+    return BV
+
+
 def state_passing(
     kg: torch.Tensor,
     W: torch.Tensor,
@@ -144,7 +154,7 @@ def state_passing(
     h = torch.empty(meta.NC, *state_shape, dtype=h_dtype or torch.float32, device=kg.device)
     ht = torch.empty(meta.N, *state_shape, dtype=torch.float32, device=kg.device)
     v_new = torch.empty(B, T, HV, V, dtype=W.dtype, device=kg.device)
-    BV = min(STATE_BV, max(16, triton.next_power_of_2(V)))
+    BV = STATE_BV or _state_bv(meta.N * HV, V, kg.device)
     if meta.N > 0:
         _state_passing_kernel[(triton.cdiv(V, BV), meta.N, HV)](
             kg.contiguous(), W.contiguous(), U.contiguous(), G.contiguous(),
