@@ -74,7 +74,7 @@ SAFE_SPAN = 80.0
 #: Launch shape of each pass, ``(BK, num_warps)``: the width of the ``K`` tiles and the warps per
 #: program. Every ``[16, 16]`` block costs a warp ~8 registers however many warps share it, so
 #: few warps waste least; measured on the H100 (docs: kernel notes).
-LOCAL_LAUNCH = {"keys": (32, 2), "queries": (32, 1)}
+LOCAL_LAUNCH = {"keys": (32, 1), "queries": (32, 1)}
 #: Software pipelining of the K loops.
 LOCAL_STAGES = 2
 #: Precision of the UT transform's products: float32 inputs get "ieee"; for bf16/fp16 inputs
