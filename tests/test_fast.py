@@ -444,6 +444,20 @@ def test_chunk_kda_intermediate_states(p, state_v_first):
         assert torch.equal(h[i], S0[n])
 
 
+def test_offsets_tensor_reused_and_changed_in_place():
+    # the fast layer keeps the host copy of a cu_seqlens tensor (no device read per call);
+    # an in-place change must be seen (torch bumps the tensor's version counter)
+    p = make_problem(T=40, H=1, HV=2, K=16, V=16, cu_seqlens=[0, 17, 40], seed=21)
+    (q, k, v, g, beta), kw = inputs(p)
+    cu = kw["cu_seqlens"].clone()
+    for first in (17, 17, 30):
+        cu[1] = first  # the second call reuses the tensor unchanged, the third changes it in place
+        o, S = fast.chunk_kda(q, k, v, g, beta, cu_seqlens=cu, output_final_state=True, chunk_size=16)
+        o_ref, S_ref = reference(q, k, v, g, beta, cu_seqlens=torch.tensor([0, first, 40], device=DEVICE))
+        assert_close(o, o_ref, F32, f"o, first sequence {first} tokens")
+        assert_close(S, S_ref, F32, f"final state, first sequence {first} tokens")
+
+
 @example(p=make_problem(T=40, H=1, HV=2, K=16, V=16, cu_seqlens=[0, 0, 17, 17, 40, 40], initial_state=True))
 @fewer
 @given(p=kda_problems(T=(1, 40), H=(1, 2), group=(1, 2), K=st.sampled_from([16, 20]), V=st.sampled_from([12, 16]),

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import functools
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 
-__all__ = ["SeqMeta", "seq_meta", "packed_offsets", "dot_precision", "interpreting"]
+__all__ = ["SeqMeta", "seq_meta", "packed_offsets", "host_offsets", "dot_precision", "interpreting"]
 
 
 @dataclass(frozen=True)
@@ -41,19 +42,65 @@ def packed_offsets(B: int, T: int, cu_seqlens: Optional[torch.Tensor]) -> List[i
     """Sequence offsets into the packed row: ``[0, T, ..., B T]``, or ``cu_seqlens`` itself."""
     if cu_seqlens is None:
         return [b * T for b in range(B + 1)]
-    return [int(x) for x in cu_seqlens.tolist()]
+    return host_offsets(cu_seqlens)
 
 
 def seq_meta(B: int, T: int, chunk_size: int, cu_seqlens: Optional[torch.Tensor], device) -> SeqMeta:
     """Sequence and chunk tables for ``B`` rows of ``T`` tokens, or the packed batch of ``cu_seqlens``.
 
-    The tables of a plain batch depend on ``(B, T, chunk_size, device)`` alone and are
-    cached, so repeated calls copy nothing to the device; a packed batch's are built
-    from ``cu_seqlens`` (one read-back), once per pipeline call.
+    The tables are cached: a plain batch's by ``(B, T, chunk_size, device)``, a packed
+    batch's with its ``cu_seqlens`` tensor (see :func:`host_offsets`), so a training loop
+    or benchmark that passes the same offsets again copies nothing to the device and
+    never waits for it.
     """
     if cu_seqlens is None:
         return _plain_seq_meta(B, T, chunk_size, torch.device(device))
-    return _build_seq_meta(packed_offsets(B, T, cu_seqlens), chunk_size, device)
+    entry = _offsets_entry(cu_seqlens)
+    key = (chunk_size, str(device))
+    if entry is None:  # a list or tuple: nothing to cache by
+        return _build_seq_meta(packed_offsets(B, T, cu_seqlens), chunk_size, device)
+    if key not in entry.tables:
+        entry.tables[key] = _build_seq_meta(entry.values, chunk_size, device)
+    return entry.tables[key]
+
+
+@dataclass
+class _Offsets:
+    tensor: torch.Tensor  # held, so its id cannot be reused by another tensor while cached
+    version: int  # torch's in-place modification counter at the time of the read-back
+    values: List[int]
+    tables: dict
+
+
+_OFFSETS: "OrderedDict[int, _Offsets]" = OrderedDict()
+_OFFSETS_KEEP = 16
+
+
+def _offsets_entry(cu_seqlens) -> Optional[_Offsets]:
+    if not isinstance(cu_seqlens, torch.Tensor):
+        return None
+    entry = _OFFSETS.get(id(cu_seqlens))
+    if entry is not None and entry.tensor is cu_seqlens and entry.version == cu_seqlens._version:
+        _OFFSETS.move_to_end(id(cu_seqlens))
+        return entry
+    entry = _Offsets(cu_seqlens, cu_seqlens._version, [int(x) for x in cu_seqlens.tolist()], {})
+    _OFFSETS[id(cu_seqlens)] = entry
+    while len(_OFFSETS) > _OFFSETS_KEEP:
+        _OFFSETS.popitem(last=False)
+    return entry
+
+
+def host_offsets(cu_seqlens) -> Optional[List[int]]:
+    """``cu_seqlens`` as a list of ints, read from the device once per tensor.
+
+    The values are kept with the tensor (and read again after an in-place change,
+    which bumps its version counter), so calls that reuse one offsets tensor pay
+    for the device-to-host read, a synchronisation, only once.
+    """
+    if cu_seqlens is None:
+        return None
+    entry = _offsets_entry(cu_seqlens)
+    return entry.values if entry is not None else [int(x) for x in cu_seqlens]
 
 
 @functools.lru_cache(maxsize=64)

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ..validation import check_chunk_size, check_gate_params, check_kda_inputs
-from ._meta import interpreting, seq_meta
+from ._meta import _OFFSETS, host_offsets, interpreting, seq_meta
 from .local import chunk_local_factors, intermediate_dtype
 from .output import chunk_output
 from .prepare import chunk_local_cumsum, l2norm
@@ -42,12 +42,19 @@ def check_fast_inputs(q, k, v, g, beta, *, scale, initial_state, cu_seqlens, sta
     from ..chunked.kda import as_tensor_cu_seqlens, require_tensors
 
     require_tensors(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state)
-    cu_seqlens = as_tensor_cu_seqlens(cu_seqlens, q.device)
+    if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.device == q.device and id(cu_seqlens) in _OFFSETS:
+        cu_check = host_offsets(cu_seqlens)  # seen before (dtype and shape checked then): no device read
+    else:
+        cu_check = cu_seqlens
+    if not (isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.device == q.device
+            and not cu_seqlens.dtype.is_floating_point):
+        cu_seqlens = as_tensor_cu_seqlens(cu_seqlens, q.device)  # the kernels' tables come from its values
     if state_v_first and initial_state is not None and initial_state.dim() == 4:
         initial_state_kv = initial_state.transpose(-1, -2)  # validate in [K, V] terms
     else:
         initial_state_kv = initial_state
-    p = check_kda_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state_kv, cu_seqlens=cu_seqlens)
+    p = check_kda_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state_kv, cu_seqlens=cu_check)
+    host_offsets(cu_seqlens)  # remember the checked values with the tensor
     if q.device.type != "cuda" and not interpreting():
         raise ValueError(
             f"q: expected a CUDA tensor for the Triton kernels (or TRITON_INTERPRET=1 to run them on the CPU), "
