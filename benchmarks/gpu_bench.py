@@ -89,6 +89,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--quick", action="store_true", help="first prefill shape and decode only")
+    ap.add_argument("--shapes", nargs="*", default=None, help="prefill shapes by name (default: all)")
+    ap.add_argument("--json", default="gpu_bench.json", help="file name of the results in --out")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
 
@@ -113,6 +115,8 @@ def main() -> None:
     }
 
     shapes = PREFILL[:1] if args.quick else PREFILL
+    if args.shapes is not None:
+        shapes = [shp for shp in PREFILL if shp["name"] in args.shapes]
     for shp in shapes:
         H, D = shp["H"], shp["D"]
         if "lengths" in shp:
@@ -199,12 +203,12 @@ def main() -> None:
                 log(f"  fla pool in place: not timed ({type(e).__name__}: {e})")
     results["decode"].append(row)
 
-    path = os.path.join(args.out, "gpu_bench.json")
+    path = os.path.join(args.out, args.json)
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
     log(f"wrote {path}")
     try:
-        plot(results, os.path.join(args.out, "gpu_bench.png"))
+        plot(results, os.path.join(args.out, args.json.replace(".json", ".png")))
     except Exception as exc:  # the JSON is the record; a missing matplotlib must not lose it
         log(f"plot skipped: {exc!r}")
 
