@@ -98,14 +98,16 @@ def decode_table(bench: dict) -> str:
     def share(gbps):
         return None if gbps is None else f"{gbps:.0f}" + (f" ({gbps / copy:.0%} of copy)" if copy else "")
 
-    header = ["N, H (float32 state)", "bytes floor", "fast", "fast GB/s", "fla", "fla GB/s", "fast / fla"]
+    header = ["N, H (float32 state)", "bytes floor", "fast", "fast GB/s", "fla", "fla GB/s", "fast / fla",
+              "pool in place: fast", "pool in place: fla"]
     rows = []
     for row in bench.get("decode", []):
         floor = decode_state_bytes(row) / (copy * 1e9) * 1e3 if copy else None
         ratio = fast_over_fla(row)
         rows.append([f"N={row['N']}, H={row['H']}", ms(floor), ms(row.get("fast_decode_ms")),
                      share(row.get("fast_state_GBps")), ms(row.get("fla_decode_ms")), share(row.get("fla_state_GBps")),
-                     None if ratio is None else f"{ratio:.2f}"])
+                     None if ratio is None else f"{ratio:.2f}", ms(row.get("fast_pool_inplace_ms")),
+                     ms(row.get("fla_pool_inplace_ms"))])
     return markdown_table(header, rows)
 
 
@@ -118,18 +120,20 @@ def name_label(name: str) -> str:
 def stage_shapes(stages: dict) -> dict[str, dict[str, float]]:
     """``{shape name: {stage: ms}}`` from ``gpu_stages.json`` (keys ``stages_<shape>``).
 
-    Only the six stages (``1_cumsum`` ... ``6_output``) are kept: ``total`` and the
-    launch-shape sweeps (``3_ut_warps1``, ``5_state_stages2``, ...) are dropped.
+    Only the stage kernels (``1_cumsum``, ``2-4_local``, ``5_state``, ``6_output``) are
+    kept: ``total`` and the launch-shape sweeps (``5_state_w4_bv64_st2``, ...) are dropped.
     """
-    six = re.compile(r"^[1-6]_[a-z]+$")
-    return {key[len("stages_"):]: {s: t for s, t in val.items() if six.match(s)}
+    stage = re.compile(r"^[1-6](-[1-6])?_[a-z]+$")
+    return {key[len("stages_"):]: {s: t for s, t in val.items() if stage.match(s)}
             for key, val in stages.items() if key.startswith("stages_")}
 
 
 def stage_label(key: str) -> str:
-    """``2_intra`` -> ``2. intra``."""
+    """``5_state`` -> ``5. state``, ``2-4_local`` -> ``2.-4. local``."""
     num, _, name = key.partition("_")
-    return f"{num}. {name}" if num.isdigit() else key
+    if all(part.isdigit() for part in num.split("-")):
+        return ".-".join(num.split("-")) + f". {name}"
+    return key
 
 
 def stages_table(stages: dict) -> str:
