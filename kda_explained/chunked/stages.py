@@ -257,7 +257,7 @@ def decayed_operands(
     """``qg = scale * q * Gamma`` and ``kg = K * Gamma_C / Gamma``: the decayed operands of Eq. 8 and 9.
 
     Stages 5 and 6 below form them inside; the fast layer's fused stage 2-4 kernel
-    (:func:`kda_explained.fast.chunk_local_factors`) writes them once for both, and is
+    (:func:`kda_explained.fast.local.chunk_local_factors`) writes them once for both, and is
     tested against this function. ``q, k: [B, T, H, K]``, ``G: [B, T, HV, K]`` ->
     ``qg, kg: [B, T, HV, K]`` (``G``'s dtype).
     """
