@@ -198,6 +198,34 @@ def test_stage_chunk_output(p, C):
     assert_close(o, r.o, F32, "o")
 
 
+@pin(*AWKWARD)
+@few
+@given(p=problems, C=chunk_16)
+def test_stage_state_passing_bwd_recurrence(p, C):
+    """The backward's reverse-time state pass (issue 5) == the chunked recurrence of the same name."""
+    from kda_explained.chunked.backward_inter import state_passing_bwd_recurrence as reference_recurrence
+    from kda_explained.fast.backward import state_passing_bwd_recurrence
+
+    r = reference_stages(p, C)
+    gen = torch.Generator().manual_seed(3)
+
+    def rand(x):
+        return torch.randn(x.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+
+    dh, dv_new, dS_final = rand(r.h), rand(r.v_new), rand(r.S)
+    ref = reference_recurrence(r.kg, r.W, r.G, r.h, dh, dv_new, dS_final, C, r.cu)
+    ours = state_passing_bwd_recurrence(f32(r.kg), f32(r.W), f32(r.G), f32(r.h), f32(dh), f32(dv_new),
+                                        f32(dS_final), C, r.cu)
+    for name, a, b in zip(("dS_out", "dv_tot", "dS0"), ours, ref):
+        assert a.dtype == torch.float32
+        assert_close(a, b, F32, name)
+    # without the optional gradients: zeros in their place
+    ref0 = reference_recurrence(r.kg, r.W, r.G, r.h, None, None, None, C, r.cu)
+    ours0 = state_passing_bwd_recurrence(f32(r.kg), f32(r.W), f32(r.G), f32(r.h), None, None, None, C, r.cu)
+    for name, a, b in zip(("dS_out", "dv_tot", "dS0"), ours0, ref0):
+        assert torch.all(a == 0) and torch.all(b == 0), name
+
+
 #: Gates at and past the strength the tensor-core diagonal of ``chunk_local_factors`` takes: a
 #: diagonal block whose decay span from its first token exceeds ``fast.local.SAFE_SPAN`` (80)
 #: is redone exactly, column by column. ``lower_bound = -5`` stays inside it (15 steps x 5 = 75).

@@ -37,7 +37,7 @@ import torch
 from .layout import ChunkLayout
 from .stages import _chunk_G, _expand_heads, _layout
 
-__all__ = ["chunk_output_bwd", "state_passing_bwd", "wy_representation_bwd"]
+__all__ = ["chunk_output_bwd", "state_passing_bwd", "state_passing_bwd_recurrence", "wy_representation_bwd"]
 
 
 def _sum_heads(dx: torch.Tensor, H: int) -> torch.Tensor:
@@ -163,39 +163,81 @@ def state_passing_bwd(
     """
     lay = _layout(k, chunk_size, cu_seqlens)
     dt = W.dtype
-    W_c, v_c, G_c = lay.to_chunks(W), lay.to_chunks(v_new.to(dt)), _chunk_G(lay, G.to(torch.float64))
-    N, NT, HV, C, K = W_c.shape
-    H, Vd = k.shape[2], v_c.shape[-1]
+    v_c, G_c = lay.to_chunks(v_new.to(dt)), _chunk_G(lay, G.to(torch.float64))
+    HV, H = G_c.shape[2], k.shape[2]
     k_c = _expand_heads(lay.to_chunks(k.to(dt)), HV)  # [N, NT, HV, C, K]
     G_last = G_c[..., -1:, :]  # [N, NT, HV, 1, K]: the last real G (padding repeats it)
     k_dec = k_c * torch.exp(G_last - G_c).to(dt)  # Eq. 8: K * Gamma_C / Gamma
     decay_C = torch.exp(G_last).to(dt).transpose(-1, -2)  # [N, NT, HV, K, 1]: Gamma_C
-    S_grid = lay.grid_chunks(h.to(dt))  # [N, NT, HV, K, V]; padding chunks: zeros, never read back
-    dh_grid = lay.grid_chunks(dh.to(dt)) if dh is not None else torch.zeros_like(S_grid)
-    dvn_c = lay.to_chunks(dv_new.to(dt)) if dv_new is not None else torch.zeros_like(v_c)
-    dS = W.new_zeros(N, HV, K, Vd) if dS_final is None else dS_final.to(dt)  # dL/dS' of the last chunk
-    dW_c, dU_c, dk_dec, d_decay = [], [], [], []
-    for i in reversed(range(NT)):
-        S = S_grid[:, i]  # [N, HV, K, V]
-        dv_tot = dvn_c[:, i] + k_dec[:, i] @ dS  # S' = ... + k_dec^T v_new
-        dk_dec.append(v_c[:, i] @ dS.transpose(-1, -2))  # [N, HV, C, K]
-        d_decay.append((dS * S).sum(-1))  # [N, HV, K]: S' = Diag(Gamma_C) S + ...
-        dU_c.append(dv_tot)  # v_new = U - W S
-        dW_c.append(-dv_tot @ S.transpose(-1, -2))  # [N, HV, C, K]
-        dS = decay_C[:, i] * dS + dh_grid[:, i] - W_c[:, i].transpose(-1, -2) @ dv_tot  # dL/dS of this chunk
-    dk_dec_c = torch.stack(dk_dec[::-1], dim=1)  # [N, NT, HV, C, K]
-    d_decay_c = torch.stack(d_decay[::-1], dim=1)[..., None, :]  # [N, NT, HV, 1, K]
+    # 1. the sequential part: the gradient of every chunk's outgoing state, and dv_tot
+    dS_out, dv_tot, dS0 = state_passing_bwd_recurrence(lay.from_chunks(k_dec), W, G, h, dh, dv_new, dS_final,
+                                                       chunk_size, cu_seqlens)
+    # 2. the rest, chunk by chunk in parallel
+    dS_c = lay.grid_chunks(dS_out.to(dt))  # [N, NT, HV, K, V]
+    S_c = lay.grid_chunks(h.to(dt))
+    dvt_c = lay.to_chunks(dv_tot.to(dt))  # [N, NT, HV, C, V]
+    dk_dec_c = v_c @ dS_c.transpose(-1, -2)  # [N, NT, HV, C, K]
+    d_decay_c = (dS_c * S_c).sum(-1)[..., None, :]  # [N, NT, HV, 1, K]: S' = Diag(Gamma_C) S + ...
+    dW_c = -dvt_c @ S_c.transpose(-1, -2)  # v_new = U - W S
     dk_c = dk_dec_c * torch.exp(G_last - G_c).to(dt)  # k_dec = k exp(G_last - G)
     dG_ratio = dk_dec_c * k_dec  # d k_dec / d(G_last - G) = k_dec
     dG_c = -dG_ratio  # [N, NT, HV, C, K]: through -G
     dG_c[..., -1:, :] += dG_ratio.sum(3, keepdim=True) + d_decay_c * decay_C.transpose(-1, -2)  # through G_last
     return (
         lay.from_chunks(_sum_heads(dk_c, H)),
-        lay.from_chunks(torch.stack(dW_c[::-1], dim=1)),
-        lay.from_chunks(torch.stack(dU_c[::-1], dim=1)),
+        lay.from_chunks(dW_c),
+        dv_tot,
         _fold_G_grad(lay, dG_c, G.dtype),
-        dS if initial_state is not None else None,
+        dS0 if initial_state is not None else None,
     )
+
+
+def state_passing_bwd_recurrence(
+    kg: torch.Tensor,
+    W: torch.Tensor,
+    G: torch.Tensor,
+    h: torch.Tensor,
+    dh: Optional[torch.Tensor],
+    dv_new: Optional[torch.Tensor],
+    dS_final: Optional[torch.Tensor],
+    chunk_size: int,
+    cu_seqlens: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sequential part of :func:`state_passing_bwd`: one pass from the last chunk to the first.
+
+    With ``dS = dL/dS'``, the gradient of the state leaving the chunk (``dS_final``
+    for a sequence's last chunk)::
+
+        dS_out[chunk] = dS
+        dv_tot        = dv_new + kg dS                         # S' = ... + kg^T v_new
+        dS           <- exp(G_last) * dS + dh - W^T dv_tot      # dL/dS of the state entering the chunk
+
+    Everything else of the stage's backward is a per-chunk product of these and the
+    forward's ``h`` and ``v_new``, free of any order. ``kg = K * exp(G_last - G)``:
+    ``[B, T, HV, K]`` (the decayed keys, value heads); ``W: [B, T, HV, K]``,
+    ``G: [B, T, HV, K]``, ``h, dh: [NC, HV, K, V]`` (``dh=None``: zeros),
+    ``dv_new: [B, T, HV, V]`` (``None``: zeros), ``dS_final: [N, HV, K, V]`` or ``None`` ->
+    ``dS_out: [NC, HV, K, V]``, ``dv_tot: [B, T, HV, V]``, ``dS0: [N, HV, K, V]`` (the
+    gradient of each sequence's initial state), all in ``W``'s dtype.
+    """
+    lay = _layout(kg, chunk_size, cu_seqlens)
+    dt = W.dtype
+    W_c, kg_c, G_c = lay.to_chunks(W), lay.to_chunks(kg.to(dt)), _chunk_G(lay, G.to(torch.float64))
+    N, NT, HV, C, K = W_c.shape
+    Vd = h.shape[-1]
+    decay_C = torch.exp(G_c[..., -1:, :]).to(dt).transpose(-1, -2)  # [N, NT, HV, K, 1]: Gamma_C
+    S_grid = lay.grid_chunks(h.to(dt))  # [N, NT, HV, K, V]
+    dh_grid = lay.grid_chunks(dh.to(dt)) if dh is not None else torch.zeros_like(S_grid)
+    dvn_c = lay.to_chunks(dv_new.to(dt)) if dv_new is not None else W_c.new_zeros(N, NT, HV, C, Vd)
+    dS = W.new_zeros(N, HV, K, Vd) if dS_final is None else dS_final.to(dt)  # dL/dS' of the last chunk
+    dS_out, dv_tot = [], []
+    for i in reversed(range(NT)):
+        dS_out.append(dS)
+        dvt = dvn_c[:, i] + kg_c[:, i] @ dS  # [N, HV, C, V]
+        dv_tot.append(dvt)
+        dS = decay_C[:, i] * dS + dh_grid[:, i] - W_c[:, i].transpose(-1, -2) @ dvt  # dL/dS of this chunk
+    return (lay.flat_chunks(torch.stack(dS_out[::-1], dim=1)), lay.from_chunks(torch.stack(dv_tot[::-1], dim=1)),
+            dS)
 
 
 # ----------------------------------------------------------------------------------------------
