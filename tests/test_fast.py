@@ -226,6 +226,23 @@ def test_stage_state_passing_bwd_recurrence(p, C):
         assert torch.all(a == 0) and torch.all(b == 0), name
 
 
+@pin(*AWKWARD)
+@few
+@given(p=problems, C=chunk_16)
+def test_stage_chunk_output_bwd(p, C):
+    """The output stage's backward kernel (issue 5) == the chunked backward of the same name."""
+    from kda_explained.chunked.backward_inter import chunk_output_bwd as reference_bwd
+    from kda_explained.fast.backward import chunk_output_bwd
+
+    r = reference_stages(p, C)
+    do = torch.randn(r.o.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(DEVICE)
+    ref = reference_bwd(r.q, r.h, r.v_new, r.G, r.A_qk, r.scale, do, C, r.cu)
+    ours = chunk_output_bwd(f32(r.q), f32(r.h), f32(r.v_new), f32(r.G), f32(r.A_qk), r.scale, f32(do), C, r.cu)
+    for name, a, b in zip(("dq", "dh", "dv_new", "dG", "dA_qk"), ours, ref):
+        assert a.dtype == torch.float32
+        assert_close(a, b, F32, name)
+
+
 #: Gates at and past the strength the tensor-core diagonal of ``chunk_local_factors`` takes: a
 #: diagonal block whose decay span from its first token exceeds ``fast.local.SAFE_SPAN`` (80)
 #: is redone exactly, column by column. ``lower_bound = -5`` stays inside it (15 steps x 5 = 75).

@@ -1,7 +1,14 @@
-"""Backward kernels of the fast layer (issue 5, in progress): the reverse-time state recurrence.
+"""Backward kernels of the fast layer (issue 5, in progress).
 
-Mirrors :func:`kda_explained.chunked.backward_inter.state_passing_bwd_recurrence`, the
-one sequential part of the backward. One program owns the gradient ``dS [K, BV]``
+Two kernels so far, each the mirror of a chunked backward function:
+
+- ``chunk_output_bwd`` (:func:`kda_explained.chunked.backward_inter.chunk_output_bwd`):
+  the output stage's backward, every chunk in parallel;
+- ``state_passing_bwd_recurrence``
+  (:func:`kda_explained.chunked.backward_inter.state_passing_bwd_recurrence`): the one
+  sequential part of the backward.
+
+**The state recurrence.** One program owns the gradient ``dS [K, BV]``
 of one sequence's state (one value head, one tile of ``BV`` value columns) in
 float32 registers and walks the chunks from last to first::
 
@@ -14,8 +21,16 @@ What the rest of the stage's backward needs (``dk``, ``dW``, ``dG``) are per-chu
 products of ``dS_out``, ``dv_tot`` and the forward's ``h`` and ``v_new``, with no
 order between chunks.
 
-Not yet wired into :func:`~kda_explained.fast.chunk.chunk_kda`'s backward: the kernel
-is checked under the Triton interpreter only, and waits for its first compiled run
+**The output stage**, ``O = qg S + A_qk v_new`` with ``qg = scale q exp(G)``, one
+program per chunk and value head, looping over tiles of ``V``::
+
+    dS     = qg^T dO          (per V tile: the ``dh`` the recurrence takes)
+    dqg   += dO S^T           dA_qk += dO v_new^T      (summed over V tiles)
+    dv_new = A_qk^T dO
+    dq     = scale exp(G) dqg (per value head; GVA sums the group after)   dG = dqg * qg
+
+Neither is wired into :func:`~kda_explained.fast.chunk.chunk_kda`'s backward yet: both
+are checked under the Triton interpreter only, and wait for their first compiled run
 on the GPU.
 """
 
@@ -29,7 +44,7 @@ import triton.language as tl
 
 from ._meta import SeqMeta, dot_precision, seq_meta
 
-__all__ = ["state_passing_bwd_recurrence"]
+__all__ = ["state_passing_bwd_recurrence", "chunk_output_bwd"]
 
 
 @triton.jit
@@ -140,3 +155,107 @@ def state_passing_bwd_recurrence(
             PRECISION=dot_precision(W.dtype), num_warps=8,
         )
     return dS_out, dv_tot, dS0
+
+
+@triton.jit
+def _chunk_output_bwd_kernel(
+    # pointers
+    q,  # [TT, H, K]
+    G,  # [TT, HV, K] float32
+    h,  # [NC, HV, K, V] states entering each chunk
+    v_new,  # [TT, HV, V]
+    A_qk,  # [TT, HV, BT]
+    do,  # [TT, HV, V]
+    dq,  # [TT, HV, K] float32 out, per value head
+    dG,  # [TT, HV, K] float32 out
+    dh,  # [NC, HV, K, V] float32 out
+    dv_new,  # [TT, HV, V] float32 out
+    dA,  # [TT, HV, BT] float32 out: dO v_new^T (the whole chunk row, as autograd gives it)
+    cu,
+    chunk_seq,
+    chunk_bos,
+    # scalars
+    scale,
+    # sizes
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    # meta-parameters
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_h = i_hv // (HV // H)
+    i_n = tl.load(chunk_seq + i_c)
+    bos = tl.load(chunk_bos + i_c).to(tl.int64)
+    eos = tl.load(cu + i_n + 1).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    m_t = bos + o_t < eos
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    p_tk = ((bos + o_t[:, None]) * HV + i_hv) * K + o_k[None, :]
+    b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tk, other=0).to(tl.float32)
+    b_gamma = tl.where(m_tk, tl.exp(tl.load(G + p_tk, mask=m_tk, other=0)), 0.0)  # exp(<= 0)
+    b_qg = b_q * b_gamma * scale  # [BT, BK]
+    b_A = tl.load(A_qk + ((bos + o_t[:, None]) * HV + i_hv) * BT + o_t[None, :], mask=m_t[:, None] & m_t[None, :],
+                  other=0).to(tl.float32)  # [BT, BT]
+    b_dqg = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_tv = ((bos + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
+        p_S = (i_c.to(tl.int64) * HV + i_hv) * K * V + o_k[:, None] * V + o_v[None, :]
+        b_do = tl.load(do + p_tv, mask=m_tv, other=0).to(tl.float32)  # [BT, BV]
+        b_S = tl.load(h + p_S, mask=m_k[:, None] & m_v[None, :], other=0).to(tl.float32)  # [BK, BV]
+        b_vn = tl.load(v_new + p_tv, mask=m_tv, other=0).to(tl.float32)  # [BT, BV]
+        tl.store(dh + p_S, tl.dot(tl.trans(b_qg), b_do, input_precision=PRECISION), mask=m_k[:, None] & m_v[None, :])
+        tl.store(dv_new + p_tv, tl.dot(tl.trans(b_A), b_do, input_precision=PRECISION), mask=m_tv)
+        b_dqg += tl.dot(b_do, tl.trans(b_S), input_precision=PRECISION)
+        b_dA += tl.dot(b_do, tl.trans(b_vn), input_precision=PRECISION)
+    tl.store(dq + p_tk, b_dqg * b_gamma * scale, mask=m_tk)
+    tl.store(dG + p_tk, b_dqg * b_qg, mask=m_tk)
+    tl.store(dA + ((bos + o_t[:, None]) * HV + i_hv) * BT + o_t[None, :], b_dA, mask=m_t[:, None])
+
+
+def chunk_output_bwd(
+    q: torch.Tensor,
+    h: torch.Tensor,
+    v_new: torch.Tensor,
+    G: torch.Tensor,
+    A_qk: torch.Tensor,
+    scale: float,
+    do: torch.Tensor,
+    chunk_size: int,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    *,
+    meta: Optional[SeqMeta] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dq: [B, T, H, K]``, ``dh: [NC, HV, K, V]``, ``dv_new: [B, T, HV, V]``, ``dG: [B, T, HV, K]``,
+    ``dA_qk: [B, T, HV, C]``, all float32; arguments as
+    :func:`kda_explained.chunked.backward_inter.chunk_output_bwd`.
+    """
+    B, T, H, K = q.shape
+    HV, V = v_new.shape[2], v_new.shape[3]
+    meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, q.device)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dq = torch.zeros(B, T, HV, K, **f32)
+    dG = torch.zeros(B, T, HV, K, **f32)
+    dh = torch.empty(meta.NC, HV, K, V, **f32)
+    dv_new = torch.zeros(B, T, HV, V, **f32)
+    dA = torch.zeros(B, T, HV, chunk_size, **f32)
+    if meta.NC > 0:
+        _chunk_output_bwd_kernel[(meta.NC, HV)](
+            q.contiguous(), G.contiguous(), h.contiguous(), v_new.contiguous(), A_qk.contiguous(), do.contiguous(),
+            dq, dG, dh, dv_new, dA, meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale),
+            H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=max(16, triton.next_power_of_2(K)),
+            BV=min(64, max(16, triton.next_power_of_2(V))), PRECISION=dot_precision(q.dtype),
+            num_warps=8,  # untuned: compiled for sm_90 on a CPU machine, 8 warps spill 440 B, 4 warps 2.6 KB
+        )
+    dq = dq.view(B, T, H, HV // H, K).sum(3)  # GVA: a q head is read by HV // H value heads
+    return dq, dh, dv_new, dG, dA
