@@ -243,6 +243,31 @@ def test_stage_chunk_output_bwd(p, C):
         assert_close(a, b, F32, name)
 
 
+@pin(*AWKWARD)
+@few
+@given(p=problems, C=chunk_16)
+def test_stage_state_passing_bwd(p, C):
+    """The state stage's whole backward (recurrence + per-chunk kernel) == chunked.state_passing_bwd."""
+    from kda_explained.chunked.backward_inter import state_passing_bwd as reference_bwd
+    from kda_explained.fast.backward import state_passing_bwd
+
+    r = reference_stages(p, C)
+    gen = torch.Generator().manual_seed(5)
+
+    def rand(x):
+        return torch.randn(x.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+
+    dh, dv_new, dS_final = rand(r.h), rand(r.v_new), rand(r.S)
+    ref = reference_bwd(r.k, r.W, r.U, r.G, r.S0, r.h, r.v_new, dh, dv_new, dS_final, C, r.cu)
+    ours = state_passing_bwd(f32(r.kg), f32(r.W), f32(r.G), f32(r.S0), f32(r.h), f32(r.v_new), f32(dh), f32(dv_new),
+                             f32(dS_final), C, r.cu, H=r.k.shape[2])
+    for name, a, b in zip(("dk", "dW", "dU", "dG", "dS0"), ours, ref):
+        if b is None:
+            assert a is None, name
+            continue
+        assert_close(a, b, F32, name)
+
+
 #: Gates at and past the strength the tensor-core diagonal of ``chunk_local_factors`` takes: a
 #: diagonal block whose decay span from its first token exceeds ``fast.local.SAFE_SPAN`` (80)
 #: is redone exactly, column by column. ``lower_bound = -5`` stays inside it (15 steps x 5 = 75).

@@ -1,12 +1,14 @@
 """Backward kernels of the fast layer (issue 5, in progress).
 
-Two kernels so far, each the mirror of a chunked backward function:
+Three kernels so far, each the mirror of a chunked backward function:
 
 - ``chunk_output_bwd`` (:func:`kda_explained.chunked.backward_inter.chunk_output_bwd`):
   the output stage's backward, every chunk in parallel;
 - ``state_passing_bwd_recurrence``
   (:func:`kda_explained.chunked.backward_inter.state_passing_bwd_recurrence`): the one
-  sequential part of the backward.
+  sequential part of the backward;
+- ``state_passing_bwd`` (:func:`kda_explained.chunked.backward_inter.state_passing_bwd`):
+  the recurrence, then the rest of the state stage's backward, every chunk in parallel.
 
 **The state recurrence.** One program owns the gradient ``dS [K, BV]``
 of one sequence's state (one value head, one tile of ``BV`` value columns) in
@@ -20,6 +22,13 @@ Value columns are independent in all three lines, as in the forward state pass.
 What the rest of the stage's backward needs (``dk``, ``dW``, ``dG``) are per-chunk
 products of ``dS_out``, ``dv_tot`` and the forward's ``h`` and ``v_new``, with no
 order between chunks.
+
+**The rest of the state stage**, per chunk and value head, looping over tiles of ``V``
+(``S = h`` of the chunk, ``dS = dS_out``)::
+
+    dkg     += v_new dS^T        dW -= dv_tot S^T        d_decay += sum_V(dS * S)
+    dk       = dkg exp(G_last - G)                        dG = -dkg * kg  (row by row)
+    dG_last += sum_r dkg * kg + exp(G_last) d_decay       (the chunk's last real row)
 
 **The output stage**, ``O = qg S + A_qk v_new`` with ``qg = scale q exp(G)``, one
 program per chunk and value head, looping over tiles of ``V``::
@@ -44,7 +53,7 @@ import triton.language as tl
 
 from ._meta import SeqMeta, dot_precision, seq_meta
 
-__all__ = ["state_passing_bwd_recurrence", "chunk_output_bwd"]
+__all__ = ["state_passing_bwd_recurrence", "state_passing_bwd", "chunk_output_bwd"]
 
 
 @triton.jit
@@ -259,3 +268,112 @@ def chunk_output_bwd(
         )
     dq = dq.view(B, T, H, HV // H, K).sum(3)  # GVA: a q head is read by HV // H value heads
     return dq, dh, dv_new, dG, dA
+
+
+@triton.jit
+def _state_bwd_chunk_kernel(
+    # pointers
+    kg,  # [TT, HV, K]
+    G,  # [TT, HV, K] float32
+    h,  # [NC, HV, K, V]
+    v_new,  # [TT, HV, V]
+    dS_out,  # [NC, HV, K, V] from the recurrence
+    dv_tot,  # [TT, HV, V] from the recurrence
+    dk,  # [TT, HV, K] float32 out, per value head
+    dW,  # [TT, HV, K] float32 out
+    dG,  # [TT, HV, K] float32 out
+    cu,
+    chunk_seq,
+    chunk_bos,
+    # sizes
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    # meta-parameters
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    i_c, i_hv, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # channels are independent here
+    i_n = tl.load(chunk_seq + i_c)
+    bos = tl.load(chunk_bos + i_c).to(tl.int64)
+    eos = tl.load(cu + i_n + 1).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_t = bos + o_t < eos
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    p_tk = ((bos + o_t[:, None]) * HV + i_hv) * K + o_k[None, :]
+    b_kg = tl.load(kg + p_tk, mask=m_tk, other=0).to(tl.float32)  # [BT, BK]
+    b_dkg = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dW = tl.zeros([BT, BK], dtype=tl.float32)
+    b_ddecay = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_tv = m_t[:, None] & m_v[None, :]
+        m_kv = m_k[:, None] & m_v[None, :]
+        p_tv = ((bos + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
+        p_S = (i_c.to(tl.int64) * HV + i_hv) * K * V + o_k[:, None] * V + o_v[None, :]
+        b_S = tl.load(h + p_S, mask=m_kv, other=0).to(tl.float32)  # [BK, BV]
+        b_dS = tl.load(dS_out + p_S, mask=m_kv, other=0).to(tl.float32)
+        b_vn = tl.load(v_new + p_tv, mask=m_tv, other=0).to(tl.float32)  # [BT, BV]
+        b_dv = tl.load(dv_tot + p_tv, mask=m_tv, other=0).to(tl.float32)
+        b_dkg += tl.dot(b_vn, tl.trans(b_dS), input_precision=PRECISION)
+        b_dW -= tl.dot(b_dv, tl.trans(b_S), input_precision=PRECISION)
+        b_ddecay += tl.sum(b_dS * b_S, axis=1)
+    r_last = tl.minimum(BT, eos - bos) - 1  # the chunk's last real row
+    b_Glast = tl.load(G + ((bos + r_last) * HV + i_hv) * K + o_k, mask=m_k, other=0)  # [BK]
+    b_G = tl.load(G + p_tk, mask=m_tk, other=0)
+    b_dk = tl.where(m_tk, b_dkg * tl.exp(tl.minimum(b_Glast[None, :] - b_G, 0.0)), 0.0)  # kg = k exp(G_last - G)
+    b_ratio = b_dkg * b_kg  # d kg / d(G_last - G) = kg
+    b_last = tl.sum(b_ratio, axis=0) + tl.exp(b_Glast) * b_ddecay  # [BK]: through G_last
+    b_dG = tl.where(o_t[:, None] == r_last, b_last[None, :], 0.0) - b_ratio
+    tl.store(dk + p_tk, b_dk, mask=m_tk)
+    tl.store(dW + p_tk, b_dW, mask=m_tk)
+    tl.store(dG + p_tk, b_dG, mask=m_tk)
+
+
+def state_passing_bwd(
+    kg: torch.Tensor,
+    W: torch.Tensor,
+    G: torch.Tensor,
+    initial_state: Optional[torch.Tensor],
+    h: torch.Tensor,
+    v_new: torch.Tensor,
+    dh: Optional[torch.Tensor],
+    dv_new: Optional[torch.Tensor],
+    dS_final: Optional[torch.Tensor],
+    chunk_size: int,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    *,
+    H: Optional[int] = None,
+    meta: Optional[SeqMeta] = None,
+):
+    """The whole state stage's backward: ``(dk, dW, dU, dG, dS0)``, float32.
+
+    Arguments as :func:`kda_explained.chunked.backward_inter.state_passing_bwd`, except that
+    the keys come decayed, ``kg = k exp(G_last - G)`` (``[B, T, HV, K]``, as the forward
+    state pass takes them), and ``U`` is not needed. ``dk`` is summed over each group of
+    ``HV // H`` value heads (``H``: the key heads, default ``HV``); ``dS0`` is ``None``
+    without an initial state.
+    """
+    B, T, HV, K = kg.shape
+    V = h.shape[-1]
+    H = H or HV
+    meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, kg.device)
+    dS_out, dv_tot, dS0 = state_passing_bwd_recurrence(kg, W, G, h, dh, dv_new, dS_final, chunk_size, cu_seqlens,
+                                                       meta=meta)
+    f32 = dict(dtype=torch.float32, device=kg.device)
+    dk, dW, dG = (torch.zeros(B, T, HV, K, **f32) for _ in range(3))
+    if meta.NC > 0:
+        BK = min(64, max(16, triton.next_power_of_2(K)))
+        _state_bwd_chunk_kernel[(meta.NC, HV, triton.cdiv(K, BK))](
+            kg.contiguous(), G.contiguous(), h.contiguous(), v_new.contiguous(), dS_out, dv_tot, dk, dW, dG,
+            meta.cu, meta.chunk_seq, meta.chunk_bos,
+            HV=HV, K=K, V=V, BT=chunk_size, BK=BK, BV=min(64, max(16, triton.next_power_of_2(V))),
+            PRECISION=dot_precision(W.dtype), num_warps=8,  # untuned; ptxas (sm_90, CPU): 24 B spills
+        )
+    dk = dk.view(B, T, H, HV // H, K).sum(3)  # GVA
+    return dk, dW, dv_tot, dG, (dS0 if initial_state is not None else None)
