@@ -268,6 +268,24 @@ def test_stage_state_passing_bwd(p, C):
         assert_close(a, b, F32, name)
 
 
+@pin(*AWKWARD)
+@few
+@given(p=problems, C=chunk_16)
+def test_stage_wy_representation_bwd(p, C):
+    """The WY factors' backward kernel (issue 5) == chunked.wy_representation_bwd."""
+    from kda_explained.chunked.backward_inter import wy_representation_bwd as reference_bwd
+    from kda_explained.fast.backward import wy_representation_bwd
+
+    r = reference_stages(p, C)
+    gen = torch.Generator().manual_seed(6)
+    dW = torch.randn(r.W.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    dU = torch.randn(r.U.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    ref = reference_bwd(r.k, r.v, r.G, r.beta, r.M, dW, dU, C, r.cu)
+    ours = wy_representation_bwd(f32(r.k), f32(r.v), f32(r.G), f32(r.beta), f32(r.M), f32(dW), f32(dU), C, r.cu)
+    for name, a, b in zip(("dk", "dv", "dG", "dbeta", "dM"), ours, ref):
+        assert_close(a, b, F32, name)
+
+
 #: Gates at and past the strength the tensor-core diagonal of ``chunk_local_factors`` takes: a
 #: diagonal block whose decay span from its first token exceeds ``fast.local.SAFE_SPAN`` (80)
 #: is redone exactly, column by column. ``lower_bound = -5`` stays inside it (15 steps x 5 = 75).

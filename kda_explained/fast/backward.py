@@ -1,7 +1,11 @@
 """Backward kernels of the fast layer (issue 5, in progress).
 
-Three kernels so far, each the mirror of a chunked backward function:
+Four kernels so far, each the mirror of a chunked backward function:
 
+- ``wy_representation_bwd``
+  (:func:`kda_explained.chunked.backward_inter.wy_representation_bwd`): the WY factors'
+  backward, every chunk in parallel (``M`` given: the fused forward does not store it,
+  so the backward pipeline will recompute it);
 - ``chunk_output_bwd`` (:func:`kda_explained.chunked.backward_inter.chunk_output_bwd`):
   the output stage's backward, every chunk in parallel;
 - ``state_passing_bwd_recurrence``
@@ -30,6 +34,13 @@ order between chunks.
     dk       = dkg exp(G_last - G)                        dG = -dkg * kg  (row by row)
     dG_last += sum_r dkg * kg + exp(G_last) d_decay       (the chunk's last real row)
 
+**The WY factors**, ``W = M kb`` with ``kb = beta exp(G) k`` and ``U = M vb`` with
+``vb = beta v``, per chunk and value head, looping over tiles of ``K`` and then ``V``::
+
+    dM  += dW kb^T + dU vb^T      dkb = M^T dW      dvb = M^T dU
+    dk   = beta exp(G) dkb        dG = dkb * kb     dv = beta dvb
+    dbeta = sum_K(dkb * exp(G) k) + sum_V(dvb * v)
+
 **The output stage**, ``O = qg S + A_qk v_new`` with ``qg = scale q exp(G)``, one
 program per chunk and value head, looping over tiles of ``V``::
 
@@ -53,7 +64,7 @@ import triton.language as tl
 
 from ._meta import SeqMeta, dot_precision, seq_meta
 
-__all__ = ["state_passing_bwd_recurrence", "state_passing_bwd", "chunk_output_bwd"]
+__all__ = ["wy_representation_bwd", "state_passing_bwd_recurrence", "state_passing_bwd", "chunk_output_bwd"]
 
 
 @triton.jit
@@ -377,3 +388,109 @@ def state_passing_bwd(
         )
     dk = dk.view(B, T, H, HV // H, K).sum(3)  # GVA
     return dk, dW, dv_tot, dG, (dS0 if initial_state is not None else None)
+
+
+@triton.jit
+def _wy_bwd_kernel(
+    # pointers
+    k,  # [TT, H, K]
+    v,  # [TT, HV, V]
+    G,  # [TT, HV, K] float32
+    beta,  # [TT, HV]
+    M,  # [TT, HV, BT]
+    dW,  # [TT, HV, K]
+    dU,  # [TT, HV, V]
+    dk,  # [TT, HV, K] float32 out, per value head
+    dv,  # [TT, HV, V] float32 out
+    dG,  # [TT, HV, K] float32 out
+    dbeta,  # [TT, HV] float32 out
+    dM,  # [TT, HV, BT] float32 out (the whole chunk row, as autograd gives it)
+    cu,
+    chunk_seq,
+    chunk_bos,
+    # sizes
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    # meta-parameters
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_h = i_hv // (HV // H)
+    i_n = tl.load(chunk_seq + i_c)
+    bos = tl.load(chunk_bos + i_c).to(tl.int64)
+    eos = tl.load(cu + i_n + 1).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    m_t = bos + o_t < eos
+    m_tt = m_t[:, None] & m_t[None, :]
+    p_tt = ((bos + o_t[:, None]) * HV + i_hv) * BT + o_t[None, :]
+    b_M = tl.load(M + p_tt, mask=m_tt, other=0).to(tl.float32)  # [BT, BT]
+    b_beta = tl.load(beta + (bos + o_t) * HV + i_hv, mask=m_t, other=0).to(tl.float32)  # [BT]
+    b_dM = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dbeta = tl.zeros([BT], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        p_tk = ((bos + o_t[:, None]) * HV + i_hv) * K + o_k[None, :]
+        b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tk, other=0).to(tl.float32)
+        b_gk = tl.where(m_tk, tl.exp(tl.load(G + p_tk, mask=m_tk, other=0)), 0.0) * b_k  # exp(G) k
+        b_kb = b_beta[:, None] * b_gk
+        b_dW = tl.load(dW + p_tk, mask=m_tk, other=0).to(tl.float32)
+        b_dM += tl.dot(b_dW, tl.trans(b_kb), input_precision=PRECISION)
+        b_dkb = tl.dot(tl.trans(b_M), b_dW, input_precision=PRECISION)  # [BT, BK]
+        tl.store(dk + p_tk, tl.where(m_tk, b_dkb * b_beta[:, None] * tl.exp(tl.load(G + p_tk, mask=m_tk, other=0)),
+                                     0.0), mask=m_tk)
+        tl.store(dG + p_tk, b_dkb * b_kb, mask=m_tk)
+        b_dbeta += tl.sum(b_dkb * b_gk, axis=1)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        p_tv = ((bos + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
+        b_v = tl.load(v + p_tv, mask=m_tv, other=0).to(tl.float32)
+        b_dU = tl.load(dU + p_tv, mask=m_tv, other=0).to(tl.float32)
+        b_dM += tl.dot(b_dU, tl.trans(b_beta[:, None] * b_v), input_precision=PRECISION)
+        b_dvb = tl.dot(tl.trans(b_M), b_dU, input_precision=PRECISION)  # [BT, BV]
+        tl.store(dv + p_tv, b_dvb * b_beta[:, None], mask=m_tv)
+        b_dbeta += tl.sum(b_dvb * b_v, axis=1)
+    tl.store(dM + p_tt, b_dM, mask=m_t[:, None])
+    tl.store(dbeta + (bos + o_t) * HV + i_hv, b_dbeta, mask=m_t)
+
+
+def wy_representation_bwd(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    G: torch.Tensor,
+    beta: torch.Tensor,
+    M: torch.Tensor,
+    dW: torch.Tensor,
+    dU: torch.Tensor,
+    chunk_size: int,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    *,
+    meta: Optional[SeqMeta] = None,
+):
+    """``(dk [B, T, H, K], dv, dG, dbeta, dM)``, float32; arguments as
+    :func:`kda_explained.chunked.backward_inter.wy_representation_bwd`.
+    """
+    B, T, H, K = k.shape
+    HV, V = v.shape[2], v.shape[3]
+    meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, k.device)
+    f32 = dict(dtype=torch.float32, device=k.device)
+    dk, dG = torch.zeros(B, T, HV, K, **f32), torch.zeros(B, T, HV, K, **f32)
+    dv = torch.zeros(B, T, HV, V, **f32)
+    dbeta = torch.zeros(B, T, HV, **f32)
+    dM = torch.zeros(B, T, HV, chunk_size, **f32)
+    if meta.NC > 0:
+        _wy_bwd_kernel[(meta.NC, HV)](
+            k.contiguous(), v.contiguous(), G.contiguous(), beta.contiguous(), M.contiguous(), dW.contiguous(),
+            dU.contiguous(), dk, dv, dG, dbeta, dM, meta.cu, meta.chunk_seq, meta.chunk_bos,
+            H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=min(64, max(16, triton.next_power_of_2(K))),
+            BV=min(64, max(16, triton.next_power_of_2(V))), PRECISION=dot_precision(k.dtype),
+            num_warps=8,  # untuned; ptxas (sm_90, CPU): 32 B spills at 8 warps, 1.3 KB at 4
+        )
+    dk = dk.view(B, T, H, HV // H, K).sum(3)  # GVA
+    return dk, dv, dG, dbeta, dM
