@@ -286,6 +286,19 @@ def test_stage_wy_representation_bwd(p, C):
         assert_close(a, b, F32, name)
 
 
+@pin(*AWKWARD)
+@few
+@given(p=problems, C=chunk_16)
+def test_stage_ut_transform_bwd(p, C):
+    """The UT transform's backward kernel (issue 5) == chunked.ut_transform_bwd."""
+    from kda_explained.chunked.backward_intra import ut_transform_bwd as reference_bwd
+    from kda_explained.fast.backward import ut_transform_bwd
+
+    r = reference_stages(p, C)
+    dM = torch.randn(r.M.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(DEVICE)
+    assert_close(ut_transform_bwd(f32(r.M), f32(dM), C, r.cu), reference_bwd(r.M, dM, C, r.cu), F32, "dA_kk")
+
+
 #: Gates at and past the strength the tensor-core diagonal of ``chunk_local_factors`` takes: a
 #: diagonal block whose decay span from its first token exceeds ``fast.local.SAFE_SPAN`` (80)
 #: is redone exactly, column by column. ``lower_bound = -5`` stays inside it (15 steps x 5 = 75).

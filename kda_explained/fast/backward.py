@@ -1,7 +1,9 @@
 """Backward kernels of the fast layer (issue 5, in progress).
 
-Four kernels so far, each the mirror of a chunked backward function:
+Five kernels so far, each the mirror of a chunked backward function:
 
+- ``ut_transform_bwd`` (:func:`kda_explained.chunked.backward_intra.ut_transform_bwd`):
+  ``dA_kk = StrictTril(-M^T dM M^T)``, one ``[C, C]`` product pair per chunk;
 - ``wy_representation_bwd``
   (:func:`kda_explained.chunked.backward_inter.wy_representation_bwd`): the WY factors'
   backward, every chunk in parallel (``M`` given: the fused forward does not store it,
@@ -64,7 +66,7 @@ import triton.language as tl
 
 from ._meta import SeqMeta, dot_precision, seq_meta
 
-__all__ = ["wy_representation_bwd", "state_passing_bwd_recurrence", "state_passing_bwd", "chunk_output_bwd"]
+__all__ = ["ut_transform_bwd", "wy_representation_bwd", "state_passing_bwd_recurrence", "state_passing_bwd", "chunk_output_bwd"]
 
 
 @triton.jit
@@ -494,3 +496,49 @@ def wy_representation_bwd(
         )
     dk = dk.view(B, T, H, HV // H, K).sum(3)  # GVA
     return dk, dv, dG, dbeta, dM
+
+
+@triton.jit
+def _ut_bwd_kernel(
+    # pointers
+    M,  # [TT, HV, BT]
+    dM,  # [TT, HV, BT]
+    dA,  # [TT, HV, BT] float32 out
+    cu,
+    chunk_seq,
+    chunk_bos,
+    # sizes
+    HV: tl.constexpr,
+    # meta-parameters
+    BT: tl.constexpr,
+):
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_n = tl.load(chunk_seq + i_c)
+    bos = tl.load(chunk_bos + i_c).to(tl.int64)
+    eos = tl.load(cu + i_n + 1).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    m_t = bos + o_t < eos
+    m_tt = m_t[:, None] & m_t[None, :]
+    p_tt = ((bos + o_t[:, None]) * HV + i_hv) * BT + o_t[None, :]
+    b_M = tl.load(M + p_tt, mask=m_tt, other=0).to(tl.float32)
+    b_dM = tl.load(dM + p_tt, mask=m_tt, other=0).to(tl.float32)
+    # d(M) = -M d(A) M  (differentiate M (I + A) = I)  =>  dA = -M^T dM M^T, full float32 as the forward
+    b_dA = -tl.dot(tl.dot(tl.trans(b_M), b_dM, input_precision="ieee"), tl.trans(b_M), input_precision="ieee")
+    b_dA = tl.where(o_t[None, :] < o_t[:, None], b_dA, 0.0)  # the forward reads the strict lower triangle only
+    tl.store(dA + p_tt, b_dA, mask=m_t[:, None])
+
+
+def ut_transform_bwd(
+    M: torch.Tensor, dM: torch.Tensor, chunk_size: int, cu_seqlens: Optional[torch.Tensor] = None, *,
+    meta: Optional[SeqMeta] = None,
+) -> torch.Tensor:
+    """``dA_kk: [B, T, HV, C]`` float32 from ``M, dM: [B, T, HV, C]``; as
+    :func:`kda_explained.chunked.backward_intra.ut_transform_bwd`.
+    """
+    B, T, HV, C = M.shape
+    meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, M.device)
+    dA = torch.zeros(B, T, HV, C, dtype=torch.float32, device=M.device)
+    if meta.NC > 0:
+        _ut_bwd_kernel[(meta.NC, HV)](M.contiguous(), dM.contiguous(), dA, meta.cu, meta.chunk_seq, meta.chunk_bos,
+                                      HV=HV, BT=chunk_size, num_warps=4)
+    return dA
