@@ -299,6 +299,25 @@ def test_stage_ut_transform_bwd(p, C):
     assert_close(ut_transform_bwd(f32(r.M), f32(dM), C, r.cu), reference_bwd(r.M, dM, C, r.cu), F32, "dA_kk")
 
 
+@pin(*AWKWARD)
+@few
+@given(p=problems, C=chunk_16)
+def test_stage_intra_chunk_matrices_bwd(p, C):
+    """The intra-chunk matrices' backward kernel (issue 5) == chunked.intra_chunk_matrices_bwd."""
+    from kda_explained.chunked.backward_intra import intra_chunk_matrices_bwd as reference_bwd
+    from kda_explained.fast.backward import intra_chunk_matrices_bwd
+
+    r = reference_stages(p, C)
+    gen = torch.Generator().manual_seed(8)
+    dA_kk = torch.randn(r.A_kk.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    dA_qk = torch.randn(r.A_qk.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    ref = reference_bwd(r.q, r.k, r.G, r.beta, r.scale, dA_kk, dA_qk, C, r.cu)
+    ours = intra_chunk_matrices_bwd(f32(r.q), f32(r.k), f32(r.G), f32(r.beta), r.scale, f32(dA_kk), f32(dA_qk), C,
+                                    r.cu)
+    for name, a, b in zip(("dq", "dk", "dG", "dbeta"), ours, ref):
+        assert_close(a, b, F32, name)
+
+
 #: Gates at and past the strength the tensor-core diagonal of ``chunk_local_factors`` takes: a
 #: diagonal block whose decay span from its first token exceeds ``fast.local.SAFE_SPAN`` (80)
 #: is redone exactly, column by column. ``lower_bound = -5`` stays inside it (15 steps x 5 = 75).
@@ -341,6 +360,24 @@ def test_stage_chunk_local_factors_extreme_gates(gate, C):
     W, U = chunked.wy_representation(k, v, G, beta, M, C, cu)
     assert_close(f.W, W, F32, "W")
     assert_close(f.U, U, F32, "U")
+
+
+@pytest.mark.parametrize("gate", EXTREME_GATES)
+def test_stage_intra_chunk_matrices_bwd_extreme_gates(gate):
+    # the backward's exact form masks every exponent before the exp: no gate overflows it
+    from kda_explained.chunked.backward_intra import intra_chunk_matrices_bwd as reference_bwd
+    from kda_explained.fast.backward import intra_chunk_matrices_bwd
+
+    (q, k, _, _, beta), kw = inputs(EXTREME_PROBLEM, torch.float64)
+    cu, scale, C = kw["cu_seqlens"], EXTREME_PROBLEM.shape[4] ** -0.5, 32
+    G = chunked.chunk_local_cumsum(extreme_gate(gate, beta.shape + (q.shape[-1],)), C, cu)
+    gen = torch.Generator().manual_seed(9)
+    dA_kk, dA_qk = (torch.randn(beta.shape + (C,), generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(2))
+    ref = reference_bwd(q, k, G, beta, scale, dA_kk, dA_qk, C, cu)
+    ours = intra_chunk_matrices_bwd(f32(q), f32(k), f32(G), f32(beta), scale, f32(dA_kk), f32(dA_qk), C, cu)
+    for name, a, b in zip(("dq", "dk", "dG", "dbeta"), ours, ref):
+        assert torch.isfinite(a).all(), name
+        assert_close(a, b, F32, name)
 
 
 @pytest.mark.parametrize("gate", EXTREME_GATES)

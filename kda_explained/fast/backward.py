@@ -1,7 +1,11 @@
 """Backward kernels of the fast layer (issue 5, in progress).
 
-Five kernels so far, each the mirror of a chunked backward function:
+Six kernels so far, each the mirror of a chunked backward function:
 
+- ``intra_chunk_matrices_bwd``
+  (:func:`kda_explained.chunked.backward_intra.intra_chunk_matrices_bwd`): the exact form,
+  one column of the chunk at a time with every exponent masked before the ``exp`` (no
+  tensor cores yet: a correct first version, and the form strong gates need);
 - ``ut_transform_bwd`` (:func:`kda_explained.chunked.backward_intra.ut_transform_bwd`):
   ``dA_kk = StrictTril(-M^T dM M^T)``, one ``[C, C]`` product pair per chunk;
 - ``wy_representation_bwd``
@@ -66,7 +70,7 @@ import triton.language as tl
 
 from ._meta import SeqMeta, dot_precision, seq_meta
 
-__all__ = ["ut_transform_bwd", "wy_representation_bwd", "state_passing_bwd_recurrence", "state_passing_bwd", "chunk_output_bwd"]
+__all__ = ["intra_chunk_matrices_bwd", "ut_transform_bwd", "wy_representation_bwd", "state_passing_bwd_recurrence", "state_passing_bwd", "chunk_output_bwd"]
 
 
 @triton.jit
@@ -542,3 +546,113 @@ def ut_transform_bwd(
         _ut_bwd_kernel[(meta.NC, HV)](M.contiguous(), dM.contiguous(), dA, meta.cu, meta.chunk_seq, meta.chunk_bos,
                                       HV=HV, BT=chunk_size, num_warps=4)
     return dA
+
+
+@triton.jit
+def _intra_bwd_kernel(
+    # pointers
+    q,  # [TT, H, K]
+    k,  # [TT, H, K]
+    G,  # [TT, HV, K] float32
+    beta,  # [TT, HV]
+    dA_kk,  # [TT, HV, BT]
+    dA_qk,  # [TT, HV, BT]
+    dq,  # [TT, HV, K] float32 out, per value head
+    dk,  # [TT, HV, K] float32 out, per value head
+    dG,  # [TT, HV, K] float32 out
+    dbeta,  # [NK, TT, HV] float32 out: one partial sum per K tile
+    cu,
+    chunk_seq,
+    chunk_bos,
+    # scalars
+    scale,
+    # sizes
+    TT,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    # meta-parameters
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+):
+    i_c, i_hv, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # channels are independent
+    i_h = i_hv // (HV // H)
+    i_n = tl.load(chunk_seq + i_c)
+    bos = tl.load(chunk_bos + i_c).to(tl.int64)
+    eos = tl.load(cu + i_n + 1).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_t = bos + o_t < eos
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    p_tk = ((bos + o_t[:, None]) * HV + i_hv) * K + o_k[None, :]
+    b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tk, other=0).to(tl.float32)
+    b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tk, other=0).to(tl.float32)
+    b_G = tl.load(G + p_tk, mask=m_tk, other=0)
+    b_beta = tl.load(beta + (bos + o_t) * HV + i_hv, mask=m_t, other=0).to(tl.float32)  # [BT]
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dG = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dbeta = tl.zeros([BT], dtype=tl.float32)
+    for j in range(0, BT):  # column j of A_kk and A_qk
+        m_kj = m_k & (bos + j + 0 * o_k < eos)  # [BK]: column j is a real token
+        b_kj = tl.load(k + ((bos + j) * H + i_h) * K + o_k, mask=m_kj, other=0).to(tl.float32)  # [BK]
+        b_Gj = tl.load(G + ((bos + j) * HV + i_hv) * K + o_k, mask=m_kj, other=0)
+        p_col = ((bos + o_t) * HV + i_hv) * BT + j
+        # the gradients reaching column j of the products, rows r > j (A_kk) and r >= j (A_qk)
+        m_tj = m_t & (bos + j + 0 * o_t < eos)
+        b_dAkk = tl.load(dA_kk + p_col, mask=m_tj & (o_t > j), other=0).to(tl.float32)  # [BT]
+        b_dAqk = tl.load(dA_qk + p_col, mask=m_tj & (o_t >= j), other=0).to(tl.float32)
+        # ratio[r, c] = exp(G_rc - G_jc) where r >= j, the exponent masked before the exp: never positive
+        b_ratio = tl.exp(tl.where(m_tk & (o_t[:, None] >= j), b_G - b_Gj[None, :], float("-inf")))  # [BT, BK]
+        b_kr = b_kj[None, :] * b_ratio
+        D_kk = b_beta * b_dAkk  # [BT]: A_kk = Diag(beta) P_kk
+        D_qk = scale * b_dAqk
+        b_dq += D_qk[:, None] * b_kr  # q_r on the left of row r of A_qk
+        b_dk += D_kk[:, None] * b_kr  # k_r on the left of row r of A_kk
+        b_dbeta += b_dAkk * tl.sum(b_k * b_kr, axis=1)
+        b_R = (D_kk[:, None] * b_k + D_qk[:, None] * b_q) * b_ratio  # [BT, BK]
+        b_right = tl.sum(b_R, axis=0)  # [BK]: k_j on the right of column j of both matrices
+        b_dk += tl.where(o_t[:, None] == j, b_right[None, :], 0.0)
+        # exp(G_rc - G_jc): the terms T[r, c] = b_R k_jc count +1 for row r and -1 for row j
+        b_dG += b_R * b_kj[None, :] - tl.where(o_t[:, None] == j, (b_right * b_kj)[None, :], 0.0)
+    tl.store(dq + p_tk, b_dq, mask=m_tk)
+    tl.store(dk + p_tk, b_dk, mask=m_tk)
+    tl.store(dG + p_tk, b_dG, mask=m_tk)
+    tl.store(dbeta + i_k * TT * HV + (bos + o_t) * HV + i_hv, b_dbeta, mask=m_t)
+
+
+def intra_chunk_matrices_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    G: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    dA_kk: torch.Tensor,
+    dA_qk: torch.Tensor,
+    chunk_size: int,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    *,
+    meta: Optional[SeqMeta] = None,
+):
+    """``(dq [B, T, H, K], dk [B, T, H, K], dG [B, T, HV, K], dbeta [B, T, HV])``, float32; as
+    :func:`kda_explained.chunked.backward_intra.intra_chunk_matrices_bwd` (entries of ``dA_kk``
+    on or above the diagonal, and of ``dA_qk`` above it, are ignored).
+    """
+    B, T, H, K = q.shape
+    HV = G.shape[2]
+    meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, q.device)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    BK = min(32, max(16, triton.next_power_of_2(K)))
+    NK = triton.cdiv(K, BK)
+    dq, dk, dG = (torch.zeros(B, T, HV, K, **f32) for _ in range(3))
+    dbeta = torch.zeros(NK, B, T, HV, **f32)
+    if meta.NC > 0:
+        _intra_bwd_kernel[(meta.NC, HV, NK)](
+            q.contiguous(), k.contiguous(), G.contiguous(), beta.contiguous(), dA_kk.contiguous(), dA_qk.contiguous(),
+            dq, dk, dG, dbeta, meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale), B * T,
+            H=H, HV=HV, K=K, BT=chunk_size, BK=BK, num_warps=4,
+        )
+    dq = dq.view(B, T, H, HV // H, K).sum(3)  # GVA
+    dk = dk.view(B, T, H, HV // H, K).sum(3)
+    return dq, dk, dG, dbeta.sum(0)
