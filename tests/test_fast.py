@@ -318,6 +318,19 @@ def test_stage_intra_chunk_matrices_bwd(p, C):
         assert_close(a, b, F32, name)
 
 
+@pin(*AWKWARD)
+@few
+@given(p=problems, C=chunk_16)
+def test_stage_chunk_local_cumsum_bwd(p, C):
+    """The cumsum's backward kernel (issue 5) == chunked.chunk_local_cumsum_bwd."""
+    from kda_explained.chunked.backward_intra import chunk_local_cumsum_bwd as reference_bwd
+    from kda_explained.fast.backward import chunk_local_cumsum_bwd
+
+    r = reference_stages(p, C)
+    dG = torch.randn(r.G.shape, generator=torch.Generator().manual_seed(10), dtype=torch.float64).to(DEVICE)
+    assert_close(chunk_local_cumsum_bwd(f32(dG), C, r.cu), reference_bwd(dG, C, r.cu), F32, "dg")
+
+
 #: Gates at and past the strength the tensor-core diagonal of ``chunk_local_factors`` takes: a
 #: diagonal block whose decay span from its first token exceeds ``fast.local.SAFE_SPAN`` (80)
 #: is redone exactly, column by column. ``lower_bound = -5`` stays inside it (15 steps x 5 = 75).

@@ -1,7 +1,9 @@
 """Backward kernels of the fast layer (issue 5, in progress).
 
-Six kernels so far, each the mirror of a chunked backward function:
+Seven kernels so far, each the mirror of a chunked backward function:
 
+- ``chunk_local_cumsum_bwd`` (:func:`kda_explained.chunked.backward_intra.chunk_local_cumsum_bwd`):
+  the reverse in-chunk cumsum ``dg_i = sum_{r >= i} dG_r``;
 - ``intra_chunk_matrices_bwd``
   (:func:`kda_explained.chunked.backward_intra.intra_chunk_matrices_bwd`): the exact form,
   one column of the chunk at a time with every exponent masked before the ``exp`` (no
@@ -70,7 +72,7 @@ import triton.language as tl
 
 from ._meta import SeqMeta, dot_precision, seq_meta
 
-__all__ = ["intra_chunk_matrices_bwd", "ut_transform_bwd", "wy_representation_bwd", "state_passing_bwd_recurrence", "state_passing_bwd", "chunk_output_bwd"]
+__all__ = ["chunk_local_cumsum_bwd", "intra_chunk_matrices_bwd", "ut_transform_bwd", "wy_representation_bwd", "state_passing_bwd_recurrence", "state_passing_bwd", "chunk_output_bwd"]
 
 
 @triton.jit
@@ -656,3 +658,45 @@ def intra_chunk_matrices_bwd(
     dq = dq.view(B, T, H, HV // H, K).sum(3)  # GVA
     dk = dk.view(B, T, H, HV // H, K).sum(3)
     return dq, dk, dG, dbeta.sum(0)
+
+
+@triton.jit
+def _cumsum_bwd_kernel(
+    dG,  # [TT, HV, K]
+    dg,  # [TT, HV, K] float32 out
+    cu,
+    chunk_seq,
+    chunk_bos,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+):
+    i_c, i_hv, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n = tl.load(chunk_seq + i_c)
+    bos = tl.load(chunk_bos + i_c).to(tl.int64)
+    eos = tl.load(cu + i_n + 1).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_tk = (bos + o_t < eos)[:, None] & (o_k < K)[None, :]
+    p_tk = ((bos + o_t[:, None]) * HV + i_hv) * K + o_k[None, :]
+    b_dG = tl.load(dG + p_tk, mask=m_tk, other=0).to(tl.float32)
+    # G_r = sum_{i <= r} g_i  =>  dg_i = sum_{r >= i} dG_r = (chunk total) - (sum up to i) + dG_i
+    b_dg = tl.sum(b_dG, axis=0)[None, :] - tl.cumsum(b_dG, axis=0) + b_dG
+    tl.store(dg + p_tk, b_dg, mask=m_tk)
+
+
+def chunk_local_cumsum_bwd(
+    dG: torch.Tensor, chunk_size: int, cu_seqlens: Optional[torch.Tensor] = None, *, meta: Optional[SeqMeta] = None,
+) -> torch.Tensor:
+    """``dg: [B, T, HV, K]`` float32 from ``dG: [B, T, HV, K]``; as
+    :func:`kda_explained.chunked.backward_intra.chunk_local_cumsum_bwd`.
+    """
+    B, T, HV, K = dG.shape
+    meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, dG.device)
+    dg = torch.zeros(B, T, HV, K, dtype=torch.float32, device=dG.device)
+    BK = min(32, max(16, triton.next_power_of_2(K)))
+    if meta.NC > 0:
+        _cumsum_bwd_kernel[(meta.NC, HV, triton.cdiv(K, BK))](dG.contiguous(), dg, meta.cu, meta.chunk_seq,
+                                                             meta.chunk_bos, HV=HV, K=K, BT=chunk_size, BK=BK)
+    return dg
