@@ -331,6 +331,28 @@ def test_stage_chunk_local_cumsum_bwd(p, C):
     assert_close(chunk_local_cumsum_bwd(f32(dG), C, r.cu), reference_bwd(dG, C, r.cu), F32, "dg")
 
 
+@pytest.mark.parametrize("p, C", AWKWARD)
+def test_kda_backward_composition(p, C):
+    """The Triton backward stages composed == the chunked staged backward (== autograd), float32."""
+    from kda_explained.chunked.backward import kda_backward as reference_backward
+    from kda_explained.fast.backward import kda_backward
+
+    args, kw = inputs(p)
+    gen = torch.Generator().manual_seed(11)
+    do = torch.randn(args[2].shape, generator=gen).to(DEVICE)
+    N = len(p.spans)
+    dS_final = torch.randn(N, p.shape[3], p.shape[4], p.shape[5], generator=gen).to(DEVICE)
+    ours = kda_backward(*args, do, dS_final, chunk_size=C, **kw)
+    ref = reference_backward(*(x.double() for x in args), do.double(), dS_final.double(), chunk_size=C,
+                             initial_state=None if kw["initial_state"] is None else kw["initial_state"].double(),
+                             cu_seqlens=kw["cu_seqlens"])
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dinitial_state"), ours, ref):
+        if b is None:
+            assert a is None, name
+            continue
+        assert_close(a, b, F32, name)
+
+
 #: Gates at and past the strength the tensor-core diagonal of ``chunk_local_factors`` takes: a
 #: diagonal block whose decay span from its first token exceeds ``fast.local.SAFE_SPAN`` (80)
 #: is redone exactly, column by column. ``lower_bound = -5`` stays inside it (15 steps x 5 = 75).

@@ -1,6 +1,8 @@
 """Backward kernels of the fast layer (issue 5, in progress).
 
-Seven kernels so far, each the mirror of a chunked backward function:
+Seven kernels so far, each the mirror of a chunked backward function, and
+:func:`kda_backward`, their composition (the mirror of
+:func:`kda_explained.chunked.backward.kda_backward`):
 
 - ``chunk_local_cumsum_bwd`` (:func:`kda_explained.chunked.backward_intra.chunk_local_cumsum_bwd`):
   the reverse in-chunk cumsum ``dg_i = sum_{r >= i} dG_r``;
@@ -72,7 +74,7 @@ import triton.language as tl
 
 from ._meta import SeqMeta, dot_precision, seq_meta
 
-__all__ = ["chunk_local_cumsum_bwd", "intra_chunk_matrices_bwd", "ut_transform_bwd", "wy_representation_bwd", "state_passing_bwd_recurrence", "state_passing_bwd", "chunk_output_bwd"]
+__all__ = ["kda_backward", "chunk_local_cumsum_bwd", "intra_chunk_matrices_bwd", "ut_transform_bwd", "wy_representation_bwd", "state_passing_bwd_recurrence", "state_passing_bwd", "chunk_output_bwd"]
 
 
 @triton.jit
@@ -700,3 +702,55 @@ def chunk_local_cumsum_bwd(
         _cumsum_bwd_kernel[(meta.NC, HV, triton.cdiv(K, BK))](dG.contiguous(), dg, meta.cu, meta.chunk_seq,
                                                              meta.chunk_bos, HV=HV, K=K, BT=chunk_size, BK=BK)
     return dg
+
+
+def kda_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    do: torch.Tensor,
+    dS_final: Optional[torch.Tensor] = None,
+    *,
+    scale: Optional[float] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    chunk_size: int = 64,
+) -> Tuple[torch.Tensor, ...]:
+    """Gradients of KDA through the Triton stage kernels: the mirror of
+    :func:`kda_explained.chunked.backward.kda_backward` (same arguments and returns,
+    ``(dq, dk, dv, dg, dbeta, dinitial_state)``, float32).
+
+    The forward is recomputed by the fast kernels, keeping what the backward reads; ``M``
+    still comes from the chunked layer's UT transform (the keys' pass keeps it on chip),
+    the one PyTorch stage left in the composition. Not yet the backward of
+    :func:`~kda_explained.fast.chunk.chunk_kda` (see the module docstring).
+    """
+    from ..chunked.stages import ut_transform as ut_transform_reference
+    from ..validation import check_chunk_size
+    from .chunk import FAST_CHUNK_SIZES, check_fast_inputs
+    from .local import chunk_local_factors
+    from .prepare import chunk_local_cumsum
+    from .state import state_passing
+
+    p, cu_seqlens = check_fast_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                      cu_seqlens=cu_seqlens)
+    C = check_chunk_size(chunk_size, FAST_CHUNK_SIZES)
+    meta = seq_meta(p.B, p.T, C, cu_seqlens, q.device)
+    # ---- forward, keeping what the backward reads
+    G, beta32 = chunk_local_cumsum(g, C, cu_seqlens, beta=beta, meta=meta)  # 1.
+    f = chunk_local_factors(q, k, v, G, beta32, p.scale, C, cu_seqlens, store_akk=True, meta=meta)  # 2.-4.
+    M = ut_transform_reference(f.A_kk, C, cu_seqlens)  # 3. (to become an output of the keys' pass)
+    h, v_new, _ = state_passing(f.kg, f.W, f.U, G, initial_state, C, cu_seqlens, h_dtype=torch.float32,
+                                meta=meta)  # 5.
+    # ---- backward, stage 6 down to stage 1
+    dq, dh, dv_new, dG, dA_qk = chunk_output_bwd(q, h, v_new, G, f.A_qk, p.scale, do, C, cu_seqlens, meta=meta)
+    dk, dW, dU, dG5, dS0 = state_passing_bwd(f.kg, f.W, G, initial_state, h, v_new, dh, dv_new, dS_final, C,
+                                             cu_seqlens, H=p.H, meta=meta)  # 5.
+    dk4, dv, dG4, dbeta, dM = wy_representation_bwd(k, v, G, beta32, M, dW, dU, C, cu_seqlens, meta=meta)  # 4.
+    dA_kk = ut_transform_bwd(M, dM, C, cu_seqlens, meta=meta)  # 3.
+    dq2, dk2, dG2, dbeta2 = intra_chunk_matrices_bwd(q, k, G, beta32, p.scale, dA_kk, dA_qk, C, cu_seqlens,
+                                                     meta=meta)  # 2.
+    dg = chunk_local_cumsum_bwd(dG + dG5 + dG4 + dG2, C, cu_seqlens, meta=meta)  # 1.
+    return dq + dq2, dk + dk4 + dk2, dv, dg, dbeta + dbeta2, dS0
