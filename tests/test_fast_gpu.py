@@ -379,3 +379,73 @@ def test_gradients_bf16(gate):
     for n in leaves:
         assert leaves[n].grad is not None, f"d{n} is missing"
         assert_close(leaves[n].grad, leaves64[n].grad, LOW_GRAD, f"d{n}")
+
+
+# ==============================================================================================
+# The Triton backward stages (issue 5; not yet wired into chunk_kda): each against its chunked
+# oracle at real sizes, and their composition against the chunked staged backward
+# ==============================================================================================
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lengths", [None, VARLEN[:3]], ids=["batch", "varlen"])
+def test_backward_stages_match_chunked(lengths):
+    from kda_explained.chunked import backward_inter as ref_inter, backward_intra as ref_intra
+    from kda_explained.fast import backward as fb
+
+    C = 64
+    B, T = (2, 1000) if lengths is None else (1, sum(lengths))
+    (q, k, v, g, beta), kw = draw(B, T, 2, 4, seed=21, dtype=torch.float64, lengths=lengths, gate="lowerbound")
+    cu, S0, scale = kw["cu_seqlens"], kw["initial_state"].double(), 128 ** -0.5
+    G = chunked.chunk_local_cumsum(g, C, cu)
+    A_kk, A_qk = chunked.intra_chunk_matrices(q, k, G, beta, scale, C, cu)
+    M = chunked.ut_transform(A_kk, C, cu)
+    W, U = chunked.wy_representation(k, v, G, beta, M, C, cu)
+    h, v_new, S = chunked.state_passing(k, W, U, G, S0, C, cu)
+    _, kg = chunked_stages.decayed_operands(q, k, G, scale, C, cu)
+    gen = torch.Generator(device=DEVICE).manual_seed(22)
+
+    def rand(x):
+        return torch.randn(x.shape, generator=gen, device=DEVICE, dtype=torch.float64)
+
+    def f32(x):
+        return x.float()
+
+    do, dS_final, dW, dU, dM, dA_kk, dA_qk, dG = (rand(x) for x in (v, S, W, U, M, A_kk, A_qk, G))
+    checks = [
+        ("output", fb.chunk_output_bwd(f32(q), f32(h), f32(v_new), f32(G), f32(A_qk), scale, f32(do), C, cu),
+         ref_inter.chunk_output_bwd(q, h, v_new, G, A_qk, scale, do, C, cu)),
+        ("wy", fb.wy_representation_bwd(f32(k), f32(v), f32(G), f32(beta), f32(M), f32(dW), f32(dU), C, cu),
+         ref_inter.wy_representation_bwd(k, v, G, beta, M, dW, dU, C, cu)),
+        ("ut", (fb.ut_transform_bwd(f32(M), f32(dM), C, cu),), (ref_intra.ut_transform_bwd(M, dM, C, cu),)),
+        ("intra", fb.intra_chunk_matrices_bwd(f32(q), f32(k), f32(G), f32(beta), scale, f32(dA_kk), f32(dA_qk), C, cu),
+         ref_intra.intra_chunk_matrices_bwd(q, k, G, beta, scale, dA_kk, dA_qk, C, cu)),
+        ("cumsum", (fb.chunk_local_cumsum_bwd(f32(dG), C, cu),), (ref_intra.chunk_local_cumsum_bwd(dG, C, cu),)),
+    ]
+    for stage, ours, ref in checks:
+        for i, (a, b) in enumerate(zip(ours, ref)):
+            assert_close(a, b, F32, f"{stage} backward, output {i}")
+    # the state stage with the same random incoming gradients on both sides
+    dh, dvn = rand(h), rand(v_new)
+    ours = fb.state_passing_bwd(f32(kg), f32(W), f32(G), f32(S0), f32(h), f32(v_new), f32(dh), f32(dvn),
+                                f32(dS_final), C, cu, H=2)
+    ref = ref_inter.state_passing_bwd(k, W, U, G, S0, h, v_new, dh, dvn, dS_final, C, cu)
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        assert_close(a, b, F32, f"state backward, output {i}")
+
+
+@pytest.mark.gpu
+def test_backward_composition_matches_chunked():
+    from kda_explained.chunked.backward import kda_backward as reference_backward
+    from kda_explained.fast.backward import kda_backward
+
+    (q, k, v, g, beta), kw = draw(1, sum(VARLEN[:3]), 2, 4, seed=23, dtype=torch.float32, lengths=VARLEN[:3],
+                                  gate="lowerbound")
+    gen = torch.Generator(device=DEVICE).manual_seed(24)
+    do = torch.randn(v.shape, generator=gen, device=DEVICE)
+    dS_final = torch.randn(kw["initial_state"].shape, generator=gen, device=DEVICE)
+    ours = kda_backward(q, k, v, g, beta, do, dS_final, **kw)
+    ref = reference_backward(*(x.double() for x in (q, k, v, g, beta, do, dS_final)),
+                             initial_state=kw["initial_state"].double(), cu_seqlens=kw["cu_seqlens"])
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dinitial_state"), ours, ref):
+        assert_close(a, b, F32, name)
