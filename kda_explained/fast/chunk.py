@@ -42,13 +42,14 @@ def check_fast_inputs(q, k, v, g, beta, *, scale, initial_state, cu_seqlens, sta
     from ..chunked.kda import as_tensor_cu_seqlens, require_tensors
 
     require_tensors(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state)
-    if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.device == q.device and id(cu_seqlens) in _OFFSETS:
+    if isinstance(cu_seqlens, torch.Tensor) and id(cu_seqlens) in _OFFSETS:
         cu_check = host_offsets(cu_seqlens)  # seen before (dtype and shape checked then): no device read
     else:
         cu_check = cu_seqlens
-    if not (isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.device == q.device
-            and not cu_seqlens.dtype.is_floating_point):
-        cu_seqlens = as_tensor_cu_seqlens(cu_seqlens, q.device)  # the kernels' tables come from its values
+    if not (isinstance(cu_seqlens, torch.Tensor) and not cu_seqlens.dtype.is_floating_point):
+        # a list (or a float tensor, which the check below rejects): the kernels' tables come from
+        # its values; an integer tensor is kept as given, on any device, so its cache entry is reused
+        cu_seqlens = as_tensor_cu_seqlens(cu_seqlens, q.device)
     if state_v_first and initial_state is not None and initial_state.dim() == 4:
         initial_state_kv = initial_state.transpose(-1, -2)  # validate in [K, V] terms
     else:
