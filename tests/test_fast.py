@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 from kda_explained import chunked, fast
 from kda_explained.chunked import stages as chunked_stages
 from kda_explained.fast import api as fast_api
+from kda_explained.fast import chunk as fast_chunk
 from kda_explained.testing import TOLERANCES, rel_rms_error
 from strategies import Problem, kda_problems, make_problem, to_torch
 
@@ -903,8 +904,11 @@ def test_strided_state_indices():
 GRAD_PROBLEM = make_problem(T=30, H=1, HV=2, K=16, V=12, cu_seqlens=[0, 11, 11, 30], initial_state=True, seed=11)
 
 
+@pytest.mark.parametrize("backward", ["chunked", "triton"])
 @pytest.mark.parametrize("option", ["none", "softplus_gate", "softplus_gate_2d_bias", "lower_bound_gate", "all"])
-def test_chunk_kda_gradients(option):
+def test_chunk_kda_gradients(option, backward, monkeypatch):
+    # "triton": the experimental Triton backward kernels (fast.chunk.TRITON_BACKWARD, issue 5)
+    monkeypatch.setattr(fast_chunk, "TRITON_BACKWARD", backward == "triton")
     if option == "none":
         args, kw = inputs(GRAD_PROBLEM)
     else:
@@ -932,8 +936,10 @@ def test_chunk_kda_gradients(option):
         assert_close(leaves[n].grad, leaves64[n].grad, GRAD_F32, f"d{n}")
 
 
-def test_chunk_kda_gradients_of_some_inputs_without_final_state():
+@pytest.mark.parametrize("backward", ["chunked", "triton"])
+def test_chunk_kda_gradients_of_some_inputs_without_final_state(backward, monkeypatch):
     # only o is used (the final state's gradient is zero) and only v, g and the state require grad
+    monkeypatch.setattr(fast_chunk, "TRITON_BACKWARD", backward == "triton")
     args, kw = inputs(GRAD_PROBLEM)
     q, k, v, g, beta = args
     v, g, S0 = (x.clone().requires_grad_(True) for x in (v, g, kw["initial_state"]))

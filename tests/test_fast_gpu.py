@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from kda_explained import chunked, fast
+from kda_explained.fast import chunk as fast_chunk
 from kda_explained.chunked import stages as chunked_stages
 from kda_explained.testing import TOLERANCES
 
@@ -353,8 +354,11 @@ def test_kda_dispatch(T):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backward", ["chunked", "triton"])
 @pytest.mark.parametrize("gate", ["none", "softplus", "lower_bound"])
-def test_gradients_bf16(gate):
+def test_gradients_bf16(gate, backward, monkeypatch):
+    # "triton": the experimental Triton backward kernels (fast.chunk.TRITON_BACKWARD, issue 5)
+    monkeypatch.setattr(fast_chunk, "TRITON_BACKWARD", backward == "triton")
     lengths = [700, 1348]
     args, kw = draw(1, sum(lengths), 2, 4, seed=17, lengths=lengths)
     opts = {}
@@ -382,7 +386,7 @@ def test_gradients_bf16(gate):
 
 
 # ==============================================================================================
-# The Triton backward stages (issue 5; not yet wired into chunk_kda): each against its chunked
+# The Triton backward stages (issue 5; behind fast.chunk.TRITON_BACKWARD): each against its chunked
 # oracle at real sizes, and their composition against the chunked staged backward
 # ==============================================================================================
 

@@ -59,9 +59,10 @@ program per chunk and value head, looping over tiles of ``V``::
     dv_new = A_qk^T dO
     dq     = scale exp(G) dqg (per value head; GVA sums the group after)   dG = dqg * qg
 
-Neither is wired into :func:`~kda_explained.fast.chunk.chunk_kda`'s backward yet: both
-are checked under the Triton interpreter only, and wait for their first compiled run
-on the GPU.
+``chunk_kda`` differentiates through :func:`kda_backward` when
+``kda_explained.fast.chunk.TRITON_BACKWARD`` is set (off by default): the kernels are
+checked under the Triton interpreter only, and wait for their first compiled run on
+the GPU.
 """
 
 from __future__ import annotations

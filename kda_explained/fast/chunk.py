@@ -153,6 +153,58 @@ class _ChunkKDAFunction(torch.autograd.Function):
         return (*[next(it) if n else None for n in needs], None)
 
 
+#: Experimental (issue 5): differentiate through the Triton backward kernels of
+#: :mod:`kda_explained.fast.backward` instead of the chunked layer's autograd. The options
+#: (L2 norm, gate, beta sigmoid) are then applied by PyTorch before the core, so autograd
+#: differentiates them. Off until the kernels have run compiled on a GPU.
+TRITON_BACKWARD = False
+
+
+class _ChunkKDACoreFunction(torch.autograd.Function):
+    """The KDA core (no options): forward and backward both through the Triton kernels."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, initial_state, opts):
+        o, S, _ = chunk_kda_fwd(q, k, v, g, beta, scale=opts["scale"], initial_state=initial_state,
+                                cu_seqlens=opts["cu_seqlens"], chunk_size=opts["chunk_size"])
+        ctx.save_for_backward(q, k, v, g, beta, initial_state)
+        ctx.opts = opts
+        return o, S
+
+    @staticmethod
+    def backward(ctx, do, dS):
+        from .backward import kda_backward
+
+        q, k, v, g, beta, S0 = ctx.saved_tensors
+        opts = ctx.opts
+        dq, dk, dv, dg, dbeta, dS0 = kda_backward(q, k, v, g, beta, do, dS, scale=opts["scale"], initial_state=S0,
+                                                  cu_seqlens=opts["cu_seqlens"], chunk_size=opts["chunk_size"])
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dbeta.to(beta.dtype),
+                None if S0 is None else dS0.to(S0.dtype), None)
+
+
+def _chunk_kda_triton_backward(q, k, v, g, beta, A_log, dt_bias, initial_state, opts):
+    """The options in differentiable PyTorch, then the core through :class:`_ChunkKDACoreFunction`."""
+    from .. import chunked
+
+    if opts["use_qk_l2norm_in_kernel"]:
+        q, k = chunked.l2norm(q), chunked.l2norm(k)
+    if opts["use_gate_in_kernel"]:
+        if opts["lower_bound"] is not None:
+            g = chunked.lowerbound_gate(g, A_log, dt_bias, lower_bound=opts["lower_bound"])
+        else:
+            g = chunked.kda_gate(g, A_log, dt_bias)
+    if opts["use_beta_sigmoid_in_kernel"]:
+        beta = (2.0 if opts["allow_neg_eigval"] else 1.0) * torch.sigmoid(beta.float())
+    S0 = initial_state
+    if S0 is not None and opts["state_v_first"]:
+        S0 = S0.transpose(-1, -2).contiguous()
+    o, S = _ChunkKDACoreFunction.apply(q, k, v, g, beta, S0, opts)
+    if opts["state_v_first"]:
+        S = S.transpose(-1, -2)
+    return o.to(v.dtype), S
+
+
 def chunk_kda(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -227,7 +279,9 @@ def chunk_kda(
         o, S, h = chunk_kda_fwd(q, k, v, g, beta, initial_state=initial_state, A_log=A_log, dt_bias=dt_bias,
                                 float32_chunk_states=True, **opts)
         return o, (S if output_final_state else None), h
-    if needs_grad:
+    if needs_grad and TRITON_BACKWARD:
+        o, S = _chunk_kda_triton_backward(q, k, v, g, beta, A_log, dt_bias, initial_state, opts)
+    elif needs_grad:
         o, S = _ChunkKDAFunction.apply(q, k, v, g, beta, A_log, dt_bias, initial_state, opts)
     else:
         o, S, _ = chunk_kda_fwd(q, k, v, g, beta, initial_state=initial_state, A_log=A_log, dt_bias=dt_bias, **opts)
