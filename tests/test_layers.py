@@ -399,3 +399,40 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
         message = str(info.value)
         assert message.startswith(name + ":"), message
         assert re.search(re.escape(detail), message), message
+
+
+# ----------------------------------------------------------------------------------------------
+# training through the fast backend (issue 5): the loss curve of the chunked backend
+# ----------------------------------------------------------------------------------------------
+
+
+def train_losses(backend: str, steps: int, *, cfg: HybridConfig, ids: torch.Tensor, device, seed: int = 0):
+    """Losses of ``steps`` AdamW steps of a tiny hybrid LM on ``ids`` (next-token prediction), one backend."""
+    torch.manual_seed(seed)
+    model = HybridLM(HybridConfig(**{**cfg.__dict__, "kda_backend": backend})).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        logits = model(ids)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, cfg.vocab_size), ids[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("triton_backward", [False, True], ids=["chunked_backward", "triton_backward"])
+def test_training_loss_curve_fast_equals_chunked(triton_backward, monkeypatch):
+    from kda_explained.fast import chunk as fast_chunk
+
+    monkeypatch.setattr(fast_chunk, "TRITON_BACKWARD", triton_backward)
+    cfg = HybridConfig(vocab_size=128, hidden_size=256, num_layers=4, num_heads=2, head_dim=128,
+                       intermediate_size=512)
+    ids = torch.randint(0, 128, (4, 256), generator=torch.Generator().manual_seed(3)).cuda()
+    ref = train_losses("chunked", 30, cfg=cfg, ids=ids, device="cuda")
+    fast = train_losses("fast", 30, cfg=cfg, ids=ids, device="cuda")
+    assert ref[-1] < 0.8 * ref[0], f"the tiny model did not learn: {ref[0]:.3f} -> {ref[-1]:.3f}"
+    gap = max(abs(a - b) / abs(b) for a, b in zip(fast, ref))
+    assert gap <= 1e-2, f"loss curves differ by up to {gap:.2e} (relative): fast {fast[-3:]}, chunked {ref[-3:]}"
