@@ -3,7 +3,7 @@
 # the gpu-marked tests, the accuracy check of every kernel, the per-stage timings, and the
 # benchmark against flash-linear-attention, writing into ${OUT:-benchmarks/results}.
 #
-#   bash scripts/gpu_session.sh [tests|check|stages|bench|decode ...]   (default: all but decode)
+#   bash scripts/gpu_session.sh [tests|check|stages|bench|train|decode ...]   (default: tests check stages bench)
 #
 # Needs a CUDA GPU with torch and triton. flash-linear-attention is taken from .whl/ when
 # present (../shared/tools/fla-wheels.sh fetches the fla-core wheel there), as on the lent
@@ -29,7 +29,8 @@ for step in "${steps[@]}"; do
         check)  python3 benchmarks/gpu_check.py ;;
         stages) python3 benchmarks/gpu_stages.py --out "$out" ;;
         bench)  python3 benchmarks/gpu_bench.py --out "$out" ;;
+        train)  python3 benchmarks/gpu_train_bench.py --out "$out" ;;
         decode) python3 benchmarks/gpu_decode.py --quick --out "$out" ;;
-        *) echo "unknown step: $step (tests, check, stages, bench, decode)"; exit 2 ;;
+        *) echo "unknown step: $step (tests, check, stages, bench, train, decode)"; exit 2 ;;
     esac
 done
