@@ -25,7 +25,7 @@ from typing import List, Optional
 
 import torch
 
-__all__ = ["SeqMeta", "seq_meta", "packed_offsets", "host_offsets", "dot_precision", "interpreting"]
+__all__ = ["SeqMeta", "seq_meta", "packed_offsets", "host_offsets", "device_offsets", "dot_precision", "interpreting"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,17 @@ def _offsets_entry(cu_seqlens) -> Optional[_Offsets]:
     while len(_OFFSETS) > _OFFSETS_KEEP:
         _OFFSETS.popitem(last=False)
     return entry
+
+
+def device_offsets(cu_seqlens, device) -> torch.Tensor:
+    """``cu_seqlens`` as an int32 tensor on ``device``, copied once per offsets tensor (cached with it)."""
+    entry = _offsets_entry(cu_seqlens)
+    if entry is None:
+        return torch.tensor(packed_offsets(0, 0, cu_seqlens), dtype=torch.int32, device=device)
+    key = ("offsets", str(device))
+    if key not in entry.tables:
+        entry.tables[key] = torch.tensor(entry.values, dtype=torch.int32, device=device)
+    return entry.tables[key]
 
 
 def host_offsets(cu_seqlens) -> Optional[List[int]]:

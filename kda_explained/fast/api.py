@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ..validation import check_gate_params
-from ._meta import seq_meta
+from ._meta import device_offsets
 from .chunk import check_fast_inputs, chunk_kda
 from .recurrent import fused_recurrent_kda_fwd
 
@@ -104,7 +104,7 @@ def fused_recurrent_kda(
         raise ValueError("q: fused_recurrent_kda is forward only (decoding); use chunk_kda to train, "
                          "or call it under torch.no_grad() / torch.inference_mode()")
     # a plain batch needs no offsets table (and so no host-to-device copy per decode step)
-    cu = None if cu_t is None else seq_meta(p.B, p.T, RECURRENT_MAX_LEN, cu_t, q.device).cu  # cached with cu_t
+    cu = None if cu_t is None else device_offsets(cu_t, q.device)  # [N + 1] int32, cached with cu_t
     o, final = fused_recurrent_kda_fwd(
         q, k, v, g, beta, scale=p.scale, cu=cu, N=p.N, initial_state=initial_state, final_state=final,
         ssm_state_indices=slots, state_v_first=state_v_first, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,

@@ -79,6 +79,13 @@ __all__ = ["kda_backward", "chunk_local_cumsum_bwd", "intra_chunk_matrices_bwd",
 
 
 @triton.jit
+def _chunk_span(cu, chunk_seq, chunk_bos, i_c):
+    """Chunk ``i_c``'s first token and its sequence's end, as packed positions (int64)."""
+    i_n = tl.load(chunk_seq + i_c)
+    return tl.load(chunk_bos + i_c).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
+
+
+@triton.jit
 def _state_bwd_recurrence_kernel(
     # pointers
     kg,  # [TT, HV, K] decayed keys k * exp(G_last - G)
@@ -220,9 +227,7 @@ def _chunk_output_bwd_kernel(
 ):
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_h = i_hv // (HV // H)
-    i_n = tl.load(chunk_seq + i_c)
-    bos = tl.load(chunk_bos + i_c).to(tl.int64)
-    eos = tl.load(cu + i_n + 1).to(tl.int64)
+    bos, eos = _chunk_span(cu, chunk_seq, chunk_bos, i_c)
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     m_t = bos + o_t < eos
@@ -318,9 +323,7 @@ def _state_bwd_chunk_kernel(
     PRECISION: tl.constexpr,
 ):
     i_c, i_hv, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # channels are independent here
-    i_n = tl.load(chunk_seq + i_c)
-    bos = tl.load(chunk_bos + i_c).to(tl.int64)
-    eos = tl.load(cu + i_n + 1).to(tl.int64)
+    bos, eos = _chunk_span(cu, chunk_seq, chunk_bos, i_c)
     o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     m_t = bos + o_t < eos
@@ -432,9 +435,7 @@ def _wy_bwd_kernel(
 ):
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_h = i_hv // (HV // H)
-    i_n = tl.load(chunk_seq + i_c)
-    bos = tl.load(chunk_bos + i_c).to(tl.int64)
-    eos = tl.load(cu + i_n + 1).to(tl.int64)
+    bos, eos = _chunk_span(cu, chunk_seq, chunk_bos, i_c)
     o_t = tl.arange(0, BT)
     m_t = bos + o_t < eos
     m_tt = m_t[:, None] & m_t[None, :]
@@ -522,9 +523,7 @@ def _ut_bwd_kernel(
     BT: tl.constexpr,
 ):
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
-    i_n = tl.load(chunk_seq + i_c)
-    bos = tl.load(chunk_bos + i_c).to(tl.int64)
-    eos = tl.load(cu + i_n + 1).to(tl.int64)
+    bos, eos = _chunk_span(cu, chunk_seq, chunk_bos, i_c)
     o_t = tl.arange(0, BT)
     m_t = bos + o_t < eos
     m_tt = m_t[:, None] & m_t[None, :]
@@ -582,9 +581,7 @@ def _intra_bwd_kernel(
 ):
     i_c, i_hv, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # channels are independent
     i_h = i_hv // (HV // H)
-    i_n = tl.load(chunk_seq + i_c)
-    bos = tl.load(chunk_bos + i_c).to(tl.int64)
-    eos = tl.load(cu + i_n + 1).to(tl.int64)
+    bos, eos = _chunk_span(cu, chunk_seq, chunk_bos, i_c)
     o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     m_t = bos + o_t < eos
@@ -676,9 +673,7 @@ def _cumsum_bwd_kernel(
     BK: tl.constexpr,
 ):
     i_c, i_hv, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n = tl.load(chunk_seq + i_c)
-    bos = tl.load(chunk_bos + i_c).to(tl.int64)
-    eos = tl.load(cu + i_n + 1).to(tl.int64)
+    bos, eos = _chunk_span(cu, chunk_seq, chunk_bos, i_c)
     o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     m_tk = (bos + o_t < eos)[:, None] & (o_k < K)[None, :]

@@ -98,8 +98,11 @@ def chunk_kda_fwd(
     return o, S, h
 
 
-def _reference_forward(q, k, v, g, beta, A_log, dt_bias, initial_state, opts):
-    """The same function in differentiable PyTorch (the chunked layer), for the interim backward."""
+def _options_in_pytorch(q, k, g, beta, A_log, dt_bias, initial_state, opts):
+    """The options of ``chunk_kda`` (L2 norm, gate, beta sigmoid, ``[V, K]`` state) in differentiable PyTorch.
+
+    Returns ``q, k, g, beta`` and the initial state as ``[K, V]`` (contiguous), ready for the core.
+    """
     from .. import chunked
 
     if opts["use_qk_l2norm_in_kernel"]:
@@ -113,7 +116,15 @@ def _reference_forward(q, k, v, g, beta, A_log, dt_bias, initial_state, opts):
         beta = (2.0 if opts["allow_neg_eigval"] else 1.0) * torch.sigmoid(beta.float())
     S0 = initial_state
     if S0 is not None and opts["state_v_first"]:
-        S0 = S0.transpose(-1, -2)
+        S0 = S0.transpose(-1, -2).contiguous()
+    return q, k, g, beta, S0
+
+
+def _reference_forward(q, k, v, g, beta, A_log, dt_bias, initial_state, opts):
+    """The same function in differentiable PyTorch (the chunked layer), for the interim backward."""
+    from .. import chunked
+
+    q, k, g, beta, S0 = _options_in_pytorch(q, k, g, beta, A_log, dt_bias, initial_state, opts)
     o, S = chunked.kda(q, k, v, g, beta, scale=opts["scale"], initial_state=S0, output_final_state=True,
                        cu_seqlens=opts["cu_seqlens"], chunk_size=opts["chunk_size"])
     if opts["state_v_first"]:
@@ -185,20 +196,7 @@ class _ChunkKDACoreFunction(torch.autograd.Function):
 
 def _chunk_kda_triton_backward(q, k, v, g, beta, A_log, dt_bias, initial_state, opts):
     """The options in differentiable PyTorch, then the core through :class:`_ChunkKDACoreFunction`."""
-    from .. import chunked
-
-    if opts["use_qk_l2norm_in_kernel"]:
-        q, k = chunked.l2norm(q), chunked.l2norm(k)
-    if opts["use_gate_in_kernel"]:
-        if opts["lower_bound"] is not None:
-            g = chunked.lowerbound_gate(g, A_log, dt_bias, lower_bound=opts["lower_bound"])
-        else:
-            g = chunked.kda_gate(g, A_log, dt_bias)
-    if opts["use_beta_sigmoid_in_kernel"]:
-        beta = (2.0 if opts["allow_neg_eigval"] else 1.0) * torch.sigmoid(beta.float())
-    S0 = initial_state
-    if S0 is not None and opts["state_v_first"]:
-        S0 = S0.transpose(-1, -2).contiguous()
+    q, k, g, beta, S0 = _options_in_pytorch(q, k, g, beta, A_log, dt_bias, initial_state, opts)
     o, S = _ChunkKDACoreFunction.apply(q, k, v, g, beta, S0, opts)
     if opts["state_v_first"]:
         S = S.transpose(-1, -2)
