@@ -79,12 +79,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (checks the script runs)")
+    ap.add_argument("--paths", default="triton,fla,interim",
+                    help="what to measure, in order: triton (fast, Triton backward), fla, interim (fast, "
+                         "backward through the chunked layer's autograd: slow, last)")
     args = ap.parse_args()
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"
     from kda_explained import fast
     from kda_explained.fast import chunk as fast_chunk
 
+    default_backward = fast_chunk.TRITON_BACKWARD
     device = "cpu" if args.cpu_smoke else "cuda"
     dtype = torch.float32 if args.cpu_smoke else torch.bfloat16
     if args.cpu_smoke:
@@ -108,7 +112,14 @@ def main() -> None:
         do = torch.randn(B, T, H, D, device=device, generator=gen)
         dS = torch.randn(B, H, D, D, device=device, generator=gen)
         row = {"name": shp["name"], "B": B, "T": T, "H": H, "D": D}
-        for name, triton_backward in (("fast_interim_backward", False), ("fast_triton_backward", True)):
+        paths = {"triton": ("fast_triton_backward", True), "interim": ("fast_interim_backward", False)}
+        for path in args.paths.split(","):
+            if path == "fla":
+                if fla_chunk_kda is not None and not args.cpu_smoke:
+                    row["fla"] = measure(step_fn(fla_chunk_kda, xs, do, dS), device, bench)
+                    log(f"{shp['name']} fla: {row['fla']}")
+                continue
+            name, triton_backward = paths[path]
             fast_chunk.TRITON_BACKWARD = triton_backward
             try:
                 row[name] = measure(step_fn(fast.chunk_kda, xs, do, dS), device, bench)
@@ -117,10 +128,7 @@ def main() -> None:
                 row[name] = {"error": f"{type(exc).__name__}: {exc}"}
                 log(f"{shp['name']} {name}: FAILED {row[name]['error']}")
             finally:
-                fast_chunk.TRITON_BACKWARD = False
-        if fla_chunk_kda is not None and not args.cpu_smoke:
-            row["fla"] = measure(step_fn(fla_chunk_kda, xs, do, dS), device, bench)
-            log(f"{shp['name']} fla: {row['fla']}")
+                fast_chunk.TRITON_BACKWARD = default_backward
         results["rows"].append(row)
         del xs
         if device == "cuda":

@@ -190,7 +190,7 @@ def state_passing_bwd_recurrence(
             dS_final.contiguous() if dS_final is not None else dS0, dS_out, dv_tot, dS0, meta.cu, meta.chunk_off,
             HV=HV, K=K, V=V, BT=chunk_size, BK=max(16, triton.next_power_of_2(K)), BV=BV,
             HAS_DH=dh is not None, HAS_DVN=dv_new is not None, HAS_DSF=dS_final is not None,
-            PRECISION=dot_precision(W.dtype), num_warps=8,
+            PRECISION=dot_precision(W.dtype), num_warps=8, num_stages=1,
         )
     return dS_out, dv_tot, dS0
 
@@ -290,8 +290,8 @@ def chunk_output_bwd(
             q.contiguous(), G.contiguous(), h.contiguous(), v_new.contiguous(), A_qk.contiguous(), do.contiguous(),
             dq, dG, dh, dv_new, dA, meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale),
             H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=max(16, triton.next_power_of_2(K)),
-            BV=min(64, max(16, triton.next_power_of_2(V))), PRECISION=dot_precision(q.dtype),
-            num_warps=8,  # untuned: compiled for sm_90 on a CPU machine, 8 warps spill 440 B, 4 warps 2.6 KB
+            BV=min(32, max(16, triton.next_power_of_2(V))), PRECISION=dot_precision(q.dtype),
+            num_warps=8, num_stages=1,
         )
     dq = dq.view(B, T, H, HV // H, K).sum(3)  # GVA: a q head is read by HV // H value heads
     return dq, dh, dv_new, dG, dA
@@ -398,7 +398,7 @@ def state_passing_bwd(
             kg.contiguous(), G.contiguous(), h.contiguous(), v_new.contiguous(), dS_out, dv_tot, dk, dW, dG,
             meta.cu, meta.chunk_seq, meta.chunk_bos,
             HV=HV, K=K, V=V, BT=chunk_size, BK=BK, BV=min(64, max(16, triton.next_power_of_2(V))),
-            PRECISION=dot_precision(W.dtype), num_warps=8,  # untuned; ptxas (sm_90, CPU): 24 B spills
+            PRECISION=dot_precision(W.dtype), num_warps=8, num_stages=1,
         )
     dk = dk.view(B, T, H, HV // H, K).sum(3)  # GVA
     return dk, dW, dv_tot, dG, (dS0 if initial_state is not None else None)
@@ -502,7 +502,7 @@ def wy_representation_bwd(
             dU.contiguous(), dk, dv, dG, dbeta, dM, meta.cu, meta.chunk_seq, meta.chunk_bos,
             H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=min(64, max(16, triton.next_power_of_2(K))),
             BV=min(64, max(16, triton.next_power_of_2(V))), PRECISION=dot_precision(k.dtype),
-            num_warps=8,  # untuned; ptxas (sm_90, CPU): 32 B spills at 8 warps, 1.3 KB at 4
+            num_warps=8, num_stages=1,
         )
     dk = dk.view(B, T, H, HV // H, K).sum(3)  # GVA
     return dk, dv, dG, dbeta, dM
@@ -521,6 +521,7 @@ def _ut_bwd_kernel(
     HV: tl.constexpr,
     # meta-parameters
     BT: tl.constexpr,
+    UTP: tl.constexpr,
 ):
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     bos, eos = _chunk_span(cu, chunk_seq, chunk_bos, i_c)
@@ -531,7 +532,7 @@ def _ut_bwd_kernel(
     b_M = tl.load(M + p_tt, mask=m_tt, other=0).to(tl.float32)
     b_dM = tl.load(dM + p_tt, mask=m_tt, other=0).to(tl.float32)
     # d(M) = -M d(A) M  (differentiate M (I + A) = I)  =>  dA = -M^T dM M^T, full float32 as the forward
-    b_dA = -tl.dot(tl.dot(tl.trans(b_M), b_dM, input_precision="ieee"), tl.trans(b_M), input_precision="ieee")
+    b_dA = -tl.dot(tl.dot(tl.trans(b_M), b_dM, input_precision=UTP), tl.trans(b_M), input_precision=UTP)
     b_dA = tl.where(o_t[None, :] < o_t[:, None], b_dA, 0.0)  # the forward reads the strict lower triangle only
     tl.store(dA + p_tt, b_dA, mask=m_t[:, None])
 
@@ -548,7 +549,7 @@ def ut_transform_bwd(
     dA = torch.zeros(B, T, HV, C, dtype=torch.float32, device=M.device)
     if meta.NC > 0:
         _ut_bwd_kernel[(meta.NC, HV)](M.contiguous(), dM.contiguous(), dA, meta.cu, meta.chunk_seq, meta.chunk_bos,
-                                      HV=HV, BT=chunk_size, num_warps=4)
+                                      HV=HV, BT=chunk_size, UTP="tf32x3", num_warps=8, num_stages=1)
     return dA
 
 
@@ -653,7 +654,7 @@ def intra_chunk_matrices_bwd(
         _intra_bwd_kernel[(meta.NC, HV, NK)](
             q.contiguous(), k.contiguous(), G.contiguous(), beta.contiguous(), dA_kk.contiguous(), dA_qk.contiguous(),
             dq, dk, dG, dbeta, meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale), B * T,
-            H=H, HV=HV, K=K, BT=chunk_size, BK=BK, num_warps=4,
+            H=H, HV=HV, K=K, BT=chunk_size, BK=BK, num_warps=4, num_stages=1,
         )
     dq = dq.view(B, T, H, HV // H, K).sum(3)  # GVA
     dk = dk.view(B, T, H, HV // H, K).sum(3)

@@ -1,0 +1,70 @@
+"""Time each stage of the Triton backward (``fast.backward.kda_backward``) on the GPU.
+
+    python benchmarks/probe/bwd_stages.py [B T H D]      (default 8 4096 16 128, bf16)
+
+Prints the median time of every forward-recompute and backward stage (``triton.testing.do_bench``),
+so the kernel page can say where the backward's time goes.
+"""
+
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from kda_explained import chunked  # noqa: E402
+from kda_explained.chunked.stages import ut_transform  # noqa: E402
+from kda_explained.fast import backward as fb  # noqa: E402
+from kda_explained.fast._meta import seq_meta  # noqa: E402
+from kda_explained.fast.local import chunk_local_factors  # noqa: E402
+from kda_explained.fast.prepare import chunk_local_cumsum  # noqa: E402
+from kda_explained.fast.state import state_passing  # noqa: E402
+
+
+def main() -> None:
+    B, T, H, D = (int(x) for x in sys.argv[1:5]) if len(sys.argv) > 4 else (8, 4096, 16, 128)
+    dev, C, scale = "cuda", 64, D ** -0.5
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(B, T, H, D, device=dev, generator=gen).bfloat16()
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, D, device=dev, generator=gen), dim=-1).bfloat16()
+    v = torch.randn(B, T, H, D, device=dev, generator=gen).bfloat16()
+    g = chunked.lowerbound_gate(torch.randn(B, T, H, D, device=dev, generator=gen), lower_bound=-5.0)
+    beta = torch.rand(B, T, H, device=dev, generator=gen).bfloat16()
+    S0 = 0.1 * torch.randn(B, H, D, D, device=dev, generator=gen)
+    do = torch.randn(B, T, H, D, device=dev, generator=gen).bfloat16()
+    dSf = torch.randn(B, H, D, D, device=dev, generator=gen)
+    meta = seq_meta(B, T, C, None, q.device)
+    times = {}
+
+    def timed(name, fn):
+        out = fn()
+        times[name] = triton.testing.do_bench(fn, warmup=5, rep=100, return_mode="median")
+        return out
+
+    G, beta32 = timed("fwd cumsum", lambda: chunk_local_cumsum(g, C, None, beta=beta, meta=meta))
+    f = timed("fwd local (store A_kk)", lambda: chunk_local_factors(q, k, v, G, beta32, scale, C, None,
+                                                                     store_akk=True, meta=meta))
+    M = timed("fwd M (chunked UT, PyTorch)", lambda: ut_transform(f.A_kk, C, None))
+    h, v_new, _ = timed("fwd state (h fp32)", lambda: state_passing(f.kg, f.W, f.U, G, S0, C, None,
+                                                                     h_dtype=torch.float32, meta=meta))
+    dq, dh, dv_new, dG, dA_qk = timed("bwd output", lambda: fb.chunk_output_bwd(q, h, v_new, G, f.A_qk, scale, do,
+                                                                                C, None, meta=meta))
+    dS_out, dv_tot, dS0 = timed("bwd state recurrence", lambda: fb.state_passing_bwd_recurrence(
+        f.kg, f.W, G, h, dh, dv_new, dSf, C, None, meta=meta))
+    dk, dW, dU, dG5, _ = timed("bwd state (recurrence + chunk)", lambda: fb.state_passing_bwd(
+        f.kg, f.W, G, S0, h, v_new, dh, dv_new, dSf, C, None, H=H, meta=meta))
+    dk4, dv, dG4, dbeta, dM = timed("bwd WY", lambda: fb.wy_representation_bwd(k, v, G, beta32, M, dW, dU, C, None,
+                                                                                meta=meta))
+    dA_kk = timed("bwd UT", lambda: fb.ut_transform_bwd(M, dM, C, None, meta=meta))
+    timed("bwd intra", lambda: fb.intra_chunk_matrices_bwd(q, k, G, beta32, scale, dA_kk, dA_qk, C, None, meta=meta))
+    timed("bwd cumsum", lambda: fb.chunk_local_cumsum_bwd(dG + dG5 + dG4, C, None, meta=meta))
+    timed("kda_backward (all)", lambda: fb.kda_backward(q, k, v, g, beta, do, dSf, initial_state=S0))
+    print(f"B={B} T={T} H={H} D={D} bf16 on {torch.cuda.get_device_name()}")
+    for name, ms in times.items():
+        print(f"  {name:34s} {ms:8.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
