@@ -170,8 +170,9 @@ def test_stage_chunk_local_factors(p, C):
     """Stages 2-4 in one kernel == intra_chunk_matrices, ut_transform and wy_representation."""
     r = reference_stages(p, C)
     f = fast.chunk_local_factors(f32(r.q), f32(r.k), f32(r.v), f32(r.G), f32(r.beta), r.scale, C, r.cu,
-                                 store_akk=True)
+                                 store_akk=True, store_m=True)
     assert_close(f.A_kk, r.A_kk, F32, "A_kk")
+    assert_close(f.M, r.M, F32, "M")
     assert_close(f.A_qk, r.A_qk, F32, "A_qk")
     assert_close(f.W, r.W, F32, "W")
     assert_close(f.U, r.U, F32, "U")

@@ -15,7 +15,6 @@ import triton
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from kda_explained import chunked  # noqa: E402
-from kda_explained.chunked.stages import ut_transform  # noqa: E402
 from kda_explained.fast import backward as fb  # noqa: E402
 from kda_explained.fast._meta import seq_meta  # noqa: E402
 from kda_explained.fast.local import chunk_local_factors  # noqa: E402
@@ -44,9 +43,9 @@ def main() -> None:
         return out
 
     G, beta32 = timed("fwd cumsum", lambda: chunk_local_cumsum(g, C, None, beta=beta, meta=meta))
-    f = timed("fwd local (store A_kk)", lambda: chunk_local_factors(q, k, v, G, beta32, scale, C, None,
-                                                                     store_akk=True, meta=meta))
-    M = timed("fwd M (chunked UT, PyTorch)", lambda: ut_transform(f.A_kk, C, None))
+    f = timed("fwd local (store M)", lambda: chunk_local_factors(q, k, v, G, beta32, scale, C, None,
+                                                                  store_m=True, meta=meta))
+    M = f.M
     h, v_new, _ = timed("fwd state (h fp32)", lambda: state_passing(f.kg, f.W, f.U, G, S0, C, None,
                                                                      h_dtype=torch.float32, meta=meta))
     dq, dh, dv_new, dG, dA_qk = timed("bwd output", lambda: fb.chunk_output_bwd(q, h, v_new, G, f.A_qk, scale, do,

@@ -78,6 +78,24 @@ from ._meta import SeqMeta, dot_precision, seq_meta
 __all__ = ["kda_backward", "chunk_local_cumsum_bwd", "intra_chunk_matrices_bwd", "ut_transform_bwd", "wy_representation_bwd", "state_passing_bwd_recurrence", "state_passing_bwd", "chunk_output_bwd"]
 
 
+def _per_key_head(x: torch.Tensor, H: int, per_value_head: bool = False) -> torch.Tensor:
+    """A gradient kept per value head ``[B, T, HV, K]``, summed over each group of ``HV // H`` value
+    heads that read one q/k head (GVA); returned as it is when ``HV == H`` or ``per_value_head``."""
+    B, T, HV, K = x.shape
+    return x if per_value_head or HV == H else x.view(B, T, H, HV // H, K).sum(3)
+
+
+def _accumulator(acc: Optional[torch.Tensor], like: torch.Tensor, shape) -> torch.Tensor:
+    """Where a kernel writes a float32 gradient: ``acc`` (it adds into it, saving a pass over memory
+    for the sum) or a new tensor it fills (every token is in one chunk: no zero fill)."""
+    if acc is None:
+        return torch.empty(*shape, dtype=torch.float32, device=like.device)
+    if tuple(acc.shape) != tuple(shape) or acc.dtype != torch.float32 or not acc.is_contiguous():
+        raise ValueError(f"accumulator: expected a contiguous float32 tensor of shape {tuple(shape)}, "
+                         f"got {acc.dtype} {tuple(acc.shape)}")
+    return acc
+
+
 @triton.jit
 def _chunk_span(cu, chunk_seq, chunk_bos, i_c):
     """Chunk ``i_c``'s first token and its sequence's end, as packed positions (int64)."""
@@ -270,21 +288,24 @@ def chunk_output_bwd(
     chunk_size: int,
     cu_seqlens: Optional[torch.Tensor] = None,
     *,
+    per_value_head: bool = False,
     meta: Optional[SeqMeta] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``dq: [B, T, H, K]``, ``dh: [NC, HV, K, V]``, ``dv_new: [B, T, HV, V]``, ``dG: [B, T, HV, K]``,
     ``dA_qk: [B, T, HV, C]``, all float32; arguments as
-    :func:`kda_explained.chunked.backward_inter.chunk_output_bwd`.
+    :func:`kda_explained.chunked.backward_inter.chunk_output_bwd` (``per_value_head``: ``dq`` as
+    ``[B, T, HV, K]``, not yet summed over GVA groups).
     """
     B, T, H, K = q.shape
     HV, V = v_new.shape[2], v_new.shape[3]
     meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, q.device)
     f32 = dict(dtype=torch.float32, device=q.device)
-    dq = torch.zeros(B, T, HV, K, **f32)
-    dG = torch.zeros(B, T, HV, K, **f32)
+    # every token lies in one chunk, whose program writes all of its rows: no zero fill
+    dq = torch.empty(B, T, HV, K, **f32)
+    dG = torch.empty(B, T, HV, K, **f32)
     dh = torch.empty(meta.NC, HV, K, V, **f32)
-    dv_new = torch.zeros(B, T, HV, V, **f32)
-    dA = torch.zeros(B, T, HV, chunk_size, **f32)
+    dv_new = torch.empty(B, T, HV, V, **f32)
+    dA = torch.empty(B, T, HV, chunk_size, **f32)
     if meta.NC > 0:
         _chunk_output_bwd_kernel[(meta.NC, HV)](
             q.contiguous(), G.contiguous(), h.contiguous(), v_new.contiguous(), A_qk.contiguous(), do.contiguous(),
@@ -293,8 +314,7 @@ def chunk_output_bwd(
             BV=min(32, max(16, triton.next_power_of_2(V))), PRECISION=dot_precision(q.dtype),
             num_warps=8, num_stages=1,
         )
-    dq = dq.view(B, T, H, HV // H, K).sum(3)  # GVA: a q head is read by HV // H value heads
-    return dq, dh, dv_new, dG, dA
+    return _per_key_head(dq, H, per_value_head), dh, dv_new, dG, dA
 
 
 @triton.jit
@@ -321,6 +341,7 @@ def _state_bwd_chunk_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     PRECISION: tl.constexpr,
+    ACC: tl.constexpr,  # add dG into what the tensor holds
 ):
     i_c, i_hv, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # channels are independent here
     bos, eos = _chunk_span(cu, chunk_seq, chunk_bos, i_c)
@@ -355,6 +376,8 @@ def _state_bwd_chunk_kernel(
     b_ratio = b_dkg * b_kg  # d kg / d(G_last - G) = kg
     b_last = tl.sum(b_ratio, axis=0) + tl.exp(b_Glast) * b_ddecay  # [BK]: through G_last
     b_dG = tl.where(o_t[:, None] == r_last, b_last[None, :], 0.0) - b_ratio
+    if ACC:
+        b_dG += tl.load(dG + p_tk, mask=m_tk, other=0)
     tl.store(dk + p_tk, b_dk, mask=m_tk)
     tl.store(dW + p_tk, b_dW, mask=m_tk)
     tl.store(dG + p_tk, b_dG, mask=m_tk)
@@ -374,6 +397,8 @@ def state_passing_bwd(
     cu_seqlens: Optional[torch.Tensor] = None,
     *,
     H: Optional[int] = None,
+    dG_acc: Optional[torch.Tensor] = None,
+    per_value_head: bool = False,
     meta: Optional[SeqMeta] = None,
 ):
     """The whole state stage's backward: ``(dk, dW, dU, dG, dS0)``, float32.
@@ -382,7 +407,8 @@ def state_passing_bwd(
     the keys come decayed, ``kg = k exp(G_last - G)`` (``[B, T, HV, K]``, as the forward
     state pass takes them), and ``U`` is not needed. ``dk`` is summed over each group of
     ``HV // H`` value heads (``H``: the key heads, default ``HV``); ``dS0`` is ``None``
-    without an initial state.
+    without an initial state. ``dG_acc``: a float32 ``[B, T, HV, K]`` that ``dG`` is added
+    into (and returned); ``per_value_head``: ``dk`` not summed over GVA groups.
     """
     B, T, HV, K = kg.shape
     V = h.shape[-1]
@@ -391,17 +417,17 @@ def state_passing_bwd(
     dS_out, dv_tot, dS0 = state_passing_bwd_recurrence(kg, W, G, h, dh, dv_new, dS_final, chunk_size, cu_seqlens,
                                                        meta=meta)
     f32 = dict(dtype=torch.float32, device=kg.device)
-    dk, dW, dG = (torch.zeros(B, T, HV, K, **f32) for _ in range(3))
+    dk, dW = torch.empty(B, T, HV, K, **f32), torch.empty(B, T, HV, K, **f32)
+    dG = _accumulator(dG_acc, kg, (B, T, HV, K))
     if meta.NC > 0:
         BK = min(64, max(16, triton.next_power_of_2(K)))
         _state_bwd_chunk_kernel[(meta.NC, HV, triton.cdiv(K, BK))](
             kg.contiguous(), G.contiguous(), h.contiguous(), v_new.contiguous(), dS_out, dv_tot, dk, dW, dG,
             meta.cu, meta.chunk_seq, meta.chunk_bos,
             HV=HV, K=K, V=V, BT=chunk_size, BK=BK, BV=min(64, max(16, triton.next_power_of_2(V))),
-            PRECISION=dot_precision(W.dtype), num_warps=8, num_stages=1,
+            PRECISION=dot_precision(W.dtype), ACC=dG_acc is not None, num_warps=8, num_stages=1,
         )
-    dk = dk.view(B, T, H, HV // H, K).sum(3)  # GVA
-    return dk, dW, dv_tot, dG, (dS0 if initial_state is not None else None)
+    return _per_key_head(dk, H, per_value_head), dW, dv_tot, dG, (dS0 if initial_state is not None else None)
 
 
 @triton.jit
@@ -432,6 +458,7 @@ def _wy_bwd_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     PRECISION: tl.constexpr,
+    ACC: tl.constexpr,  # add dk and dG into what the tensors hold
 ):
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_h = i_hv // (HV // H)
@@ -454,9 +481,13 @@ def _wy_bwd_kernel(
         b_dW = tl.load(dW + p_tk, mask=m_tk, other=0).to(tl.float32)
         b_dM += tl.dot(b_dW, tl.trans(b_kb), input_precision=PRECISION)
         b_dkb = tl.dot(tl.trans(b_M), b_dW, input_precision=PRECISION)  # [BT, BK]
-        tl.store(dk + p_tk, tl.where(m_tk, b_dkb * b_beta[:, None] * tl.exp(tl.load(G + p_tk, mask=m_tk, other=0)),
-                                     0.0), mask=m_tk)
-        tl.store(dG + p_tk, b_dkb * b_kb, mask=m_tk)
+        b_dk = tl.where(m_tk, b_dkb * b_beta[:, None] * tl.exp(tl.load(G + p_tk, mask=m_tk, other=0)), 0.0)
+        b_dG = b_dkb * b_kb
+        if ACC:
+            b_dk += tl.load(dk + p_tk, mask=m_tk, other=0)
+            b_dG += tl.load(dG + p_tk, mask=m_tk, other=0)
+        tl.store(dk + p_tk, b_dk, mask=m_tk)
+        tl.store(dG + p_tk, b_dG, mask=m_tk)
         b_dbeta += tl.sum(b_dkb * b_gk, axis=1)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
@@ -483,29 +514,35 @@ def wy_representation_bwd(
     chunk_size: int,
     cu_seqlens: Optional[torch.Tensor] = None,
     *,
+    dk_acc: Optional[torch.Tensor] = None,
+    dG_acc: Optional[torch.Tensor] = None,
+    per_value_head: bool = False,
     meta: Optional[SeqMeta] = None,
 ):
     """``(dk [B, T, H, K], dv, dG, dbeta, dM)``, float32; arguments as
-    :func:`kda_explained.chunked.backward_inter.wy_representation_bwd`.
+    :func:`kda_explained.chunked.backward_inter.wy_representation_bwd`. ``dk_acc``, ``dG_acc``:
+    float32 ``[B, T, HV, K]`` tensors (both or neither) that ``dk`` (per value head) and ``dG``
+    are added into; ``per_value_head``: ``dk`` not summed over GVA groups.
     """
     B, T, H, K = k.shape
     HV, V = v.shape[2], v.shape[3]
     meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, k.device)
     f32 = dict(dtype=torch.float32, device=k.device)
-    dk, dG = torch.zeros(B, T, HV, K, **f32), torch.zeros(B, T, HV, K, **f32)
-    dv = torch.zeros(B, T, HV, V, **f32)
-    dbeta = torch.zeros(B, T, HV, **f32)
-    dM = torch.zeros(B, T, HV, chunk_size, **f32)
+    if (dk_acc is None) != (dG_acc is None):
+        raise ValueError("dk_acc, dG_acc: give both accumulators or neither")
+    dk, dG = _accumulator(dk_acc, k, (B, T, HV, K)), _accumulator(dG_acc, k, (B, T, HV, K))
+    dv = torch.empty(B, T, HV, V, **f32)
+    dbeta = torch.empty(B, T, HV, **f32)
+    dM = torch.empty(B, T, HV, chunk_size, **f32)
     if meta.NC > 0:
         _wy_bwd_kernel[(meta.NC, HV)](
             k.contiguous(), v.contiguous(), G.contiguous(), beta.contiguous(), M.contiguous(), dW.contiguous(),
             dU.contiguous(), dk, dv, dG, dbeta, dM, meta.cu, meta.chunk_seq, meta.chunk_bos,
             H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=min(64, max(16, triton.next_power_of_2(K))),
             BV=min(64, max(16, triton.next_power_of_2(V))), PRECISION=dot_precision(k.dtype),
-            num_warps=8, num_stages=1,
+            ACC=dk_acc is not None, num_warps=8, num_stages=1,
         )
-    dk = dk.view(B, T, H, HV // H, K).sum(3)  # GVA
-    return dk, dv, dG, dbeta, dM
+    return _per_key_head(dk, H, per_value_head), dv, dG, dbeta, dM
 
 
 @triton.jit
@@ -546,7 +583,7 @@ def ut_transform_bwd(
     """
     B, T, HV, C = M.shape
     meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, M.device)
-    dA = torch.zeros(B, T, HV, C, dtype=torch.float32, device=M.device)
+    dA = torch.empty(B, T, HV, C, dtype=torch.float32, device=M.device)
     if meta.NC > 0:
         _ut_bwd_kernel[(meta.NC, HV)](M.contiguous(), dM.contiguous(), dA, meta.cu, meta.chunk_seq, meta.chunk_bos,
                                       HV=HV, BT=chunk_size, UTP="tf32x3", num_warps=8, num_stages=1)
@@ -693,7 +730,7 @@ def chunk_local_cumsum_bwd(
     """
     B, T, HV, K = dG.shape
     meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, dG.device)
-    dg = torch.zeros(B, T, HV, K, dtype=torch.float32, device=dG.device)
+    dg = torch.empty(B, T, HV, K, dtype=torch.float32, device=dG.device)
     BK = min(32, max(16, triton.next_power_of_2(K)))
     if meta.NC > 0:
         _cumsum_bwd_kernel[(meta.NC, HV, triton.cdiv(K, BK))](dG.contiguous(), dg, meta.cu, meta.chunk_seq,
@@ -724,7 +761,6 @@ def kda_backward(
     the one PyTorch stage left in the composition. Not yet the backward of
     :func:`~kda_explained.fast.chunk.chunk_kda` (see the module docstring).
     """
-    from ..chunked.stages import ut_transform as ut_transform_reference
     from ..validation import check_chunk_size
     from .chunk import FAST_CHUNK_SIZES, check_fast_inputs
     from .local import chunk_local_factors
@@ -737,17 +773,23 @@ def kda_backward(
     meta = seq_meta(p.B, p.T, C, cu_seqlens, q.device)
     # ---- forward, keeping what the backward reads
     G, beta32 = chunk_local_cumsum(g, C, cu_seqlens, beta=beta, meta=meta)  # 1.
-    f = chunk_local_factors(q, k, v, G, beta32, p.scale, C, cu_seqlens, store_akk=True, meta=meta)  # 2.-4.
-    M = ut_transform_reference(f.A_kk, C, cu_seqlens)  # 3. (to become an output of the keys' pass)
+    f = chunk_local_factors(q, k, v, G, beta32, p.scale, C, cu_seqlens, store_m=True, meta=meta)  # 2.-4.
+    M = f.M
     h, v_new, _ = state_passing(f.kg, f.W, f.U, G, initial_state, C, cu_seqlens, h_dtype=torch.float32,
                                 meta=meta)  # 5.
-    # ---- backward, stage 6 down to stage 1
-    dq, dh, dv_new, dG, dA_qk = chunk_output_bwd(q, h, v_new, G, f.A_qk, p.scale, do, C, cu_seqlens, meta=meta)
-    dk, dW, dU, dG5, dS0 = state_passing_bwd(f.kg, f.W, G, initial_state, h, v_new, dh, dv_new, dS_final, C,
-                                             cu_seqlens, H=p.H, meta=meta)  # 5.
-    dk4, dv, dG4, dbeta, dM = wy_representation_bwd(k, v, G, beta32, M, dW, dU, C, cu_seqlens, meta=meta)  # 4.
+    # ---- backward, stage 6 down to stage 1. dq, dk (per value head) and dG are sums of several
+    # stages' terms: each kernel after the first adds its own into the same float32 tensor
+    dq, dh, dv_new, dG, dA_qk = chunk_output_bwd(q, h, v_new, G, f.A_qk, p.scale, do, C, cu_seqlens,
+                                                 per_value_head=True, meta=meta)  # 6.
+    dk, dW, dU, _, dS0 = state_passing_bwd(f.kg, f.W, G, initial_state, h, v_new, dh, dv_new, dS_final, C,
+                                           cu_seqlens, H=p.H, dG_acc=dG, per_value_head=True, meta=meta)  # 5.
+    del dh, dv_new
+    _, dv, _, dbeta, dM = wy_representation_bwd(k, v, G, beta32, M, dW, dU, C, cu_seqlens, dk_acc=dk, dG_acc=dG,
+                                                per_value_head=True, meta=meta)  # 4.
+    del dW, dU
     dA_kk = ut_transform_bwd(M, dM, C, cu_seqlens, meta=meta)  # 3.
     dq2, dk2, dG2, dbeta2 = intra_chunk_matrices_bwd(q, k, G, beta32, p.scale, dA_kk, dA_qk, C, cu_seqlens,
                                                      meta=meta)  # 2.
-    dg = chunk_local_cumsum_bwd(dG + dG5 + dG4 + dG2, C, cu_seqlens, meta=meta)  # 1.
-    return dq + dq2, dk + dk4 + dk2, dv, dg, dbeta + dbeta2, dS0
+    dG += dG2
+    dg = chunk_local_cumsum_bwd(dG, C, cu_seqlens, meta=meta)  # 1.
+    return _per_key_head(dq, p.H) + dq2, _per_key_head(dk, p.H) + dk2, dv, dg, dbeta + dbeta2, dS0

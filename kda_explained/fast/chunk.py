@@ -89,7 +89,7 @@ def chunk_kda_fwd(
         lower_bound=lower_bound, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
         allow_neg_eigval=allow_neg_eigval, meta=meta,
     )  # 1.                                                                              [B, T, HV, K]
-    A_qk, W, U, qg, kg, _ = chunk_local_factors(q, k, v, G, beta32, scale, C, cu_seqlens, meta=meta)  # 2.-4.
+    A_qk, W, U, qg, kg = chunk_local_factors(q, k, v, G, beta32, scale, C, cu_seqlens, meta=meta)[:5]  # 2.-4.
     h_dtype = torch.float32 if float32_chunk_states else intermediate_dtype(q.dtype)
     h, v_new, S = state_passing(kg, W, U, G, initial_state, C, cu_seqlens, state_v_first=state_v_first,
                                 h_dtype=h_dtype, meta=meta)  # 5.                       h: [NC, HV, K, V]

@@ -200,6 +200,7 @@ def _chunk_local_kernel(
     U,  # [TT, HV, V] out
     qg,  # [TT, HV, K] out (QK): scale * q * exp(G)
     kg,  # [TT, HV, K] out: k * exp(G_last - G)
+    M_out,  # [TT, HV, BT] float32 out (STORE_M): rows of M = (I + A_kk)^{-1}, for the backward
     flags,  # [NC, HV] int32: 1 where a sub-chunk's span exceeds SPAN (keys' first pass writes, EXACT_DIAG reads)
     cu,
     chunk_seq,
@@ -222,6 +223,7 @@ def _chunk_local_kernel(
     QK: tl.constexpr,  # the queries' pass (A_qk, qg) instead of the keys' pass (A_kk -> M -> W, U, kg)
     EXACT_DIAG: tl.constexpr,  # the second launch: flagged chunks again, with exact diagonal blocks
     STORE_A: tl.constexpr,
+    STORE_M: tl.constexpr,
 ):
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     if EXACT_DIAG:
@@ -352,6 +354,25 @@ def _chunk_local_kernel(
                       input_precision=UT_PREC)
         M30 = -tl.dot(M33, tl.dot(A30, M00, input_precision=UT_PREC) + tl.dot(A31, M10, input_precision=UT_PREC)
                       + tl.dot(A32, M20, input_precision=UT_PREC), input_precision=UT_PREC)
+        if STORE_M:
+            # whole rows of M for the backward (its blocks above the diagonal are zeros)
+            M_h, SA = M_out + i_hv * BT, HV * BT
+            for i_s in tl.static_range(NS):
+                for j_s in tl.static_range(i_s + 1, NS):
+                    _store_block(M_h, Z, bos + i_s * BC, eos, SA, j_s * BC, BT, BC, BC)
+            _store_block(M_h, M00, t0, eos, SA, 0, BT, BC, BC)
+            if NS > 1:
+                _store_block(M_h, M10, t1, eos, SA, 0, BT, BC, BC)
+                _store_block(M_h, M11, t1, eos, SA, BC, BT, BC, BC)
+            if NS > 2:
+                _store_block(M_h, M20, t2, eos, SA, 0, BT, BC, BC)
+                _store_block(M_h, M21, t2, eos, SA, BC, BT, BC, BC)
+                _store_block(M_h, M22, t2, eos, SA, 2 * BC, BT, BC, BC)
+            if NS > 3:
+                _store_block(M_h, M30, t3, eos, SA, 0, BT, BC, BC)
+                _store_block(M_h, M31, t3, eos, SA, BC, BT, BC, BC)
+                _store_block(M_h, M32, t3, eos, SA, 2 * BC, BT, BC, BC)
+                _store_block(M_h, M33, t3, eos, SA, 3 * BC, BT, BC, BC)
 
         # ==== 3. W = M Diag(beta)(Gamma * K) and kg, tile by tile of K; then U = M Diag(beta) V
         t_last = tl.minimum(bos + BT, eos) - 1
@@ -426,6 +447,7 @@ class LocalFactors(NamedTuple):
     qg: torch.Tensor  #: ``[B, T, HV, K]``: ``scale * q * exp(G)``
     kg: torch.Tensor  #: ``[B, T, HV, K]``: ``k * exp(G_last - G)``
     A_kk: Optional[torch.Tensor]  #: ``[B, T, HV, C]`` float32, only with ``store_akk``
+    M: Optional[torch.Tensor] = None  #: ``[B, T, HV, C]`` float32 ``(I + A_kk)^{-1}``, only with ``store_m``
 
 
 def intermediate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -452,6 +474,7 @@ def chunk_local_factors(
     cu_seqlens: Optional[torch.Tensor] = None,
     *,
     store_akk: bool = False,
+    store_m: bool = False,
     meta: Optional[SeqMeta] = None,
 ) -> LocalFactors:
     """Everything stages 5 and 6 need from one chunk, in one launch.
@@ -460,6 +483,7 @@ def chunk_local_factors(
         q, k: ``[B, T, H, K]``; v: ``[B, T, HV, V]``; G: ``[B, T, HV, K]`` float32 in-chunk
             cumulative log decay; beta: ``[B, T, HV]`` float32.
         store_akk: also return ``A_kk`` (for tests; the pipeline never reads it).
+        store_m: also return ``M = (I + A_kk)^{-1}`` (the backward reads it).
 
     Returns:
         :class:`LocalFactors`; ``A_qk``, ``W``, ``U``, ``qg``, ``kg`` in
@@ -475,6 +499,7 @@ def chunk_local_factors(
     dev = q.device
     A_qk = torch.empty(B, T, HV, chunk_size, dtype=dt, device=dev)
     A_kk = torch.empty(B, T, HV, chunk_size, dtype=torch.float32, device=dev) if store_akk else None
+    M = torch.empty(B, T, HV, chunk_size, dtype=torch.float32, device=dev) if store_m else None
     W = torch.empty(B, T, HV, K, dtype=dt, device=dev)
     U = torch.empty(B, T, HV, V, dtype=dt, device=dev)
     qg = torch.empty(B, T, HV, K, dtype=dt, device=dev)
@@ -495,7 +520,8 @@ def chunk_local_factors(
                 continue
             BK, warps = LOCAL_LAUNCH["queries" if qk else "keys"]
             for exact in (False, True):
-                _chunk_local_kernel[grid](*inputs, out, W, U, qg, kg, *tables, **consts,
+                _chunk_local_kernel[grid](*inputs, out, W, U, qg, kg, M if store_m else out, *tables, **consts,
                                           BK=min(BK, max(16, triton.next_power_of_2(K))), QK=qk, EXACT_DIAG=exact,
-                                          STORE_A=qk or store_akk, num_warps=warps, num_stages=LOCAL_STAGES)
-    return LocalFactors(A_qk, W, U, qg, kg, A_kk)
+                                          STORE_A=qk or store_akk, STORE_M=store_m and not qk,
+                                          num_warps=warps, num_stages=LOCAL_STAGES)
+    return LocalFactors(A_qk, W, U, qg, kg, A_kk, M)
