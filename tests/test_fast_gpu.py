@@ -114,7 +114,8 @@ def test_stages_match_chunked(C):
     S0, scale = kw["initial_state"].double(), 128 ** -0.5
     G = chunked.chunk_local_cumsum(g, C)
     A_kk, A_qk = chunked.intra_chunk_matrices(q, k, G, beta, scale, C)
-    W, U = chunked.wy_representation(k, v, G, beta, chunked.ut_transform(A_kk, C), C)
+    M = chunked.ut_transform(A_kk, C)
+    W, U = chunked.wy_representation(k, v, G, beta, M, C)
     h, v_new, S = chunked.state_passing(k, W, U, G, S0, C)
     o = chunked.chunk_output(q, h, v_new, G, A_qk, scale, C)
 
@@ -123,9 +124,9 @@ def test_stages_match_chunked(C):
 
     qg, kg = chunked_stages.decayed_operands(q, k, G, scale, C)
     assert_close(fast.chunk_local_cumsum(f32(g), C), G, F32, "G")
-    f = fast.chunk_local_factors(f32(q), f32(k), f32(v), f32(G), f32(beta), scale, C, store_akk=True)
-    for name, ours, ref in (("A_kk", f.A_kk, A_kk), ("A_qk", f.A_qk, A_qk), ("W", f.W, W), ("U", f.U, U),
-                            ("qg", f.qg, qg), ("kg", f.kg, kg)):
+    f = fast.chunk_local_factors(f32(q), f32(k), f32(v), f32(G), f32(beta), scale, C, store_akk=True, store_m=True)
+    for name, ours, ref in (("A_kk", f.A_kk, A_kk), ("A_qk", f.A_qk, A_qk), ("M", f.M, M), ("W", f.W, W),
+                            ("U", f.U, U), ("qg", f.qg, qg), ("kg", f.kg, kg)):
         assert_close(ours, ref, F32, name)
     h_f, v_new_f, S_f = fast.state_passing(f32(kg), f32(W), f32(U), f32(G), f32(S0), C)
     assert_close(h_f, h, F32, "h")
