@@ -18,7 +18,7 @@ Glossary
 ``D_kk, D_qk``    the gradients reaching the un-weighted products: ``beta_r dA_kk[r, j]``
                   (strictly lower) and ``scale dA_qk[r, j]`` (lower, with the diagonal)
 ``X``             ``X_r = sum_j dA_kk[r, j] k_j R``: the key's row term before ``beta_r``
-``BT``            chunk length (16, 32 or 64); ``BC = 16`` tokens per sub-chunk, ``NS = BT / BC``
+``BT``            chunk length (16, 32, 64 or 128); ``BC = 16`` tokens per sub-chunk, ``NS = BT / BC``
 ``I, J``          sub-chunk indices, row block and column block (``J <= I``)
 ``G_first``       ``G`` at the first token of a sub-chunk (the row terms' reference)
 ``G_last``        ``G`` at the last real token of a sub-chunk (the column terms' reference)
@@ -61,12 +61,22 @@ masked to ``-inf`` *before* the ``exp`` where ``j > r`` (``_diag_exact``). The c
 also keep the padding (rows past the sequence's end, loaded as ``G = 0``) finite, so
 no ``inf * 0 = NaN`` appears on either path.
 
+**Two launches**, as in the forward: the first runs every program with tensor-core
+diagonals and flags the programs (chunk, ``K`` tile, value head) where some sub-chunk's
+span passes ``SAFE_SPAN``; the second (``EXACT_DIAG``) runs the flagged ones again, with
+those sub-chunks' diagonal blocks exact, and overwrites their outputs. Every other
+program of the second launch reads its flag and exits, so typical gates pay one cheap
+launch; and the first launch's code holds no column-by-column form, whose registers it
+would otherwise have to reserve (211 a thread instead of 148 on sm_90).
+
 **The layout.** One program per (chunk, ``K`` tile, value head); it loops over the
 sub-chunks ``B`` and finishes each one before the next: ``B``'s row terms take the
-column blocks ``J <= B`` (its row of blocks), its column terms the row blocks ``I >= B``
-(its column of blocks). The operand blocks are read again from global memory, where
-the previous sub-chunk left them in the L2 cache, so only three ``[BC, BK]``
-accumulators live in registers.
+column blocks ``J < B`` (its row of blocks), its column terms the row blocks ``I > B``
+(its column of blocks), then the diagonal block ``(B, B)`` serves both. The operand
+blocks are read again from global memory, where the previous sub-chunk left them in
+the L2 cache, so only three ``[BC, BK]`` accumulators live in registers. The loops
+over blocks are run-time loops: unrolled, the compiler hoists every block's loads
+to the top and the registers run out.
 """
 
 from __future__ import annotations
@@ -77,69 +87,108 @@ import torch
 import triton
 import triton.language as tl
 
-from ._meta import SeqMeta, dot_precision, seq_meta
-from .backward import _chunk_span
-from .backward import intra_chunk_matrices_bwd as by_columns
+from ._meta import SeqMeta, dot_precision, host_offsets, seq_meta
 from .local import SAFE_SPAN
 
 __all__ = ["intra_chunk_matrices_bwd", "INTRA_BWD_LAUNCH"]
 
-#: Launch shape ``(BK, num_warps, num_stages)``: ``K`` tiles of 64 (two tiles at ``K = 128``: the
-#: ``dA`` rows, read once per tile, cost half of what tiles of 32 would), 4 warps (a ``[16, 64]``
-#: accumulator is 8 registers a thread, three of them plus the operand blocks fit without spills),
-#: one stage (the loops are unrolled: nothing to pipeline). Compiled for sm_90 (see the report).
-INTRA_BWD_LAUNCH = (64, 4, 1)
+#: Launch shape ``(BK, num_warps, num_stages)``. Compiled for sm_90 at ``K = 128, BT = 64`` (not yet
+#: timed): ``K`` tiles of 32 on 4 warps take 148 registers a thread (bf16 ``q, k``; 128 for float32)
+#: and no spills, so three or four programs share an SM; tiles of 64 need 197-216 and spill under a
+#: cap of 128. The ``K`` tiles of one chunk run side by side and read its ``dA`` blocks from L2.
+#: One stage: the block loops are short (at most three blocks), nothing to pipeline.
+INTRA_BWD_LAUNCH = (32, 4, 1)
 
 
 @triton.jit
-def _block(x, t0, eos, stride_t, c0, NCOL: tl.constexpr, BC: tl.constexpr, BX: tl.constexpr):
-    """``[BC, BX]`` float32: tokens ``t0 ..`` (rows ``stride_t`` apart), columns ``c0 ..``; zeros outside."""
-    o_t = t0 + tl.arange(0, BC)
+def _chunk_span(cu, chunk_seq, chunk_bos, i_c):
+    """Chunk ``i_c``'s first token and its sequence's end, as packed positions (int64).
+
+    The helper of :mod:`kda_explained.fast.backward`, repeated so that module can import this
+    one without an import cycle.
+    """
+    i_n = tl.load(chunk_seq + i_c)
+    return tl.load(chunk_bos + i_c).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
+
+
+@triton.jit
+def _block(x, t0, eos, stride_t: tl.constexpr, c0, NCOL: tl.constexpr, BC: tl.constexpr, BX: tl.constexpr):
+    """``[BC, BX]`` float32: tokens ``t0 ..`` (rows ``stride_t`` apart), columns ``c0 ..``; zeros outside.
+
+    A scalar base pointer plus small int32 offsets: the offsets stay the same from block to
+    block, so the compiler keeps one copy instead of a 64-bit pointer per element and block.
+    """
+    o_t = tl.arange(0, BC)
     o_c = c0 + tl.arange(0, BX)
-    m = (o_t < eos)[:, None] & (o_c < NCOL)[None, :]
-    return tl.load(x + o_t[:, None] * stride_t + o_c[None, :], mask=m, other=0).to(tl.float32)
+    m = (o_t < eos - t0)[:, None] & (o_c < NCOL)[None, :]
+    return tl.load(x + t0 * stride_t + (o_t[:, None] * stride_t + o_c[None, :]), mask=m, other=0).to(tl.float32)
 
 
 @triton.jit
-def _store(x, b, t0, eos, stride_t, c0, NCOL: tl.constexpr, BC: tl.constexpr, BX: tl.constexpr):
-    o_t = t0 + tl.arange(0, BC)
+def _store(x, b, t0, eos, stride_t: tl.constexpr, c0, NCOL: tl.constexpr, BC: tl.constexpr, BX: tl.constexpr):
+    o_t = tl.arange(0, BC)
     o_c = c0 + tl.arange(0, BX)
-    m = (o_t < eos)[:, None] & (o_c < NCOL)[None, :]
-    tl.store(x + o_t[:, None] * stride_t + o_c[None, :], b, mask=m)
+    m = (o_t < eos - t0)[:, None] & (o_c < NCOL)[None, :]
+    tl.store(x + t0 * stride_t + (o_t[:, None] * stride_t + o_c[None, :]), b, mask=m)
 
 
 @triton.jit
-def _dA_block(dA_h, ti, tj, eos, SA, cj, BC: tl.constexpr, DIAG: tl.constexpr, STRICT: tl.constexpr):
+def _dA_block(dA_h, ti, tj, eos, SA: tl.constexpr, cj, BC: tl.constexpr, DIAG: tl.constexpr, STRICT: tl.constexpr):
     """Block (rows ``ti ..``, columns ``tj ..``) of a ``dA``, float32; zero for padding and,
     on a diagonal block, above the diagonal (``STRICT``: on it too), the entries the forward never made.
 
     ``cj`` is the column block's offset inside the chunk's row of ``dA``.
     """
     o_i = tl.arange(0, BC)
-    m = ((ti + o_i) < eos)[:, None] & ((tj + o_i) < eos)[None, :]
+    m = (o_i < eos - ti)[:, None] & (o_i < eos - tj)[None, :]
     if DIAG:
         if STRICT:
             m = m & (o_i[None, :] < o_i[:, None])
         else:
             m = m & (o_i[None, :] <= o_i[:, None])
-    return tl.load(dA_h + (ti + o_i)[:, None] * SA + cj + o_i[None, :], mask=m, other=0).to(tl.float32)
+    return tl.load(dA_h + ti * SA + cj + (o_i[:, None] * SA + o_i[None, :]), mask=m, other=0).to(tl.float32)
 
 
 @triton.jit
-def _diag_exact(b_dq, b_x, b_col, b_q, b_k, b_G, b_Dqk, b_dAkk, b_Dkk, k_h, G_h, tb, eos, SK, SG, o_k,
-                K: tl.constexpr, BC: tl.constexpr):
-    """Add the diagonal block's terms to the three accumulators exactly, one column ``jj`` at a time.
+def _diag_split(b_dq, b_x, b_col, b_q, b_k, b_G, b_Dqk, b_dAkk, b_Dkk, G_first, G_last, SPAN: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """Add the diagonal block's terms to the three accumulators on tensor cores and scale them.
+
+    The accumulators hold the off-diagonal sums before their outer factors; the diagonal's
+    inner factors reach ``exp(span)``, exact while ``span <= SPAN``. The clamp at ``SPAN``
+    then only bites on padding rows (``G = 0`` there), whose ``q, k`` and ``dA`` are zero.
+    (Where a span passes ``SPAN`` the first launch's values are wrong, and the second
+    launch overwrites them.)
+    """
+    row_scale = tl.exp(tl.minimum(b_G - G_first, 0.0))  # outer factors, <= 1
+    col_scale = tl.exp(tl.minimum(G_last - b_G, 0.0))
+    b_kd = b_k * tl.exp(tl.minimum(G_first - b_G, SPAN))
+    b_dq = tl.dot(b_Dqk, b_kd, b_dq, input_precision=PRECISION) * row_scale
+    b_x = tl.dot(b_dAkk, b_kd, b_x, input_precision=PRECISION) * row_scale
+    b_e = tl.exp(tl.minimum(b_G - G_last, SPAN))
+    b_col = tl.dot(tl.trans(b_Dqk), b_q * b_e, b_col, input_precision=PRECISION)
+    b_col = tl.dot(tl.trans(b_Dkk), b_k * b_e, b_col, input_precision=PRECISION) * col_scale
+    return b_dq, b_x, b_col
+
+
+@triton.jit
+def _diag_exact(b_dq, b_x, b_col, b_q, b_k, b_G, b_Dqk, b_dAkk, b_Dkk, G_first, G_last, k_h, G_h, tb, eos,
+                SK: tl.constexpr, SG: tl.constexpr, o_k, K: tl.constexpr, BC: tl.constexpr):
+    """Scale the three accumulators, then add the diagonal block's terms exactly, one column ``jj`` at a time.
 
     ``ratio[r, c] = exp(G_rc - G_jc)`` with the exponent set to ``-inf`` where ``r < jj`` (or
     either token is padding) before the ``exp``: never positive, whatever the gate.
     """
+    b_dq *= tl.exp(tl.minimum(b_G - G_first, 0.0))  # the off-diagonal sums' outer factors, <= 1
+    b_x *= tl.exp(tl.minimum(b_G - G_first, 0.0))
+    b_col *= tl.exp(tl.minimum(G_last - b_G, 0.0))
     o_i = tl.arange(0, BC)
     m_r = (tb + o_i) < eos
-    for jj in range(0, BC):
-        m_j = (o_k < K) & (tb + jj + 0 * o_k < eos)  # [BK]: column jj is a real token
+    for jj in range(0, tl.minimum(BC, eos - tb)):  # the real columns (a bound known at run time: kept rolled)
+        m_j = o_k < K
         b_kj = tl.load(k_h + (tb + jj) * SK + o_k, mask=m_j, other=0).to(tl.float32)  # [BK]
         b_Gj = tl.load(G_h + (tb + jj) * SG + o_k, mask=m_j, other=0)
-        m_rj = (m_r & (o_i >= jj))[:, None] & m_j[None, :]
+        m_rj = (m_r & (o_i >= jj))[:, None] & m_j[None, :]  # r >= jj, both real
         b_ratio = tl.exp(tl.where(m_rj, b_G - b_Gj[None, :], float("-inf")))  # [BC, BK]
         on_j = o_i[None, :] == jj
         c_qk = tl.sum(tl.where(on_j, b_Dqk, 0.0), axis=1)[:, None]  # [BC, 1]: column jj of D_qk
@@ -166,6 +215,7 @@ def _intra_bwd_tc_kernel(
     dk,  # [TT, HV, K] float32 out, per value head
     dG,  # [TT, HV, K] float32 out
     dbeta,  # [NK, TT, HV] float32 out: one partial sum per K tile
+    flags,  # [NC * NK, HV] int32: 1 where a sub-chunk's span passes SPAN (first launch writes, EXACT_DIAG reads)
     cu,
     chunk_seq,
     chunk_bos,
@@ -182,11 +232,15 @@ def _intra_bwd_tc_kernel(
     BK: tl.constexpr,
     SPAN: tl.constexpr,
     PRECISION: tl.constexpr,
+    EXACT_DIAG: tl.constexpr,  # the second launch: the flagged programs again, strong sub-chunks exactly
 ):
     NK: tl.constexpr = (K + BK - 1) // BK
     NS: tl.constexpr = BT // BC
     i_ck, i_hv = tl.program_id(0), tl.program_id(1)
     i_c, i_k = i_ck // NK, i_ck % NK  # the K tiles of one chunk run side by side: they share its dA in L2
+    if EXACT_DIAG:
+        if tl.load(flags + i_ck * HV + i_hv) == 0:
+            return  # the first launch's tensor-core diagonal was exact
     i_h = i_hv // (HV // H)  # GVA: the q/k head this value head reads
     bos, eos = _chunk_span(cu, chunk_seq, chunk_bos, i_c)
     c0 = i_k * BK
@@ -194,73 +248,80 @@ def _intra_bwd_tc_kernel(
     o_k = c0 + tl.arange(0, BK)
     m_k = o_k < K
     # each tensor seen from this head: token rows `stride` apart
-    q_h, k_h, SK = q + i_h * K, k + i_h * K, H * K
-    G_h, SG = G + i_hv * K, HV * K
-    Akk_h, Aqk_h, SA = dA_kk + i_hv * BT, dA_qk + i_hv * BT, HV * BT
+    SK: tl.constexpr = H * K
+    SG: tl.constexpr = HV * K
+    SA: tl.constexpr = HV * BT
+    q_h, k_h = q + i_h * K, k + i_h * K
+    G_h, Akk_h, Aqk_h = G + i_hv * K, dA_kk + i_hv * BT, dA_qk + i_hv * BT
 
-    for i_b in tl.static_range(NS):  # sub-chunk B: its row of blocks, then its column of blocks
+    NR = tl.minimum(NS, tl.cdiv(eos - bos, BC))  # sub-chunks holding real tokens (a ragged chunk has fewer)
+    if not EXACT_DIAG:
+        # flag this program for the second launch if any sub-chunk's span (G_first - G_last) passes SPAN
+        o_s = tl.arange(0, NS)
+        m_s = (o_s < NR)[:, None] & m_k[None, :]
+        t_s = bos + o_s * BC
+        G_s = tl.load(G_h + t_s[:, None] * SG + o_k[None, :], mask=m_s, other=0)
+        G_e = tl.load(G_h + (tl.minimum(t_s + BC, eos) - 1)[:, None] * SG + o_k[None, :], mask=m_s, other=0)
+        tl.store(flags + i_ck * HV + i_hv, (tl.max(tl.max(G_s - G_e, axis=1), axis=0) > SPAN).to(tl.int32))
+    # runtime loops, not unrolled ones: an unrolled chunk hoists every block's loads and spills
+    for i_b in range(0, NR):  # sub-chunk B: its row of blocks, then its column of blocks
         tb = bos + i_b * BC
-        if tb < eos:  # a sub-chunk of padding only has nothing to do
-            b_q = _block(q_h, tb, eos, SK, c0, K, BC, BK)
-            b_k = _block(k_h, tb, eos, SK, c0, K, BC, BK)
-            b_G = _block(G_h, tb, eos, SG, c0, K, BC, BK)
-            b_beta = tl.load(beta + (tb + o_i) * HV + i_hv, mask=tb + o_i < eos, other=0).to(tl.float32)
-            t_last = tl.minimum(tb + BC, eos) - 1
-            G_first = tl.load(G_h + tb * SG + o_k, mask=m_k, other=0)[None, :]  # [1, BK]
-            G_last = tl.load(G_h + t_last * SG + o_k, mask=m_k, other=0)[None, :]
-            span = tl.max(tl.max(G_first - G_last, axis=1), axis=0)  # this K tile's decay across B
+        b_q = _block(q_h, tb, eos, SK, c0, K, BC, BK)
+        b_k = _block(k_h, tb, eos, SK, c0, K, BC, BK)
+        b_G = _block(G_h, tb, eos, SG, c0, K, BC, BK)
+        b_beta = tl.load(beta + (tb + o_i) * HV + i_hv, mask=tb + o_i < eos, other=0).to(tl.float32)
+        t_last = tl.minimum(tb + BC, eos) - 1
+        G_first = tl.load(G_h + tb * SG + o_k, mask=m_k, other=0)[None, :]  # [1, BK]
+        G_last = tl.load(G_h + t_last * SG + o_k, mask=m_k, other=0)[None, :]
+        span = tl.max(tl.max(G_first - G_last, axis=1), axis=0)  # this K tile's decay across B
 
-            # ==== row terms: dq_B, X_B = sum_{J < B} dA[B, J] (k_J exp(G_first - G_J)), exponents <= 0
-            b_dq = tl.zeros([BC, BK], dtype=tl.float32)
-            b_x = tl.zeros([BC, BK], dtype=tl.float32)
-            for j_b in tl.static_range(i_b):
-                tj = bos + j_b * BC
-                b_kd = _block(k_h, tj, eos, SK, c0, K, BC, BK) * tl.exp(
-                    tl.minimum(G_first - _block(G_h, tj, eos, SG, c0, K, BC, BK), 0.0))
-                b_Dqk = _dA_block(Aqk_h, tb, tj, eos, SA, j_b * BC, BC, False, False) * scale
-                b_dAkk = _dA_block(Akk_h, tb, tj, eos, SA, j_b * BC, BC, False, True)
-                b_dq = tl.dot(b_Dqk, b_kd, b_dq, input_precision=PRECISION)
-                b_x = tl.dot(b_dAkk, b_kd, b_x, input_precision=PRECISION)
+        # ==== row terms: dq_B, X_B = sum_{J < B} dA[B, J] (k_J exp(G_first - G_J)), exponents <= 0
+        b_dq = tl.zeros([BC, BK], dtype=tl.float32)
+        b_x = tl.zeros([BC, BK], dtype=tl.float32)
+        for j_b in range(0, i_b):
+            tj = bos + j_b * BC
+            b_kd = _block(k_h, tj, eos, SK, c0, K, BC, BK) * tl.exp(
+                tl.minimum(G_first - _block(G_h, tj, eos, SG, c0, K, BC, BK), 0.0))
+            b_Dqk = _dA_block(Aqk_h, tb, tj, eos, SA, j_b * BC, BC, False, False) * scale
+            b_dAkk = _dA_block(Akk_h, tb, tj, eos, SA, j_b * BC, BC, False, True)
+            b_dq = tl.dot(b_Dqk, b_kd, b_dq, input_precision=PRECISION)
+            b_x = tl.dot(b_dAkk, b_kd, b_x, input_precision=PRECISION)
 
-            # ==== column terms: sum_{I > B} dA[I, B]^T ((q or k)_I exp(G_I - G_last)), exponents <= 0
-            b_col = tl.zeros([BC, BK], dtype=tl.float32)
-            for i_i in tl.static_range(i_b + 1, NS):
-                ti = bos + i_i * BC
-                b_e = tl.exp(tl.minimum(_block(G_h, ti, eos, SG, c0, K, BC, BK) - G_last, 0.0))
-                b_qe = _block(q_h, ti, eos, SK, c0, K, BC, BK) * b_e
-                b_ke = _block(k_h, ti, eos, SK, c0, K, BC, BK) * b_e
-                w_i = tl.load(beta + (ti + o_i) * HV + i_hv, mask=ti + o_i < eos, other=0).to(tl.float32)
-                b_Dqk = _dA_block(Aqk_h, ti, tb, eos, SA, i_b * BC, BC, False, False) * scale
-                b_Dkk = _dA_block(Akk_h, ti, tb, eos, SA, i_b * BC, BC, False, True) * w_i[:, None]
-                b_col = tl.dot(tl.trans(b_Dqk), b_qe, b_col, input_precision=PRECISION)
-                b_col = tl.dot(tl.trans(b_Dkk), b_ke, b_col, input_precision=PRECISION)
+        # ==== column terms: sum_{I > B} dA[I, B]^T ((q or k)_I exp(G_I - G_last)), exponents <= 0
+        b_col = tl.zeros([BC, BK], dtype=tl.float32)
+        for i_i in range(i_b + 1, NR):
+            ti = bos + i_i * BC
+            b_e = tl.exp(tl.minimum(_block(G_h, ti, eos, SG, c0, K, BC, BK) - G_last, 0.0))
+            b_qe = _block(q_h, ti, eos, SK, c0, K, BC, BK) * b_e
+            b_ke = _block(k_h, ti, eos, SK, c0, K, BC, BK) * b_e
+            w_i = tl.load(beta + (ti + o_i) * HV + i_hv, mask=ti + o_i < eos, other=0).to(tl.float32)
+            b_Dqk = _dA_block(Aqk_h, ti, tb, eos, SA, i_b * BC, BC, False, False) * scale
+            b_Dkk = _dA_block(Akk_h, ti, tb, eos, SA, i_b * BC, BC, False, True) * w_i[:, None]
+            b_col = tl.dot(tl.trans(b_Dqk), b_qe, b_col, input_precision=PRECISION)
+            b_col = tl.dot(tl.trans(b_Dkk), b_ke, b_col, input_precision=PRECISION)
 
-            # ==== the diagonal block (B, B): the one place where an inner factor exceeds 1
-            b_Dqk = _dA_block(Aqk_h, tb, tb, eos, SA, i_b * BC, BC, True, False) * scale
-            b_dAkk = _dA_block(Akk_h, tb, tb, eos, SA, i_b * BC, BC, True, True)
-            b_Dkk = b_dAkk * b_beta[:, None]
-            row_scale = tl.exp(tl.minimum(b_G - G_first, 0.0))  # outer factors, <= 1
-            col_scale = tl.exp(tl.minimum(G_last - b_G, 0.0))
-            if span > SPAN:
-                # too strong a gate for the split: the off-diagonal sums scaled, then the diagonal exactly
-                b_dq, b_x, b_col = _diag_exact(b_dq * row_scale, b_x * row_scale, b_col * col_scale, b_q, b_k, b_G,
-                                               b_Dqk, b_dAkk, b_Dkk, k_h, G_h, tb, eos, SK, SG, o_k, K, BC)
+        # ==== the diagonal block (B, B): the one place where an inner factor exceeds 1
+        b_Dqk = _dA_block(Aqk_h, tb, tb, eos, SA, i_b * BC, BC, True, False) * scale
+        b_dAkk = _dA_block(Akk_h, tb, tb, eos, SA, i_b * BC, BC, True, True)
+        b_Dkk = b_dAkk * b_beta[:, None]
+        if EXACT_DIAG:
+            if span > SPAN:  # too strong a gate for the split
+                b_dq, b_x, b_col = _diag_exact(b_dq, b_x, b_col, b_q, b_k, b_G, b_Dqk, b_dAkk, b_Dkk, G_first, G_last,
+                                               k_h, G_h, tb, eos, SK, SG, o_k, K, BC)
             else:
-                # inner factors <= exp(span) <= exp(SPAN): the clamp only bites on padding, which meets zeros
-                b_kdd = b_k * tl.exp(tl.minimum(G_first - b_G, SPAN))
-                b_dq = tl.dot(b_Dqk, b_kdd, b_dq, input_precision=PRECISION) * row_scale
-                b_x = tl.dot(b_dAkk, b_kdd, b_x, input_precision=PRECISION) * row_scale
-                b_ed = tl.exp(tl.minimum(b_G - G_last, SPAN))
-                b_col = tl.dot(tl.trans(b_Dqk), b_q * b_ed, b_col, input_precision=PRECISION)
-                b_col = tl.dot(tl.trans(b_Dkk), b_k * b_ed, b_col, input_precision=PRECISION) * col_scale
+                b_dq, b_x, b_col = _diag_split(b_dq, b_x, b_col, b_q, b_k, b_G, b_Dqk, b_dAkk, b_Dkk, G_first, G_last,
+                                               SPAN, PRECISION)
+        else:
+            b_dq, b_x, b_col = _diag_split(b_dq, b_x, b_col, b_q, b_k, b_G, b_Dqk, b_dAkk, b_Dkk, G_first, G_last,
+                                           SPAN, PRECISION)
 
-            # ==== sub-chunk B's gradients
-            b_krow = b_beta[:, None] * b_x  # dk's row term (A_kk = Diag(beta) P_kk)
-            _store(dq + i_hv * K, b_dq, tb, eos, SG, c0, K, BC, BK)
-            _store(dk + i_hv * K, b_krow + b_col, tb, eos, SG, c0, K, BC, BK)
-            _store(dG + i_hv * K, b_q * b_dq + b_k * b_krow - b_k * b_col, tb, eos, SG, c0, K, BC, BK)
-            tl.store(dbeta + i_k * TT * HV + (tb + o_i) * HV + i_hv, tl.sum(b_k * b_x, axis=1),
-                     mask=tb + o_i < eos)
+        # ==== sub-chunk B's gradients
+        b_krow = b_beta[:, None] * b_x  # dk's row term (A_kk = Diag(beta) P_kk)
+        _store(dq + i_hv * K, b_dq, tb, eos, SG, c0, K, BC, BK)
+        _store(dk + i_hv * K, b_krow + b_col, tb, eos, SG, c0, K, BC, BK)
+        _store(dG + i_hv * K, b_q * b_dq + b_k * b_krow - b_k * b_col, tb, eos, SG, c0, K, BC, BK)
+        tl.store(dbeta + (i_k * TT + tb + o_i) * HV + i_hv, tl.sum(b_k * b_x, axis=1),
+                 mask=tb + o_i < eos)
 
 
 def intra_chunk_matrices_bwd(
@@ -282,7 +343,8 @@ def intra_chunk_matrices_bwd(
 
     Args:
         q, k: ``[B, T, H, K]``; G: ``[B, T, HV, K]`` float32 in-chunk cumulative log decay;
-            beta: ``[B, T, HV]``; dA_kk, dA_qk: ``[B, T, HV, C]`` (``C = chunk_size``: 16, 32 or 64).
+            beta: ``[B, T, HV]``; dA_kk, dA_qk: ``[B, T, HV, C]`` (``C = chunk_size``, a power of two
+            and at least 16: a tensor-core block is 16 x 16).
 
     Checked against the chunked layer, and against the exact kernel of
     :mod:`kda_explained.fast.backward`, in ``tests/test_fast_backward_intra.py``.
@@ -290,23 +352,31 @@ def intra_chunk_matrices_bwd(
     B, T, H, K = q.shape
     HV = G.shape[2]
     BC = 16
-    if chunk_size % BC != 0:  # too short for a 16 x 16 tensor-core block: the column-by-column kernel
-        return by_columns(q, k, G, beta, scale, dA_kk, dA_qk, chunk_size, cu_seqlens, meta=meta)
+    if chunk_size % BC != 0:
+        raise ValueError(f"chunk_size: expected a multiple of {BC} (16, 32 or 64 in the fast layer), got {chunk_size}")
     meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, q.device)
     BK_MAX, warps, stages = INTRA_BWD_LAUNCH
     BK = min(BK_MAX, max(16, triton.next_power_of_2(K)))
     NK = triton.cdiv(K, BK)
-    # every token lies in one chunk, whose program writes all its rows: no zero fill needed
+    # when the sequences cover the batch (DESIGN.md), every token lies in a chunk whose program writes
+    # its rows: no zero fill (three [B, T, HV, K] float32 fills would cost a quarter of the kernel's time)
+    cu = host_offsets(cu_seqlens)
+    alloc = torch.empty if cu is None or (cu[0] == 0 and cu[-1] == B * T) else torch.zeros
     f32 = dict(dtype=torch.float32, device=q.device)
-    dq, dk, dG = (torch.empty(B, T, HV, K, **f32) for _ in range(3))
-    dbeta = torch.empty(NK, B, T, HV, **f32)
+    dq, dk, dG = (alloc(B, T, HV, K, **f32) for _ in range(3))
+    dbeta = alloc(NK, B, T, HV, **f32)
     if meta.NC > 0:
-        _intra_bwd_tc_kernel[(meta.NC * NK, HV)](
-            q.contiguous(), k.contiguous(), G.contiguous(), beta.contiguous(), dA_kk.contiguous(), dA_qk.contiguous(),
-            dq, dk, dG, dbeta, meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale), B * T,
-            H=H, HV=HV, K=K, BT=chunk_size, BC=BC, BK=BK, SPAN=SAFE_SPAN, PRECISION=dot_precision(q.dtype),
-            num_warps=warps, num_stages=stages,
-        )
+        flags = torch.empty(meta.NC * NK, HV, dtype=torch.int32, device=q.device)
+        inputs = (q.contiguous(), k.contiguous(), G.contiguous(), beta.contiguous(), dA_kk.contiguous(),
+                  dA_qk.contiguous())
+        # every program on tensor cores, then the programs the first launch flagged, again, with their
+        # strong sub-chunks' diagonals exact (the others read their flag and exit: typical gates never pay)
+        for exact in (False, True):
+            _intra_bwd_tc_kernel[(meta.NC * NK, HV)](
+                *inputs, dq, dk, dG, dbeta, flags, meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale), B * T,
+                H=H, HV=HV, K=K, BT=chunk_size, BC=BC, BK=BK, SPAN=SAFE_SPAN, PRECISION=dot_precision(q.dtype),
+                EXACT_DIAG=exact, num_warps=warps, num_stages=stages,
+            )
     if HV != H:  # GVA: the value heads of a group share one q/k head
         dq = dq.view(B, T, H, HV // H, K).sum(3)
         dk = dk.view(B, T, H, HV // H, K).sum(3)
