@@ -9,6 +9,8 @@ Relative RMS error against float64 with the bounds of :data:`kda_explained.testi
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from hypothesis import given
@@ -76,7 +78,7 @@ def test_intra_chunk_matrices_bwd_tensor_cores_matches_by_columns(p, C):
     r = reference_stages(p, C)
     dA_kk, dA_qk = dA_like(r, C, 5)
     args = (f32(r.q), f32(r.k), f32(r.G), f32(r.beta), r.scale, f32(dA_kk), f32(dA_qk), C, r.cu)
-    for name, a, b in zip(NAMES, intra_chunk_matrices_bwd(*args), by_columns.intra_chunk_matrices_bwd(*args)):
+    for name, a, b in zip(NAMES, intra_chunk_matrices_bwd(*args), by_columns.intra_chunk_matrices_bwd_by_columns(*args)):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         assert_close(a, b.double(), F32, name)
 
@@ -126,3 +128,26 @@ def test_intra_chunk_matrices_bwd_exact_diagonal_everywhere(p, C, monkeypatch):
                                     r.cu)
     for name, a, b in zip(NAMES, ours, ref):
         assert_close(a, b, F32, name)
+
+
+@pytest.mark.parametrize("gate", EXTREME_GATES)
+def test_intra_chunk_matrices_bwd_accumulates(gate):
+    """With accumulators (as kda_backward calls it), dq, dk, dG are added into them: equal to the
+    sum with the plain call, also for programs that the exact-diagonal launch redoes, which must
+    add exactly once (GVA kept per value head)."""
+    (q, k, _, _, beta), kw = inputs(EXTREME_PROBLEM, torch.float64)
+    cu, scale, C = kw["cu_seqlens"], EXTREME_PROBLEM.shape[4] ** -0.5, 64
+    G = chunked.chunk_local_cumsum(extreme_gate(gate, beta.shape + (q.shape[-1],)), C, cu)
+    dA_kk, dA_qk = (f32(x) for x in dA_like(SimpleNamespace(beta=beta), C, 10))
+    args = (f32(q), f32(k), f32(G), f32(beta), scale, dA_kk, dA_qk, C, cu)
+    plain = intra_chunk_matrices_bwd(*args, per_value_head=True)
+    gen = torch.Generator().manual_seed(11)
+    accs = [torch.randn(G.shape, generator=gen).to(DEVICE) for _ in range(3)]
+    before = [a.clone() for a in accs]
+    summed = intra_chunk_matrices_bwd(*args, dq_acc=accs[0], dk_acc=accs[1], dG_acc=accs[2], per_value_head=True)
+    for name, a, b, s, acc in zip(NAMES, plain, before, summed, accs):
+        assert s.data_ptr() == acc.data_ptr(), name
+        assert_close(s, a + b, F32, name)
+    assert_close(summed[3], plain[3], F32, "dbeta")
+    with pytest.raises(ValueError, match="accumulators"):
+        intra_chunk_matrices_bwd(*args, dq_acc=accs[0])

@@ -87,6 +87,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._grad import accumulator as _accumulator, chunk_span as _chunk_span
 from ._meta import SeqMeta, dot_precision, host_offsets, seq_meta
 from .local import SAFE_SPAN
 
@@ -98,17 +99,6 @@ __all__ = ["intra_chunk_matrices_bwd", "INTRA_BWD_LAUNCH"]
 #: cap of 128. The ``K`` tiles of one chunk run side by side and read its ``dA`` blocks from L2.
 #: One stage: the block loops are short (at most three blocks), nothing to pipeline.
 INTRA_BWD_LAUNCH = (32, 4, 1)
-
-
-@triton.jit
-def _chunk_span(cu, chunk_seq, chunk_bos, i_c):
-    """Chunk ``i_c``'s first token and its sequence's end, as packed positions (int64).
-
-    The helper of :mod:`kda_explained.fast.backward`, repeated so that module can import this
-    one without an import cycle.
-    """
-    i_n = tl.load(chunk_seq + i_c)
-    return tl.load(chunk_bos + i_c).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
 
 
 @triton.jit
@@ -233,6 +223,7 @@ def _intra_bwd_tc_kernel(
     SPAN: tl.constexpr,
     PRECISION: tl.constexpr,
     EXACT_DIAG: tl.constexpr,  # the second launch: the flagged programs again, strong sub-chunks exactly
+    ACC: tl.constexpr,  # add dq, dk, dG into what the tensors hold
 ):
     NK: tl.constexpr = (K + BK - 1) // BK
     NS: tl.constexpr = BT // BC
@@ -262,7 +253,10 @@ def _intra_bwd_tc_kernel(
         t_s = bos + o_s * BC
         G_s = tl.load(G_h + t_s[:, None] * SG + o_k[None, :], mask=m_s, other=0)
         G_e = tl.load(G_h + (tl.minimum(t_s + BC, eos) - 1)[:, None] * SG + o_k[None, :], mask=m_s, other=0)
-        tl.store(flags + i_ck * HV + i_hv, (tl.max(tl.max(G_s - G_e, axis=1), axis=0) > SPAN).to(tl.int32))
+        flagged = tl.max(tl.max(G_s - G_e, axis=1), axis=0) > SPAN
+        tl.store(flags + i_ck * HV + i_hv, flagged.to(tl.int32))
+        if flagged:
+            return  # the second launch computes (and writes) this program's gradients
     # runtime loops, not unrolled ones: an unrolled chunk hoists every block's loads and spills
     for i_b in range(0, NR):  # sub-chunk B: its row of blocks, then its column of blocks
         tb = bos + i_b * BC
@@ -317,9 +311,15 @@ def _intra_bwd_tc_kernel(
 
         # ==== sub-chunk B's gradients
         b_krow = b_beta[:, None] * b_x  # dk's row term (A_kk = Diag(beta) P_kk)
+        b_dk = b_krow + b_col
+        b_dG = b_q * b_dq + b_k * b_krow - b_k * b_col
+        if ACC:
+            b_dq += _block(dq + i_hv * K, tb, eos, SG, c0, K, BC, BK)
+            b_dk += _block(dk + i_hv * K, tb, eos, SG, c0, K, BC, BK)
+            b_dG += _block(dG + i_hv * K, tb, eos, SG, c0, K, BC, BK)
         _store(dq + i_hv * K, b_dq, tb, eos, SG, c0, K, BC, BK)
-        _store(dk + i_hv * K, b_krow + b_col, tb, eos, SG, c0, K, BC, BK)
-        _store(dG + i_hv * K, b_q * b_dq + b_k * b_krow - b_k * b_col, tb, eos, SG, c0, K, BC, BK)
+        _store(dk + i_hv * K, b_dk, tb, eos, SG, c0, K, BC, BK)
+        _store(dG + i_hv * K, b_dG, tb, eos, SG, c0, K, BC, BK)
         tl.store(dbeta + (i_k * TT + tb + o_i) * HV + i_hv, tl.sum(b_k * b_x, axis=1),
                  mask=tb + o_i < eos)
 
@@ -335,6 +335,10 @@ def intra_chunk_matrices_bwd(
     chunk_size: int,
     cu_seqlens: Optional[torch.Tensor] = None,
     *,
+    dq_acc: Optional[torch.Tensor] = None,
+    dk_acc: Optional[torch.Tensor] = None,
+    dG_acc: Optional[torch.Tensor] = None,
+    per_value_head: bool = False,
     meta: Optional[SeqMeta] = None,
 ):
     """``(dq [B, T, H, K], dk [B, T, H, K], dG [B, T, HV, K], dbeta [B, T, HV])``, float32; as
@@ -345,6 +349,10 @@ def intra_chunk_matrices_bwd(
         q, k: ``[B, T, H, K]``; G: ``[B, T, HV, K]`` float32 in-chunk cumulative log decay;
             beta: ``[B, T, HV]``; dA_kk, dA_qk: ``[B, T, HV, C]`` (``C = chunk_size``, a power of two
             and at least 16: a tensor-core block is 16 x 16).
+
+    ``dq_acc``, ``dk_acc``, ``dG_acc``: float32 ``[B, T, HV, K]`` tensors (all or none) that ``dq``,
+    ``dk`` (per value head) and ``dG`` are added into (and returned); ``per_value_head``: ``dq`` and
+    ``dk`` not summed over GVA groups.
 
     Checked against the chunked layer, and against the exact kernel of
     :mod:`kda_explained.fast.backward`, in ``tests/test_fast_backward_intra.py``.
@@ -363,7 +371,13 @@ def intra_chunk_matrices_bwd(
     cu = host_offsets(cu_seqlens)
     alloc = torch.empty if cu is None or (cu[0] == 0 and cu[-1] == B * T) else torch.zeros
     f32 = dict(dtype=torch.float32, device=q.device)
-    dq, dk, dG = (alloc(B, T, HV, K, **f32) for _ in range(3))
+    accs = (dq_acc, dk_acc, dG_acc)
+    if any(a is None for a in accs) and any(a is not None for a in accs):
+        raise ValueError("dq_acc, dk_acc, dG_acc: give all three accumulators or none")
+    if dq_acc is None:
+        dq, dk, dG = (alloc(B, T, HV, K, **f32) for _ in range(3))
+    else:
+        dq, dk, dG = (_accumulator(a, q, (B, T, HV, K)) for a in accs)
     dbeta = alloc(NK, B, T, HV, **f32)
     if meta.NC > 0:
         flags = torch.empty(meta.NC * NK, HV, dtype=torch.int32, device=q.device)
@@ -375,9 +389,9 @@ def intra_chunk_matrices_bwd(
             _intra_bwd_tc_kernel[(meta.NC * NK, HV)](
                 *inputs, dq, dk, dG, dbeta, flags, meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale), B * T,
                 H=H, HV=HV, K=K, BT=chunk_size, BC=BC, BK=BK, SPAN=SAFE_SPAN, PRECISION=dot_precision(q.dtype),
-                EXACT_DIAG=exact, num_warps=warps, num_stages=stages,
+                EXACT_DIAG=exact, ACC=dq_acc is not None, num_warps=warps, num_stages=stages,
             )
-    if HV != H:  # GVA: the value heads of a group share one q/k head
+    if HV != H and not per_value_head:  # GVA: the value heads of a group share one q/k head
         dq = dq.view(B, T, H, HV // H, K).sum(3)
         dk = dk.view(B, T, H, HV // H, K).sum(3)
     return dq, dk, dG, dbeta.sum(0) if NK > 1 else dbeta[0]
