@@ -9,9 +9,10 @@ For each shape (issue 5's: (B, T, H, D) = (8, 4096, 16, 128) and (1, 8192, 96, 1
 one step is ``o, S = chunk_kda(...)`` then ``backward`` of ``(o * do).sum() + (S * dS).sum()``
 with every input requiring grad. Times are medians of ``triton.testing.do_bench`` (CUDA events);
 peak memory is ``torch.cuda.max_memory_allocated`` over one step minus what was allocated
-before it. The fast layer is measured with its interim backward (recompute through the
-chunked layer's autograd) and with the Triton backward kernels
-(``kda_explained.fast.chunk.TRITON_BACKWARD``). Writes ``gpu_train_bench.json``.
+before it. The fast layer is measured with its Triton backward (the default), and on request
+(``--paths triton,fla,interim``) with the cross-check that recomputes through the chunked
+layer's autograd (``kda_explained.fast.chunk.TRITON_BACKWARD = False``: ~20x slower).
+Writes ``gpu_train_bench.json``.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (checks the script runs)")
-    ap.add_argument("--paths", default="triton,fla,interim",
+    ap.add_argument("--paths", default="triton,fla",
                     help="what to measure, in order: triton (fast, Triton backward), fla, interim (fast, "
                          "backward through the chunked layer's autograd: slow, last)")
     args = ap.parse_args()
@@ -138,6 +139,39 @@ def main() -> None:
     path = os.path.join(out, "gpu_train_bench.json" if not args.cpu_smoke else "gpu_train_bench_cpu_smoke.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
+    log(f"wrote {path}")
+    if not args.cpu_smoke:
+        try:
+            plot(results, os.path.join(out, "gpu_train_bench.png"))
+        except Exception as exc:  # noqa: BLE001 - the JSON is the record; a missing matplotlib must not lose it
+            log(f"plot failed: {exc!r}")
+
+
+def plot(results: dict, path: str) -> None:
+    """Two panels per shape: forward + backward time and peak memory, each path side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = [("fast_triton_backward", "kda_explained.fast"), ("fla", "fla chunk_kda"),
+             ("fast_interim_backward", "fast, chunked-autograd backward")]
+    rows = results["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    width = 0.8 / len(paths)
+    for ax, key, label in ((axes[0], "ms", "forward + backward (ms)"), (axes[1], "peak_GB", "peak memory (GB)")):
+        for i, (name, legend) in enumerate(paths):
+            vals = [r.get(name, {}).get(key) for r in rows]
+            if all(v is None for v in vals):
+                continue
+            xs = [j + i * width for j, v in enumerate(vals) if v is not None]
+            ax.bar(xs, [v for v in vals if v is not None], width, label=legend)
+        ax.set_xticks([j + width / 2 for j in range(len(rows))], [r["name"] for r in rows])
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"chunk_kda training step, bf16, {results['device']} ({results['date']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     log(f"wrote {path}")
 
 

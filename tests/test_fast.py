@@ -40,7 +40,7 @@ from strategies import Problem, kda_problems, make_problem, to_torch
 
 F32 = TOLERANCES["fast_f32_vs_f64"]
 LOW = TOLERANCES["fast_bf16_output"]
-GRAD_F32 = 1e-4  # float32 inputs: the interim backward recomputes through the chunked layer in float32
+GRAD_F32 = 1e-4  # float32 inputs: both backwards (Triton kernels, chunked autograd) compute in float32
 LOW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -898,7 +898,7 @@ def test_strided_state_indices():
 
 
 # ==============================================================================================
-# Gradients (the interim backward recomputes through the chunked layer) against float64 autograd
+# Gradients (the Triton backward, and the chunked-autograd cross-check) against float64 autograd
 # ==============================================================================================
 
 
@@ -908,7 +908,7 @@ GRAD_PROBLEM = make_problem(T=30, H=1, HV=2, K=16, V=12, cu_seqlens=[0, 11, 11, 
 @pytest.mark.parametrize("backward", ["chunked", "triton"])
 @pytest.mark.parametrize("option", ["none", "softplus_gate", "softplus_gate_2d_bias", "lower_bound_gate", "all"])
 def test_chunk_kda_gradients(option, backward, monkeypatch):
-    # "triton": the experimental Triton backward kernels (fast.chunk.TRITON_BACKWARD, issue 5)
+    # "triton": the Triton backward kernels (the default); "chunked": TRITON_BACKWARD = False
     monkeypatch.setattr(fast_chunk, "TRITON_BACKWARD", backward == "triton")
     if option == "none":
         args, kw = inputs(GRAD_PROBLEM)

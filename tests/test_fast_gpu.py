@@ -358,7 +358,7 @@ def test_kda_dispatch(T):
 @pytest.mark.parametrize("backward", ["chunked", "triton"])
 @pytest.mark.parametrize("gate", ["none", "softplus", "lower_bound"])
 def test_gradients_bf16(gate, backward, monkeypatch):
-    # "triton": the experimental Triton backward kernels (fast.chunk.TRITON_BACKWARD, issue 5)
+    # "triton": the Triton backward kernels (the default); "chunked": TRITON_BACKWARD = False
     monkeypatch.setattr(fast_chunk, "TRITON_BACKWARD", backward == "triton")
     lengths = [700, 1348]
     args, kw = draw(1, sum(lengths), 2, 4, seed=17, lengths=lengths)
@@ -387,7 +387,7 @@ def test_gradients_bf16(gate, backward, monkeypatch):
 
 
 # ==============================================================================================
-# The Triton backward stages (issue 5; behind fast.chunk.TRITON_BACKWARD): each against its chunked
+# The Triton backward stages (issue 5; fast.chunk.TRITON_BACKWARD, the default): each against its chunked
 # oracle at real sizes, and their composition against the chunked staged backward
 # ==============================================================================================
 

@@ -1,21 +1,19 @@
-"""Backward kernels of the fast layer (issue 5, in progress).
+"""Backward kernels of the fast layer: the gradients of ``chunk_kda``, stage by stage.
 
-Seven kernels so far, each the mirror of a chunked backward function, and
-:func:`kda_backward`, their composition (the mirror of
-:func:`kda_explained.chunked.backward.kda_backward`):
+Seven kernels, each the mirror of a chunked backward function, and :func:`kda_backward`,
+their composition (the mirror of :func:`kda_explained.chunked.backward.kda_backward`):
 
 - ``chunk_local_cumsum_bwd`` (:func:`kda_explained.chunked.backward_intra.chunk_local_cumsum_bwd`):
   the reverse in-chunk cumsum ``dg_i = sum_{r >= i} dG_r``;
 - ``intra_chunk_matrices_bwd``
-  (:func:`kda_explained.chunked.backward_intra.intra_chunk_matrices_bwd`): the exact form,
-  one column of the chunk at a time with every exponent masked before the ``exp`` (no
-  tensor cores yet: a correct first version, and the form strong gates need);
+  (:func:`kda_explained.chunked.backward_intra.intra_chunk_matrices_bwd`): 16 x 16 blocks on
+  tensor cores, in :mod:`kda_explained.fast.backward_intra`; the exact column-by-column form
+  ``intra_chunk_matrices_bwd_by_columns`` stays here as its second check;
 - ``ut_transform_bwd`` (:func:`kda_explained.chunked.backward_intra.ut_transform_bwd`):
   ``dA_kk = StrictTril(-M^T dM M^T)``, one ``[C, C]`` product pair per chunk;
 - ``wy_representation_bwd``
   (:func:`kda_explained.chunked.backward_inter.wy_representation_bwd`): the WY factors'
-  backward, every chunk in parallel (``M`` given: the fused forward does not store it,
-  so the backward pipeline will recompute it);
+  backward, every chunk in parallel (``M`` from the forward's keys' pass, ``store_m``);
 - ``chunk_output_bwd`` (:func:`kda_explained.chunked.backward_inter.chunk_output_bwd`):
   the output stage's backward, every chunk in parallel;
 - ``state_passing_bwd_recurrence``
@@ -59,10 +57,9 @@ program per chunk and value head, looping over tiles of ``V``::
     dv_new = A_qk^T dO
     dq     = scale exp(G) dqg (per value head; GVA sums the group after)   dG = dqg * qg
 
-``chunk_kda`` differentiates through :func:`kda_backward` when
-``kda_explained.fast.chunk.TRITON_BACKWARD`` is set (off by default): the kernels are
-checked under the Triton interpreter only, and wait for their first compiled run on
-the GPU.
+``chunk_kda`` differentiates through :func:`kda_backward` (``fast.chunk.TRITON_BACKWARD``,
+on by default); the forward is recomputed there from the inputs, the only tensors kept
+between forward and backward.
 """
 
 from __future__ import annotations
@@ -77,7 +74,9 @@ from ._grad import accumulator as _accumulator, chunk_span as _chunk_span, per_k
 from ._meta import SeqMeta, dot_precision, seq_meta
 from .backward_intra import intra_chunk_matrices_bwd
 
-__all__ = ["kda_backward", "chunk_local_cumsum_bwd", "intra_chunk_matrices_bwd", "intra_chunk_matrices_bwd_by_columns", "ut_transform_bwd", "wy_representation_bwd", "state_passing_bwd_recurrence", "state_passing_bwd", "chunk_output_bwd"]
+__all__ = ["kda_backward", "chunk_local_cumsum_bwd", "intra_chunk_matrices_bwd", "intra_chunk_matrices_bwd_by_columns",
+           "ut_transform_bwd", "wy_representation_bwd", "state_passing_bwd_recurrence", "state_passing_bwd",
+           "state_passing_bwd_chunks", "chunk_output_bwd"]
 
 
 @triton.jit
@@ -387,12 +386,39 @@ def state_passing_bwd(
     without an initial state. ``dG_acc``: a float32 ``[B, T, HV, K]`` that ``dG`` is added
     into (and returned); ``per_value_head``: ``dk`` not summed over GVA groups.
     """
+    meta = meta or seq_meta(kg.shape[0], kg.shape[1], chunk_size, cu_seqlens, kg.device)
+    dS_out, dv_tot, dS0 = state_passing_bwd_recurrence(kg, W, G, h, dh, dv_new, dS_final, chunk_size, cu_seqlens,
+                                                       meta=meta)
+    dk, dW, dG = state_passing_bwd_chunks(kg, G, h, v_new, dS_out, dv_tot, chunk_size, cu_seqlens, H=H,
+                                          dG_acc=dG_acc, per_value_head=per_value_head, meta=meta)
+    return dk, dW, dv_tot, dG, (dS0 if initial_state is not None else None)
+
+
+def state_passing_bwd_chunks(
+    kg: torch.Tensor,
+    G: torch.Tensor,
+    h: torch.Tensor,
+    v_new: torch.Tensor,
+    dS_out: torch.Tensor,
+    dv_tot: torch.Tensor,
+    chunk_size: int,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    *,
+    H: Optional[int] = None,
+    dG_acc: Optional[torch.Tensor] = None,
+    per_value_head: bool = False,
+    meta: Optional[SeqMeta] = None,
+):
+    """The state stage's backward after its recurrence, every chunk in parallel: ``(dk, dW, dG)``.
+
+    ``dS_out, dv_tot``: from :func:`state_passing_bwd_recurrence`; the rest as
+    :func:`state_passing_bwd`, which is the two in a row (:func:`kda_backward` calls them
+    apart, to free ``dh`` and ``dv_new`` in between).
+    """
     B, T, HV, K = kg.shape
     V = h.shape[-1]
     H = H or HV
     meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, kg.device)
-    dS_out, dv_tot, dS0 = state_passing_bwd_recurrence(kg, W, G, h, dh, dv_new, dS_final, chunk_size, cu_seqlens,
-                                                       meta=meta)
     f32 = dict(dtype=torch.float32, device=kg.device)
     dk, dW = torch.empty(B, T, HV, K, **f32), torch.empty(B, T, HV, K, **f32)
     dG = _accumulator(dG_acc, kg, (B, T, HV, K))
@@ -402,9 +428,9 @@ def state_passing_bwd(
             kg.contiguous(), G.contiguous(), h.contiguous(), v_new.contiguous(), dS_out, dv_tot, dk, dW, dG,
             meta.cu, meta.chunk_seq, meta.chunk_bos,
             HV=HV, K=K, V=V, BT=chunk_size, BK=BK, BV=min(64, max(16, triton.next_power_of_2(V))),
-            PRECISION=dot_precision(W.dtype), ACC=dG_acc is not None, num_warps=8, num_stages=1,
+            PRECISION=dot_precision(kg.dtype), ACC=dG_acc is not None, num_warps=8, num_stages=1,
         )
-    return _per_key_head(dk, H, per_value_head), dW, dv_tot, dG, (dS0 if initial_state is not None else None)
+    return _per_key_head(dk, H, per_value_head), dW, dG
 
 
 @triton.jit
@@ -757,16 +783,24 @@ def kda_backward(
     # ---- forward, keeping what the backward reads
     G, beta32 = chunk_local_cumsum(g, C, cu_seqlens, beta=beta, meta=meta)  # 1.
     f = chunk_local_factors(q, k, v, G, beta32, p.scale, C, cu_seqlens, store_m=True, meta=meta)  # 2.-4.
-    M = f.M
     h, v_new, _ = state_passing(f.kg, f.W, f.U, G, initial_state, C, cu_seqlens, h_dtype=torch.float32,
                                 meta=meta)  # 5.
+    A_qk, W, kg, M = f.A_qk, f.W, f.kg, f.M
+    del f  # with it qg and U: only the forward's later stages read them
     # ---- backward, stage 6 down to stage 1. dq, dk (per value head) and dG are sums of several
-    # stages' terms: each kernel after the first adds its own into the same float32 tensor
-    dq, dh, dv_new, dG, dA_qk = chunk_output_bwd(q, h, v_new, G, f.A_qk, p.scale, do, C, cu_seqlens,
+    # stages' terms: each kernel after the first adds its own into the same float32 tensor. Each
+    # intermediate is dropped as soon as its last reader has run (the peak memory)
+    dq, dh, dv_new, dG, dA_qk = chunk_output_bwd(q, h, v_new, G, A_qk, p.scale, do, C, cu_seqlens,
                                                  per_value_head=True, meta=meta)  # 6.
-    dk, dW, dU, _, dS0 = state_passing_bwd(f.kg, f.W, G, initial_state, h, v_new, dh, dv_new, dS_final, C,
-                                           cu_seqlens, H=p.H, dG_acc=dG, per_value_head=True, meta=meta)  # 5.
+    del A_qk
+    dS_out, dU, dS0 = state_passing_bwd_recurrence(kg, W, G, h, dh, dv_new, dS_final, C, cu_seqlens,
+                                                   meta=meta)  # 5. (dU: dv_tot)
     del dh, dv_new
+    dk, dW, _ = state_passing_bwd_chunks(kg, G, h, v_new, dS_out, dU, C, cu_seqlens, H=p.H, dG_acc=dG,
+                                         per_value_head=True, meta=meta)  # 5.
+    del dS_out, h, v_new, kg, W
+    if initial_state is None:
+        dS0 = None
     _, dv, _, dbeta, dM = wy_representation_bwd(k, v, G, beta32, M, dW, dU, C, cu_seqlens, dk_acc=dk, dG_acc=dG,
                                                 per_value_head=True, meta=meta)  # 4.
     del dW, dU

@@ -91,7 +91,7 @@ from ._grad import accumulator as _accumulator, chunk_span as _chunk_span
 from ._meta import SeqMeta, dot_precision, host_offsets, seq_meta
 from .local import SAFE_SPAN
 
-__all__ = ["intra_chunk_matrices_bwd", "INTRA_BWD_LAUNCH"]
+__all__ = ["intra_chunk_matrices_bwd", "INTRA_BWD_LAUNCH", "INTRA_BWD_PRECISION"]
 
 #: Launch shape ``(BK, num_warps, num_stages)``. Compiled for sm_90 at ``K = 128, BT = 64`` (not yet
 #: timed): ``K`` tiles of 32 on 4 warps take 148 registers a thread (bf16 ``q, k``; 128 for float32)
@@ -99,6 +99,12 @@ __all__ = ["intra_chunk_matrices_bwd", "INTRA_BWD_LAUNCH"]
 #: cap of 128. The ``K`` tiles of one chunk run side by side and read its ``dA`` blocks from L2.
 #: One stage: the block loops are short (at most three blocks), nothing to pipeline.
 INTRA_BWD_LAUNCH = (32, 4, 1)
+#: Precision of the block products, by the inputs' :func:`~kda_explained.fast._meta.dot_precision`.
+#: ``dG = q dq + k dk_row - k dk_col`` is a difference of products, and the gate's parameters
+#: sum it over every token: with one tf32 pass the bf16 gradients of ``A_log`` and ``dt_bias``
+#: came out at 2.5e-2 relative RMS error against float64 (H100, ``test_gradients_bf16``), so
+#: bf16/fp16 inputs get three (``tf32x3``, near float32; 205 registers, no spills on sm_90).
+INTRA_BWD_PRECISION = {"tf32": "tf32x3", "ieee": "ieee"}
 
 
 @triton.jit
@@ -388,7 +394,8 @@ def intra_chunk_matrices_bwd(
         for exact in (False, True):
             _intra_bwd_tc_kernel[(meta.NC * NK, HV)](
                 *inputs, dq, dk, dG, dbeta, flags, meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale), B * T,
-                H=H, HV=HV, K=K, BT=chunk_size, BC=BC, BK=BK, SPAN=SAFE_SPAN, PRECISION=dot_precision(q.dtype),
+                H=H, HV=HV, K=K, BT=chunk_size, BC=BC, BK=BK, SPAN=SAFE_SPAN,
+                PRECISION=INTRA_BWD_PRECISION[dot_precision(q.dtype)],
                 EXACT_DIAG=exact, ACC=dq_acc is not None, num_warps=warps, num_stages=stages,
             )
     if HV != H and not per_value_head:  # GVA: the value heads of a group share one q/k head
