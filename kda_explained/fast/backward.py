@@ -74,7 +74,7 @@ from ._grad import accumulator as _accumulator, chunk_span as _chunk_span, per_k
 from ._meta import SeqMeta, dot_precision, seq_meta
 from .backward_intra import intra_chunk_matrices_bwd
 
-__all__ = ["kda_backward", "chunk_local_cumsum_bwd", "intra_chunk_matrices_bwd", "intra_chunk_matrices_bwd_by_columns",
+__all__ = ["kda_backward", "chunk_local_cumsum_bwd", "intra_chunk_matrices_bwd_by_columns",
            "ut_transform_bwd", "wy_representation_bwd", "state_passing_bwd_recurrence", "state_passing_bwd",
            "state_passing_bwd_chunks", "chunk_output_bwd"]
 
@@ -765,10 +765,9 @@ def kda_backward(
     :func:`kda_explained.chunked.backward.kda_backward` (same arguments and returns,
     ``(dq, dk, dv, dg, dbeta, dinitial_state)``, float32).
 
-    The forward is recomputed by the fast kernels, keeping what the backward reads; ``M``
-    still comes from the chunked layer's UT transform (the keys' pass keeps it on chip),
-    the one PyTorch stage left in the composition. Not yet the backward of
-    :func:`~kda_explained.fast.chunk.chunk_kda` (see the module docstring).
+    The forward is recomputed by the fast kernels, keeping what the backward reads (the
+    keys' pass also writes ``M``); every stage is a Triton kernel. The backward of
+    :func:`~kda_explained.fast.chunk.chunk_kda`.
     """
     from ..validation import check_chunk_size
     from .chunk import FAST_CHUNK_SIZES, check_fast_inputs

@@ -121,7 +121,7 @@ def _options_in_pytorch(q, k, g, beta, A_log, dt_bias, initial_state, opts):
 
 
 def _reference_forward(q, k, v, g, beta, A_log, dt_bias, initial_state, opts):
-    """The same function in differentiable PyTorch (the chunked layer), for the interim backward."""
+    """The same function in differentiable PyTorch (the chunked layer), for the cross-check backward."""
     from .. import chunked
 
     q, k, g, beta, S0 = _options_in_pytorch(q, k, g, beta, A_log, dt_bias, initial_state, opts)
