@@ -154,6 +154,31 @@ def _diag_exact(x_h, k_h, G_h, t0, eos, SK, SG, K: tl.constexpr, BC: tl.constexp
 
 
 @triton.jit
+def _store_lower(x_h, X00, X10, X11, X20, X21, X22, X30, X31, X32, X33, bos, eos, SA, NS: tl.constexpr,
+                 BT: tl.constexpr, BC: tl.constexpr):
+    """Whole rows ``[BT]`` of a lower block-triangular chunk matrix (``A`` or ``M``) from its ten
+    ``[BC, BC]`` blocks: the blocks above the diagonal are written as zeros."""
+    Z = tl.zeros([BC, BC], dtype=tl.float32)
+    for i_s in tl.static_range(NS):
+        for j_s in tl.static_range(i_s + 1, NS):
+            _store_block(x_h, Z, bos + i_s * BC, eos, SA, j_s * BC, BT, BC, BC)
+    t0, t1, t2, t3 = bos, bos + BC, bos + 2 * BC, bos + 3 * BC
+    _store_block(x_h, X00, t0, eos, SA, 0, BT, BC, BC)
+    if NS > 1:
+        _store_block(x_h, X10, t1, eos, SA, 0, BT, BC, BC)
+        _store_block(x_h, X11, t1, eos, SA, BC, BT, BC, BC)
+    if NS > 2:
+        _store_block(x_h, X20, t2, eos, SA, 0, BT, BC, BC)
+        _store_block(x_h, X21, t2, eos, SA, BC, BT, BC, BC)
+        _store_block(x_h, X22, t2, eos, SA, 2 * BC, BT, BC, BC)
+    if NS > 3:
+        _store_block(x_h, X30, t3, eos, SA, 0, BT, BC, BC)
+        _store_block(x_h, X31, t3, eos, SA, BC, BT, BC, BC)
+        _store_block(x_h, X32, t3, eos, SA, 2 * BC, BT, BC, BC)
+        _store_block(x_h, X33, t3, eos, SA, 3 * BC, BT, BC, BC)
+
+
+@triton.jit
 def _finish(A, w, ti, tj, eos, BC: tl.constexpr, DIAG: tl.constexpr, STRICT: tl.constexpr):
     """Rows of block ``(ti, tj)`` times ``w``; zeros for padding and, on the diagonal, above it."""
     o_i = tl.arange(0, BC)
@@ -324,23 +349,8 @@ def _chunk_local_kernel(
 
     if QK or STORE_A:
         # whole rows of A: the blocks above the diagonal are zeros
-        A_h, SA = A_out + i_hv * BT, HV * BT
-        for i_s in tl.static_range(NS):
-            for j_s in tl.static_range(i_s + 1, NS):
-                _store_block(A_h, Z, bos + i_s * BC, eos, SA, j_s * BC, BT, BC, BC)
-        _store_block(A_h, A00, t0, eos, SA, 0, BT, BC, BC)
-        if NS > 1:
-            _store_block(A_h, A10, t1, eos, SA, 0, BT, BC, BC)
-            _store_block(A_h, A11, t1, eos, SA, BC, BT, BC, BC)
-        if NS > 2:
-            _store_block(A_h, A20, t2, eos, SA, 0, BT, BC, BC)
-            _store_block(A_h, A21, t2, eos, SA, BC, BT, BC, BC)
-            _store_block(A_h, A22, t2, eos, SA, 2 * BC, BT, BC, BC)
-        if NS > 3:
-            _store_block(A_h, A30, t3, eos, SA, 0, BT, BC, BC)
-            _store_block(A_h, A31, t3, eos, SA, BC, BT, BC, BC)
-            _store_block(A_h, A32, t3, eos, SA, 2 * BC, BT, BC, BC)
-            _store_block(A_h, A33, t3, eos, SA, 3 * BC, BT, BC, BC)
+        _store_lower(A_out + i_hv * BT, A00, A10, A11, A20, A21, A22, A30, A31, A32, A33, bos, eos, HV * BT,
+                     NS, BT, BC)
 
     if not QK:
         # ==== 2. M = (I + A_kk)^{-1} by blocks: M_ij = -D_i sum_{j <= c < i} A_ic M_cj, in full float32
@@ -355,24 +365,9 @@ def _chunk_local_kernel(
         M30 = -tl.dot(M33, tl.dot(A30, M00, input_precision=UT_PREC) + tl.dot(A31, M10, input_precision=UT_PREC)
                       + tl.dot(A32, M20, input_precision=UT_PREC), input_precision=UT_PREC)
         if STORE_M:
-            # whole rows of M for the backward (its blocks above the diagonal are zeros)
-            M_h, SA = M_out + i_hv * BT, HV * BT
-            for i_s in tl.static_range(NS):
-                for j_s in tl.static_range(i_s + 1, NS):
-                    _store_block(M_h, Z, bos + i_s * BC, eos, SA, j_s * BC, BT, BC, BC)
-            _store_block(M_h, M00, t0, eos, SA, 0, BT, BC, BC)
-            if NS > 1:
-                _store_block(M_h, M10, t1, eos, SA, 0, BT, BC, BC)
-                _store_block(M_h, M11, t1, eos, SA, BC, BT, BC, BC)
-            if NS > 2:
-                _store_block(M_h, M20, t2, eos, SA, 0, BT, BC, BC)
-                _store_block(M_h, M21, t2, eos, SA, BC, BT, BC, BC)
-                _store_block(M_h, M22, t2, eos, SA, 2 * BC, BT, BC, BC)
-            if NS > 3:
-                _store_block(M_h, M30, t3, eos, SA, 0, BT, BC, BC)
-                _store_block(M_h, M31, t3, eos, SA, BC, BT, BC, BC)
-                _store_block(M_h, M32, t3, eos, SA, 2 * BC, BT, BC, BC)
-                _store_block(M_h, M33, t3, eos, SA, 3 * BC, BT, BC, BC)
+            # whole rows of M for the backward
+            _store_lower(M_out + i_hv * BT, M00, M10, M11, M20, M21, M22, M30, M31, M32, M33, bos, eos, HV * BT,
+                         NS, BT, BC)
 
         # ==== 3. W = M Diag(beta)(Gamma * K) and kg, tile by tile of K; then U = M Diag(beta) V
         t_last = tl.minimum(bos + BT, eos) - 1
