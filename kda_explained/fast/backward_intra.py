@@ -99,7 +99,7 @@ __all__ = ["intra_chunk_matrices_bwd", "INTRA_BWD_LAUNCH", "INTRA_BWD_PRECISION"
 #: cap of 128. The ``K`` tiles of one chunk run side by side and read its ``dA`` blocks from L2.
 #: One stage: the block loops are short (at most three blocks), nothing to pipeline.
 INTRA_BWD_LAUNCH = (32, 4, 1)
-#: Precision of the block products, by the inputs' :func:`~kda_explained.fast._meta.dot_precision`.
+#: Precision of the block products, by the inputs' ``dot_precision`` ("tf32" for bf16/fp16, "ieee" for float32).
 #: ``dG = q dq + k dk_row - k dk_col`` is a difference of products, and the gate's parameters
 #: sum it over every token: with one tf32 pass the bf16 gradients of ``A_log`` and ``dt_bias``
 #: came out at 2.5e-2 relative RMS error against float64 (H100, ``test_gradients_bf16``), so
