@@ -74,9 +74,28 @@ from ._grad import accumulator as _accumulator, chunk_span as _chunk_span, per_k
 from ._meta import SeqMeta, dot_precision, seq_meta
 from .backward_intra import intra_chunk_matrices_bwd
 
-__all__ = ["kda_backward", "chunk_local_cumsum_bwd", "intra_chunk_matrices_bwd_by_columns",
+__all__ = ["BWD_LAUNCH", "kda_backward", "chunk_local_cumsum_bwd", "intra_chunk_matrices_bwd_by_columns",
            "ut_transform_bwd", "wy_representation_bwd", "state_passing_bwd_recurrence", "state_passing_bwd",
            "state_passing_bwd_chunks", "chunk_output_bwd"]
+
+#: Launch shape of each backward kernel: the widest tile of ``K`` (``BK``) and of ``V`` (``BV``)
+#: a program takes, and its warps. Every kernel runs one pipeline stage: at three, the output
+#: backward asked 245760 bytes of shared memory on the H100 (its limit is 232448) and the loops
+#: are short. The tiles keep the compiled kernels (sm_90) free of register spills or nearly so;
+#: ``benchmarks/probe/bwd_sweep.py`` times the alternatives on the GPU.
+BWD_LAUNCH = {
+    "output": dict(BV=32, warps=8),  # [BT, K] dq accumulator + [K, BV] state tile
+    "recurrence": dict(BV=32, warps=8),  # [K, BV] float32 dS carried through the chunks
+    "state_chunks": dict(BK=64, BV=64, warps=8),
+    "wy": dict(BK=64, BV=64, warps=8),
+    "ut": dict(warps=8),
+}
+
+
+def _tile(n: int, cap: int) -> int:
+    """A power-of-two tile for a dimension of size ``n``: at least 16 (a tensor-core side), at most ``cap``."""
+    return min(cap, max(16, triton.next_power_of_2(n)))
+
 
 
 @triton.jit
@@ -174,9 +193,8 @@ def state_passing_bwd_recurrence(
     dS_out = torch.empty(meta.NC, HV, K, V, **f32)
     dv_tot = torch.empty(B, T, HV, V, **f32)
     dS0 = torch.empty(meta.N, HV, K, V, **f32)
-    # untuned: 8 warps x 32 value columns spill least when compiled for sm_90 on a CPU machine
-    # (ptxas: 92 bytes against 2.9 KB at 4 warps x 64); to be measured on the GPU
-    BV = min(32, max(16, triton.next_power_of_2(V)))
+    launch = BWD_LAUNCH["recurrence"]
+    BV = _tile(V, launch["BV"])
     if meta.N > 0:
         _state_bwd_recurrence_kernel[(triton.cdiv(V, BV), meta.N, HV)](
             kg.contiguous(), W.contiguous(), G.contiguous(),
@@ -184,7 +202,7 @@ def state_passing_bwd_recurrence(
             dS_final.contiguous() if dS_final is not None else dS0, dS_out, dv_tot, dS0, meta.cu, meta.chunk_off,
             HV=HV, K=K, V=V, BT=chunk_size, BK=max(16, triton.next_power_of_2(K)), BV=BV,
             HAS_DH=dh is not None, HAS_DVN=dv_new is not None, HAS_DSF=dS_final is not None,
-            PRECISION=dot_precision(W.dtype), num_warps=8, num_stages=1,
+            PRECISION=dot_precision(W.dtype), num_warps=launch["warps"], num_stages=1,
         )
     return dS_out, dv_tot, dS0
 
@@ -287,8 +305,8 @@ def chunk_output_bwd(
             q.contiguous(), G.contiguous(), h.contiguous(), v_new.contiguous(), A_qk.contiguous(), do.contiguous(),
             dq, dG, dh, dv_new, dA, meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale),
             H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=max(16, triton.next_power_of_2(K)),
-            BV=min(32, max(16, triton.next_power_of_2(V))), PRECISION=dot_precision(q.dtype),
-            num_warps=8, num_stages=1,
+            BV=_tile(V, BWD_LAUNCH["output"]["BV"]), PRECISION=dot_precision(q.dtype),
+            num_warps=BWD_LAUNCH["output"]["warps"], num_stages=1,
         )
     return _per_key_head(dq, H, per_value_head), dh, dv_new, dG, dA
 
@@ -423,12 +441,13 @@ def state_passing_bwd_chunks(
     dk, dW = torch.empty(B, T, HV, K, **f32), torch.empty(B, T, HV, K, **f32)
     dG = _accumulator(dG_acc, kg, (B, T, HV, K))
     if meta.NC > 0:
-        BK = min(64, max(16, triton.next_power_of_2(K)))
+        launch = BWD_LAUNCH["state_chunks"]
+        BK = _tile(K, launch["BK"])
         _state_bwd_chunk_kernel[(meta.NC, HV, triton.cdiv(K, BK))](
             kg.contiguous(), G.contiguous(), h.contiguous(), v_new.contiguous(), dS_out, dv_tot, dk, dW, dG,
             meta.cu, meta.chunk_seq, meta.chunk_bos,
-            HV=HV, K=K, V=V, BT=chunk_size, BK=BK, BV=min(64, max(16, triton.next_power_of_2(V))),
-            PRECISION=dot_precision(kg.dtype), ACC=dG_acc is not None, num_warps=8, num_stages=1,
+            HV=HV, K=K, V=V, BT=chunk_size, BK=BK, BV=_tile(V, launch["BV"]),
+            PRECISION=dot_precision(kg.dtype), ACC=dG_acc is not None, num_warps=launch["warps"], num_stages=1,
         )
     return _per_key_head(dk, H, per_value_head), dW, dG
 
@@ -541,9 +560,9 @@ def wy_representation_bwd(
         _wy_bwd_kernel[(meta.NC, HV)](
             k.contiguous(), v.contiguous(), G.contiguous(), beta.contiguous(), M.contiguous(), dW.contiguous(),
             dU.contiguous(), dk, dv, dG, dbeta, dM, meta.cu, meta.chunk_seq, meta.chunk_bos,
-            H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=min(64, max(16, triton.next_power_of_2(K))),
-            BV=min(64, max(16, triton.next_power_of_2(V))), PRECISION=dot_precision(k.dtype),
-            ACC=dk_acc is not None, num_warps=8, num_stages=1,
+            H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=_tile(K, BWD_LAUNCH["wy"]["BK"]),
+            BV=_tile(V, BWD_LAUNCH["wy"]["BV"]), PRECISION=dot_precision(k.dtype),
+            ACC=dk_acc is not None, num_warps=BWD_LAUNCH["wy"]["warps"], num_stages=1,
         )
     return _per_key_head(dk, H, per_value_head), dv, dG, dbeta, dM
 
@@ -589,7 +608,8 @@ def ut_transform_bwd(
     dA = torch.empty(B, T, HV, C, dtype=torch.float32, device=M.device)
     if meta.NC > 0:
         _ut_bwd_kernel[(meta.NC, HV)](M.contiguous(), dM.contiguous(), dA, meta.cu, meta.chunk_seq, meta.chunk_bos,
-                                      HV=HV, BT=chunk_size, UTP="tf32x3", num_warps=8, num_stages=1)
+                                      HV=HV, BT=chunk_size, UTP="tf32x3",
+                                      num_warps=BWD_LAUNCH["ut"]["warps"], num_stages=1)
     return dA
 
 

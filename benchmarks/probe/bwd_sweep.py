@@ -1,0 +1,146 @@
+"""Launch shapes of the backward kernels, timed on the GPU: each stage alone, then a training step.
+
+    python benchmarks/probe/bwd_sweep.py [--out DIR]      (B=8, T=4096, H=16, K=V=128, bf16)
+
+For each stage of ``fast.backward.kda_backward`` and each candidate launch shape (the entries of
+``fast.backward.BWD_LAUNCH`` and ``fast.backward_intra.INTRA_BWD_LAUNCH``), the stage runs on the
+same inputs; its outputs must match those of the current launch (relative RMS error below 1e-3:
+another tiling only reorders sums) before its median time counts. Then a whole ``chunk_kda``
+forward + backward step is timed with the current shapes and with the fastest of each stage.
+Writes ``bwd_sweep.json``.
+"""
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from kda_explained import chunked, fast  # noqa: E402
+from kda_explained.fast import backward as fb  # noqa: E402
+from kda_explained.fast import backward_intra as fbi  # noqa: E402
+from kda_explained.fast._meta import seq_meta  # noqa: E402
+from kda_explained.fast.local import chunk_local_factors  # noqa: E402
+from kda_explained.fast.prepare import chunk_local_cumsum  # noqa: E402
+from kda_explained.fast.state import state_passing  # noqa: E402
+
+CANDIDATES = {
+    "output": [dict(BV=bv, warps=w) for bv, w in itertools.product((32, 64), (4, 8))],
+    "recurrence": [dict(BV=bv, warps=w) for bv, w in itertools.product((16, 32, 64), (4, 8))],
+    "state_chunks": [dict(BK=bk, BV=bv, warps=w) for bk, bv, w in itertools.product((32, 64), (32, 64), (4, 8))],
+    "wy": [dict(BK=bk, BV=bv, warps=w) for bk, bv, w in itertools.product((32, 64), (32, 64), (4, 8))],
+    "ut": [dict(warps=w) for w in (4, 8)],
+    "intra": [(32, 4, 1), (32, 8, 1), (32, 2, 1), (64, 8, 1), (64, 4, 1)],
+}
+
+
+def rel_rms(a, b):
+    a, b = a.double(), b.double()
+    return float(((a - b).pow(2).mean() / b.pow(2).mean().clamp_min(1e-30)).sqrt())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results"))
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes under the Triton interpreter")
+    args = ap.parse_args()
+    B, T, H, D = (1, 80, 2, 32) if args.cpu_smoke else (8, 4096, 16, 128)
+    dev, C, scale = ("cpu" if args.cpu_smoke else "cuda"), 64, D ** -0.5
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(B, T, H, D, device=dev, generator=gen).bfloat16()
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, D, device=dev, generator=gen), dim=-1).bfloat16()
+    v = torch.randn(B, T, H, D, device=dev, generator=gen).bfloat16()
+    g = chunked.lowerbound_gate(torch.randn(B, T, H, D, device=dev, generator=gen), lower_bound=-5.0)
+    beta = torch.rand(B, T, H, device=dev, generator=gen).bfloat16()
+    S0 = 0.1 * torch.randn(B, H, D, D, device=dev, generator=gen)
+    do = torch.randn(B, T, H, D, device=dev, generator=gen).bfloat16()
+    dSf = torch.randn(B, H, D, D, device=dev, generator=gen)
+    meta = seq_meta(B, T, C, None, q.device)
+    G, beta32 = chunk_local_cumsum(g, C, None, beta=beta, meta=meta)
+    f = chunk_local_factors(q, k, v, G, beta32, scale, C, None, store_m=True, meta=meta)
+    h, v_new, _ = state_passing(f.kg, f.W, f.U, G, S0, C, None, h_dtype=torch.float32, meta=meta)
+    dq, dh, dv_new, dG, dA_qk = fb.chunk_output_bwd(q, h, v_new, G, f.A_qk, scale, do, C, None, meta=meta)
+    dS_out, dv_tot, _ = fb.state_passing_bwd_recurrence(f.kg, f.W, G, h, dh, dv_new, dSf, C, None, meta=meta)
+    dk, dW, _ = fb.state_passing_bwd_chunks(f.kg, G, h, v_new, dS_out, dv_tot, C, None, meta=meta)
+    dM = fb.wy_representation_bwd(k, v, G, beta32, f.M, dW, dv_tot, C, None, meta=meta)[4]
+    dA_kk = fb.ut_transform_bwd(f.M, dM, C, None, meta=meta)
+    stages = {
+        "output": lambda: fb.chunk_output_bwd(q, h, v_new, G, f.A_qk, scale, do, C, None, meta=meta),
+        "recurrence": lambda: fb.state_passing_bwd_recurrence(f.kg, f.W, G, h, dh, dv_new, dSf, C, None, meta=meta),
+        "state_chunks": lambda: fb.state_passing_bwd_chunks(f.kg, G, h, v_new, dS_out, dv_tot, C, None, meta=meta),
+        "wy": lambda: fb.wy_representation_bwd(k, v, G, beta32, f.M, dW, dv_tot, C, None, meta=meta),
+        "ut": lambda: fb.ut_transform_bwd(f.M, dM, C, None, meta=meta),
+        "intra": lambda: fbi.intra_chunk_matrices_bwd(q, k, G, beta32, scale, dA_kk, dA_qk, C, None, meta=meta),
+    }
+
+    def get(stage):
+        return fbi.INTRA_BWD_LAUNCH if stage == "intra" else dict(fb.BWD_LAUNCH[stage])
+
+    def put(stage, launch):
+        if stage == "intra":
+            fbi.INTRA_BWD_LAUNCH = launch
+        else:
+            fb.BWD_LAUNCH[stage] = dict(launch)
+
+    def bench(fn):
+        if args.cpu_smoke:
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        return float(triton.testing.do_bench(fn, warmup=5, rep=60, return_mode="median"))
+
+    results = {"device": "cpu (interpreter)" if args.cpu_smoke else torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M"),
+               "shape": [B, T, H, D], "current": {s: get(s) for s in stages}, "stages": {}}
+    best = {}
+    for stage, fn in stages.items():
+        current = get(stage)
+        ref = [x for x in fn() if isinstance(x, torch.Tensor)]
+        rows = []
+        for launch in CANDIDATES[stage]:
+            put(stage, launch)
+            try:
+                outs = [x for x in fn() if isinstance(x, torch.Tensor)]
+                err = max(rel_rms(a, b) for a, b in zip(outs, ref))
+                ms = bench(fn) if err < 1e-3 else None
+                rows.append({"launch": launch, "ms": ms, "err": err})
+            except Exception as exc:  # noqa: BLE001 - a shape that does not fit is a row, not a crash
+                rows.append({"launch": launch, "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
+            print(f"{stage:13s} {str(launch):40s} {rows[-1]}", flush=True)
+        put(stage, current)
+        timed = [r for r in rows if r.get("ms") is not None]
+        best[stage] = min(timed, key=lambda r: r["ms"])["launch"] if timed else current
+        results["stages"][stage] = rows
+
+    xs = [x.detach().requires_grad_(True) for x in (q, k, v, g, beta, S0)]
+
+    def step():
+        for x in xs:
+            x.grad = None
+        o, S = fast.chunk_kda(*xs[:5], initial_state=xs[5], output_final_state=True)
+        ((o.float() * do.float()).sum() + (S * dSf).sum()).backward()
+
+    step()
+    results["step_ms_current"] = bench(step)
+    for stage, launch in best.items():
+        put(stage, launch)
+    step()
+    results["step_ms_best"] = bench(step)
+    results["best"] = best
+    print(f"training step: current {results['step_ms_current']:.3f} ms, best per stage {results['step_ms_best']:.3f} ms",
+          flush=True)
+    print(f"best: {best}", flush=True)
+    if args.cpu_smoke:
+        return
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bwd_sweep.json"), "w") as fh:
+        json.dump(results, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
