@@ -81,14 +81,14 @@ __all__ = ["BWD_LAUNCH", "kda_backward", "chunk_local_cumsum_bwd", "intra_chunk_
 #: Launch shape of each backward kernel: the widest tile of ``K`` (``BK``) and of ``V`` (``BV``)
 #: a program takes, and its warps. Every kernel runs one pipeline stage: at three, the output
 #: backward asked 245760 bytes of shared memory on the H100 (its limit is 232448) and the loops
-#: are short. The tiles keep the compiled kernels (sm_90) free of register spills or nearly so;
-#: ``benchmarks/probe/bwd_sweep.py`` times the alternatives on the GPU.
+#: are short. Picked by ``benchmarks/probe/bwd_sweep.py`` on the H100 (B=8, T=4096, H=16, bf16;
+#: ``results/bwd_sweep.json``): each the fastest of 2-8 shapes, ms before -> after.
 BWD_LAUNCH = {
-    "output": dict(BV=32, warps=8),  # [BT, K] dq accumulator + [K, BV] state tile
-    "recurrence": dict(BV=32, warps=8),  # [K, BV] float32 dS carried through the chunks
-    "state_chunks": dict(BK=64, BV=64, warps=8),
-    "wy": dict(BK=64, BV=64, warps=8),
-    "ut": dict(warps=8),
+    "output": dict(BV=64, warps=8),  # 1.48 -> 1.36
+    "recurrence": dict(BV=32, warps=4),  # 1.37 -> 0.94
+    "state_chunks": dict(BK=64, BV=64, warps=4),  # 1.41 -> 1.17
+    "wy": dict(BK=64, BV=64, warps=4),  # 1.30 -> 1.11
+    "ut": dict(warps=4),  # 0.44 -> 0.22
 }
 
 

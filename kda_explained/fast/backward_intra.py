@@ -93,12 +93,12 @@ from .local import SAFE_SPAN
 
 __all__ = ["intra_chunk_matrices_bwd", "INTRA_BWD_LAUNCH", "INTRA_BWD_PRECISION"]
 
-#: Launch shape ``(BK, num_warps, num_stages)``. Compiled for sm_90 at ``K = 128, BT = 64`` (not yet
-#: timed): ``K`` tiles of 32 on 4 warps take 148 registers a thread (bf16 ``q, k``; 128 for float32)
-#: and no spills, so three or four programs share an SM; tiles of 64 need 197-216 and spill under a
-#: cap of 128. The ``K`` tiles of one chunk run side by side and read its ``dA`` blocks from L2.
-#: One stage: the block loops are short (at most three blocks), nothing to pipeline.
-INTRA_BWD_LAUNCH = (32, 4, 1)
+#: Launch shape ``(BK, num_warps, num_stages)``. Timed on the H100 (B=8, T=4096, H=16, bf16,
+#: ``benchmarks/probe/bwd_sweep.py``): tiles of 64 channels on 4 warps 2.27 ms, of 32 on 2 warps
+#: 2.44, on 4 warps 3.48, 64 on 8 warps 3.74, 32 on 8 warps 6.74. The ``K`` tiles of one chunk
+#: run side by side and read its ``dA`` blocks from L2. One stage: the block loops are short
+#: (at most three blocks), nothing to pipeline.
+INTRA_BWD_LAUNCH = (64, 4, 1)
 #: Precision of the block products, by the inputs' ``dot_precision`` ("tf32" for bf16/fp16, "ieee" for float32).
 #: ``dG = q dq + k dk_row - k dk_col`` is a difference of products, and the gate's parameters
 #: sum it over every token: with one tf32 pass the bf16 gradients of ``A_log`` and ``dt_bias``
