@@ -905,11 +905,13 @@ def test_strided_state_indices():
 GRAD_PROBLEM = make_problem(T=30, H=1, HV=2, K=16, V=12, cu_seqlens=[0, 11, 11, 30], initial_state=True, seed=11)
 
 
-@pytest.mark.parametrize("backward", ["chunked", "triton"])
+@pytest.mark.parametrize("backward", ["chunked", "triton", "triton_options"])
 @pytest.mark.parametrize("option", ["none", "softplus_gate", "softplus_gate_2d_bias", "lower_bound_gate", "all"])
 def test_chunk_kda_gradients(option, backward, monkeypatch):
-    # "triton": the Triton backward kernels (the default); "chunked": TRITON_BACKWARD = False
-    monkeypatch.setattr(fast_chunk, "TRITON_BACKWARD", backward == "triton")
+    # "triton": the Triton backward kernels (the default); "chunked": TRITON_BACKWARD = False;
+    # "triton_options": the options' backward in Triton too (TRITON_OPTIONS_BACKWARD)
+    monkeypatch.setattr(fast_chunk, "TRITON_BACKWARD", backward != "chunked")
+    monkeypatch.setattr(fast_chunk, "TRITON_OPTIONS_BACKWARD", backward == "triton_options")
     if option == "none":
         args, kw = inputs(GRAD_PROBLEM)
     else:
@@ -937,10 +939,11 @@ def test_chunk_kda_gradients(option, backward, monkeypatch):
         assert_close(leaves[n].grad, leaves64[n].grad, GRAD_F32, f"d{n}")
 
 
-@pytest.mark.parametrize("backward", ["chunked", "triton"])
+@pytest.mark.parametrize("backward", ["chunked", "triton", "triton_options"])
 def test_chunk_kda_gradients_of_some_inputs_without_final_state(backward, monkeypatch):
     # only o is used (the final state's gradient is zero) and only v, g and the state require grad
-    monkeypatch.setattr(fast_chunk, "TRITON_BACKWARD", backward == "triton")
+    monkeypatch.setattr(fast_chunk, "TRITON_BACKWARD", backward != "chunked")
+    monkeypatch.setattr(fast_chunk, "TRITON_OPTIONS_BACKWARD", backward == "triton_options")
     args, kw = inputs(GRAD_PROBLEM)
     q, k, v, g, beta = args
     v, g, S0 = (x.clone().requires_grad_(True) for x in (v, g, kw["initial_state"]))

@@ -151,3 +151,4 @@ def test_intra_chunk_matrices_bwd_accumulates(gate):
     assert_close(summed[3], plain[3], F32, "dbeta")
     with pytest.raises(ValueError, match="accumulators"):
         intra_chunk_matrices_bwd(*args, dq_acc=accs[0])
+

@@ -355,11 +355,13 @@ def test_kda_dispatch(T):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backward", ["chunked", "triton"])
+@pytest.mark.parametrize("backward", ["chunked", "triton", "triton_options"])
 @pytest.mark.parametrize("gate", ["none", "softplus", "lower_bound"])
 def test_gradients_bf16(gate, backward, monkeypatch):
-    # "triton": the Triton backward kernels (the default); "chunked": TRITON_BACKWARD = False
-    monkeypatch.setattr(fast_chunk, "TRITON_BACKWARD", backward == "triton")
+    # "triton": the Triton backward kernels (the default); "chunked": TRITON_BACKWARD = False;
+    # "triton_options": the gate's backward in Triton too (TRITON_OPTIONS_BACKWARD)
+    monkeypatch.setattr(fast_chunk, "TRITON_BACKWARD", backward != "chunked")
+    monkeypatch.setattr(fast_chunk, "TRITON_OPTIONS_BACKWARD", backward == "triton_options")
     lengths = [700, 1348]
     args, kw = draw(1, sum(lengths), 2, 4, seed=17, lengths=lengths)
     opts = {}

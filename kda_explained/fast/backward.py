@@ -74,7 +74,7 @@ from ._grad import accumulator as _accumulator, chunk_span as _chunk_span, per_k
 from ._meta import SeqMeta, dot_precision, seq_meta
 from .backward_intra import intra_chunk_matrices_bwd
 
-__all__ = ["BWD_LAUNCH", "kda_backward", "chunk_local_cumsum_bwd", "intra_chunk_matrices_bwd_by_columns",
+__all__ = ["BWD_LAUNCH", "kda_backward", "core_backward", "chunk_local_cumsum_bwd", "intra_chunk_matrices_bwd_by_columns",
            "ut_transform_bwd", "wy_representation_bwd", "state_passing_bwd_recurrence", "state_passing_bwd",
            "state_passing_bwd_chunks", "chunk_output_bwd"]
 
@@ -791,31 +791,62 @@ def kda_backward(
     """
     from ..validation import check_chunk_size
     from .chunk import FAST_CHUNK_SIZES, check_fast_inputs
-    from .local import chunk_local_factors
     from .prepare import chunk_local_cumsum
-    from .state import state_passing
 
     p, cu_seqlens = check_fast_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                                       cu_seqlens=cu_seqlens)
     C = check_chunk_size(chunk_size, FAST_CHUNK_SIZES)
     meta = seq_meta(p.B, p.T, C, cu_seqlens, q.device)
+    G, beta32 = chunk_local_cumsum(g, C, cu_seqlens, beta=beta, meta=meta)  # 1. (recomputed)
+    dq, dk, dv, dG, dbeta, dS0 = core_backward(q, k, v, G, beta32, do, dS_final, p.scale, initial_state, C,
+                                               cu_seqlens, meta=meta)
+    dg = chunk_local_cumsum_bwd(dG, C, cu_seqlens, meta=meta)  # 1.
+    return dq, dk, dv, dg, dbeta, dS0
+
+
+def core_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    G: torch.Tensor,
+    beta32: torch.Tensor,
+    do: torch.Tensor,
+    dS_final: Optional[torch.Tensor],
+    scale: float,
+    initial_state: Optional[torch.Tensor],
+    C: int,
+    cu_seqlens: Optional[torch.Tensor],
+    *,
+    meta: SeqMeta,
+) -> Tuple[torch.Tensor, ...]:
+    """Stages 2-6 of the backward, given stage 1's forward output ``G`` (float32 in-chunk
+    cumulative log decay) and ``beta32`` (float32): ``(dq, dk, dv, dG, dbeta, dS0)``, float32,
+    ``dG`` the gradient of ``G`` (stage 1's backward is the caller's: the plain reverse cumsum in
+    :func:`kda_backward`, with the gate's in
+    :func:`kda_explained.fast.backward_options.kda_backward_with_options`).
+
+    Recomputes stages 2-5 of the forward, then runs the backward from stage 6 down to 2.
+    """
+    from .local import chunk_local_factors
+    from .state import state_passing
+
+    H = q.shape[2]
     # ---- forward, keeping what the backward reads
-    G, beta32 = chunk_local_cumsum(g, C, cu_seqlens, beta=beta, meta=meta)  # 1.
-    f = chunk_local_factors(q, k, v, G, beta32, p.scale, C, cu_seqlens, store_m=True, meta=meta)  # 2.-4.
+    f = chunk_local_factors(q, k, v, G, beta32, scale, C, cu_seqlens, store_m=True, meta=meta)  # 2.-4.
     h, v_new, _ = state_passing(f.kg, f.W, f.U, G, initial_state, C, cu_seqlens, h_dtype=torch.float32,
                                 meta=meta)  # 5.
     A_qk, W, kg, M = f.A_qk, f.W, f.kg, f.M
     del f  # with it qg and U: only the forward's later stages read them
-    # ---- backward, stage 6 down to stage 1. dq, dk (per value head) and dG are sums of several
+    # ---- backward, stage 6 down to stage 2. dq, dk (per value head) and dG are sums of several
     # stages' terms: each kernel after the first adds its own into the same float32 tensor. Each
     # intermediate is dropped as soon as its last reader has run (the peak memory)
-    dq, dh, dv_new, dG, dA_qk = chunk_output_bwd(q, h, v_new, G, A_qk, p.scale, do, C, cu_seqlens,
+    dq, dh, dv_new, dG, dA_qk = chunk_output_bwd(q, h, v_new, G, A_qk, scale, do, C, cu_seqlens,
                                                  per_value_head=True, meta=meta)  # 6.
     del A_qk
     dS_out, dU, dS0 = state_passing_bwd_recurrence(kg, W, G, h, dh, dv_new, dS_final, C, cu_seqlens,
                                                    meta=meta)  # 5. (dU: dv_tot)
     del dh, dv_new
-    dk, dW, _ = state_passing_bwd_chunks(kg, G, h, v_new, dS_out, dU, C, cu_seqlens, H=p.H, dG_acc=dG,
+    dk, dW, _ = state_passing_bwd_chunks(kg, G, h, v_new, dS_out, dU, C, cu_seqlens, H=H, dG_acc=dG,
                                          per_value_head=True, meta=meta)  # 5.
     del dS_out, h, v_new, kg, W
     if initial_state is None:
@@ -824,7 +855,6 @@ def kda_backward(
                                                 per_value_head=True, meta=meta)  # 4.
     del dW, dU
     dA_kk = ut_transform_bwd(M, dM, C, cu_seqlens, meta=meta)  # 3.
-    _, _, _, dbeta2 = intra_chunk_matrices_bwd(q, k, G, beta32, p.scale, dA_kk, dA_qk, C, cu_seqlens, dq_acc=dq,
+    _, _, _, dbeta2 = intra_chunk_matrices_bwd(q, k, G, beta32, scale, dA_kk, dA_qk, C, cu_seqlens, dq_acc=dq,
                                                dk_acc=dk, dG_acc=dG, per_value_head=True, meta=meta)  # 2.
-    dg = chunk_local_cumsum_bwd(dG, C, cu_seqlens, meta=meta)  # 1.
-    return _per_key_head(dq, p.H), _per_key_head(dk, p.H), dv, dg, dbeta + dbeta2, dS0
+    return _per_key_head(dq, H), _per_key_head(dk, H), dv, dG, dbeta + dbeta2, dS0

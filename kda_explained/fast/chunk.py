@@ -195,6 +195,41 @@ class _ChunkKDACoreFunction(torch.autograd.Function):
                 None if S0 is None else dS0.to(S0.dtype), None)
 
 
+#: With ``TRITON_BACKWARD``: differentiate the options (L2 norm, gate, beta sigmoid) through
+#: the Triton kernels of :mod:`kda_explained.fast.backward_options` too, not PyTorch autograd.
+#: Off until those kernels have run compiled on a GPU (tested under the interpreter).
+TRITON_OPTIONS_BACKWARD = False
+
+
+class _ChunkKDATritonOptionsFunction(_ChunkKDAFunction):
+    """Forward as :class:`_ChunkKDAFunction` (the options in the forward's kernels); backward:
+    the core and the options through Triton kernels
+    (:func:`~kda_explained.fast.backward_options.kda_backward_with_options`)."""
+
+    @staticmethod
+    def backward(ctx, do, dS):
+        from .backward_options import kda_backward_with_options
+
+        q, k, v, g, beta, A_log, dt_bias, S0 = ctx.saved_tensors
+        opts = ctx.opts
+        v_first = opts["state_v_first"]  # the core's states are [K, V]
+
+        def to_kv(x):
+            return x.transpose(-1, -2).contiguous() if x is not None and v_first else x
+
+        dq, dk, dv, dg, dbeta, dS0, dA_log, ddt_bias = kda_backward_with_options(
+            q, k, v, g, beta, do, to_kv(dS), scale=opts["scale"], initial_state=to_kv(S0),
+            cu_seqlens=opts["cu_seqlens"], chunk_size=opts["chunk_size"],
+            use_qk_l2norm_in_kernel=opts["use_qk_l2norm_in_kernel"], use_gate_in_kernel=opts["use_gate_in_kernel"],
+            A_log=A_log, dt_bias=dt_bias, lower_bound=opts["lower_bound"],
+            use_beta_sigmoid_in_kernel=opts["use_beta_sigmoid_in_kernel"], allow_neg_eigval=opts["allow_neg_eigval"],
+        )
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dbeta.to(beta.dtype),
+                None if dA_log is None else dA_log.reshape(A_log.shape).to(A_log.dtype),
+                None if ddt_bias is None else ddt_bias.reshape(dt_bias.shape).to(dt_bias.dtype),
+                None if S0 is None else to_kv(dS0).to(S0.dtype), None)
+
+
 def _chunk_kda_triton_backward(q, k, v, g, beta, A_log, dt_bias, initial_state, opts):
     """The options in differentiable PyTorch, then the core through :class:`_ChunkKDACoreFunction`."""
     q, k, g, beta, S0 = _options_in_pytorch(q, k, g, beta, A_log, dt_bias, initial_state, opts)
@@ -278,7 +313,9 @@ def chunk_kda(
         o, S, h = chunk_kda_fwd(q, k, v, g, beta, initial_state=initial_state, A_log=A_log, dt_bias=dt_bias,
                                 float32_chunk_states=True, **opts)
         return o, (S if output_final_state else None), h
-    if needs_grad and TRITON_BACKWARD:
+    if needs_grad and TRITON_BACKWARD and TRITON_OPTIONS_BACKWARD:
+        o, S = _ChunkKDATritonOptionsFunction.apply(q, k, v, g, beta, A_log, dt_bias, initial_state, opts)
+    elif needs_grad and TRITON_BACKWARD:
         o, S = _chunk_kda_triton_backward(q, k, v, g, beta, A_log, dt_bias, initial_state, opts)
     elif needs_grad:
         o, S = _ChunkKDAFunction.apply(q, k, v, g, beta, A_log, dt_bias, initial_state, opts)
