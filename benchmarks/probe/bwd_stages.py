@@ -22,9 +22,9 @@ from kda_explained.fast.prepare import chunk_local_cumsum  # noqa: E402
 from kda_explained.fast.state import state_passing  # noqa: E402
 
 
-def main() -> None:
-    B, T, H, D = (int(x) for x in sys.argv[1:5]) if len(sys.argv) > 4 else (8, 4096, 16, 128)
-    dev, C, scale = "cuda", 64, D ** -0.5
+def make_inputs(B: int, T: int, H: int, D: int, dev: str):
+    """``q, k, v, g, beta, S0, do, dS_final`` of a backward problem: bf16 ``q, k, v, beta, do``,
+    unit-norm keys, a lower-bound gate (-5), float32 states."""
     gen = torch.Generator(device=dev).manual_seed(0)
     q = torch.randn(B, T, H, D, device=dev, generator=gen).bfloat16()
     k = torch.nn.functional.normalize(torch.randn(B, T, H, D, device=dev, generator=gen), dim=-1).bfloat16()
@@ -34,6 +34,13 @@ def main() -> None:
     S0 = 0.1 * torch.randn(B, H, D, D, device=dev, generator=gen)
     do = torch.randn(B, T, H, D, device=dev, generator=gen).bfloat16()
     dSf = torch.randn(B, H, D, D, device=dev, generator=gen)
+    return q, k, v, g, beta, S0, do, dSf
+
+
+def main() -> None:
+    B, T, H, D = (int(x) for x in sys.argv[1:5]) if len(sys.argv) > 4 else (8, 4096, 16, 128)
+    dev, C, scale = "cuda", 64, D ** -0.5
+    q, k, v, g, beta, S0, do, dSf = make_inputs(B, T, H, D, dev)
     meta = seq_meta(B, T, C, None, q.device)
     times = {}
 

@@ -21,8 +21,10 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 
-from kda_explained import chunked, fast  # noqa: E402
+from bwd_stages import make_inputs  # noqa: E402
+from kda_explained import fast  # noqa: E402
 from kda_explained.fast import backward as fb  # noqa: E402
 from kda_explained.fast import backward_intra as fbi  # noqa: E402
 from kda_explained.fast._meta import seq_meta  # noqa: E402
@@ -52,15 +54,7 @@ def main() -> None:
     args = ap.parse_args()
     B, T, H, D = (1, 80, 2, 32) if args.cpu_smoke else (8, 4096, 16, 128)
     dev, C, scale = ("cpu" if args.cpu_smoke else "cuda"), 64, D ** -0.5
-    gen = torch.Generator(device=dev).manual_seed(0)
-    q = torch.randn(B, T, H, D, device=dev, generator=gen).bfloat16()
-    k = torch.nn.functional.normalize(torch.randn(B, T, H, D, device=dev, generator=gen), dim=-1).bfloat16()
-    v = torch.randn(B, T, H, D, device=dev, generator=gen).bfloat16()
-    g = chunked.lowerbound_gate(torch.randn(B, T, H, D, device=dev, generator=gen), lower_bound=-5.0)
-    beta = torch.rand(B, T, H, device=dev, generator=gen).bfloat16()
-    S0 = 0.1 * torch.randn(B, H, D, D, device=dev, generator=gen)
-    do = torch.randn(B, T, H, D, device=dev, generator=gen).bfloat16()
-    dSf = torch.randn(B, H, D, D, device=dev, generator=gen)
+    q, k, v, g, beta, S0, do, dSf = make_inputs(B, T, H, D, dev)
     meta = seq_meta(B, T, C, None, q.device)
     G, beta32 = chunk_local_cumsum(g, C, None, beta=beta, meta=meta)
     f = chunk_local_factors(q, k, v, G, beta32, scale, C, None, store_m=True, meta=meta)
