@@ -78,8 +78,8 @@ __all__ = ["BWD_LAUNCH", "kda_backward", "core_backward", "chunk_local_cumsum_bw
            "ut_transform_bwd", "wy_representation_bwd", "state_passing_bwd_recurrence", "state_passing_bwd",
            "state_passing_bwd_chunks", "chunk_output_bwd"]
 
-#: Launch shape of each backward kernel: the widest tile of ``K`` (``BK``) and of ``V`` (``BV``)
-#: a program takes, and its warps. Every kernel runs one pipeline stage: at three, the output
+#: The launch shape of each backward kernel, the widest tile of ``K`` (``BK``) and of ``V`` (``BV``)
+#: a program takes and its warps. Every kernel runs one pipeline stage: at three, the output
 #: backward asked 245760 bytes of shared memory on the H100 (its limit is 232448) and the loops
 #: are short. Picked by ``benchmarks/probe/bwd_sweep.py`` on the H100 (B=8, T=4096, H=16, bf16;
 #: ``results/bwd_sweep.json``): each the fastest of 2-8 shapes, ms before -> after.

@@ -195,7 +195,7 @@ class _ChunkKDACoreFunction(torch.autograd.Function):
                 None if S0 is None else dS0.to(S0.dtype), None)
 
 
-#: With ``TRITON_BACKWARD``: differentiate the options (L2 norm, gate, beta sigmoid) through
+#: Together with ``TRITON_BACKWARD``, differentiate the options (L2 norm, gate, beta sigmoid) through
 #: the Triton kernels of :mod:`kda_explained.fast.backward_options` too, not PyTorch autograd.
 #: Off until those kernels have run compiled on a GPU (tested under the interpreter).
 TRITON_OPTIONS_BACKWARD = False
