@@ -3,7 +3,7 @@
 # the gpu-marked tests, the accuracy check of every kernel, the per-stage timings, and the
 # benchmark against flash-linear-attention, writing into ${OUT:-benchmarks/results}.
 #
-#   bash scripts/gpu_session.sh [tests|check|stages|bench|train|decode ...]   (default: tests check stages bench)
+#   bash scripts/gpu_session.sh [tests|check|stages|bench|train|sweep|bwd|decode ...]   (default: tests check stages bench)
 #
 # Needs a CUDA GPU with torch and triton. flash-linear-attention is taken from .whl/ when
 # present (../shared/tools/fla-wheels.sh fetches the fla-core wheel there), as on the lent
@@ -20,6 +20,11 @@ else
     export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1
+# autotune results kept between machines (fla's cold autotune of its backward takes > 5 minutes a shape):
+# a git-ignored .tcache carried to the device; only its *.autotune.json files are worth bringing back
+if [ -d .tcache ]; then
+    export TRITON_CACHE_DIR=$PWD/.tcache TRITON_CACHE_AUTOTUNING=1
+fi
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(tests check stages bench)
 for step in "${steps[@]}"; do
@@ -30,7 +35,9 @@ for step in "${steps[@]}"; do
         stages) python3 benchmarks/gpu_stages.py --out "$out" ;;
         bench)  python3 benchmarks/gpu_bench.py --out "$out" ;;
         train)  python3 benchmarks/gpu_train_bench.py --out "$out" ;;
+        sweep)  python3 benchmarks/probe/bwd_sweep.py --out "$out" ;;
+        bwd)    python3 benchmarks/probe/bwd_stages.py ;;
         decode) python3 benchmarks/gpu_decode.py --quick --out "$out" ;;
-        *) echo "unknown step: $step (tests, check, stages, bench, train, decode)"; exit 2 ;;
+        *) echo "unknown step: $step (tests, check, stages, bench, train, sweep, bwd, decode)"; exit 2 ;;
     esac
 done
