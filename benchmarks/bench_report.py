@@ -183,6 +183,30 @@ def cpu_line(cpu: dict) -> str:
             f"torch {m.get('torch', '?')} ({m.get('torch_threads', '?')} threads), {m.get('date', '?')}")
 
 
+def train_table(train: dict) -> str:
+    """``gpu_train_bench.json``: forward + backward time and peak memory, fast (Triton backward) and fla."""
+    rows = []
+    for r in train.get("rows", []):
+        fast, fla = r.get("fast_triton_backward", {}), r.get("fla", {})
+        ratio = fast["ms"] / fla["ms"] if "ms" in fast and "ms" in fla else None
+        gb = lambda x: None if x.get("peak_GB") is None else f"{x['peak_GB']:.3f} GB"  # noqa: E731
+        rows.append([shape_label(r), ms(fla.get("ms")), ms(fast.get("ms")), None if ratio is None else f"{ratio:.2f}",
+                     gb(fla), gb(fast)])
+    return markdown_table(["shape", "fla fwd+bwd", "fast fwd+bwd", "fast / fla", "fla peak", "fast peak"], rows)
+
+
+def sweep_table(sweep: dict) -> str:
+    """``bwd_sweep.json``: each backward kernel's launch shape before and after the sweep, with times."""
+    rows = []
+    for stage, tried in sweep.get("stages", {}).items():
+        timed = {json.dumps(t["launch"]): t.get("ms") for t in tried}
+        before, after = sweep["current"][stage], sweep["best"][stage]
+        rows.append([stage, f"`{before}` {ms(timed.get(json.dumps(before)))}",
+                     f"`{after}` {ms(timed.get(json.dumps(after)))}", len(tried)])
+    rows.append(["training step", ms(sweep.get("step_ms_current")), ms(sweep.get("step_ms_best")), None])
+    return markdown_table(["kernel", "before", "after (fastest)", "shapes tried"], rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--results", type=Path, default=RESULTS)
@@ -193,7 +217,12 @@ def main() -> None:
     if stages:
         print(stages_table(stages), decode_sweep_table(stages), sep="\n\n", end="\n\n")
     if cpu:
-        print(cpu_line(cpu), cpu_table(cpu), cpu_stages_table(cpu), sep="\n\n")
+        print(cpu_line(cpu), cpu_table(cpu), cpu_stages_table(cpu), sep="\n\n", end="\n\n")
+    train, sweep = load("gpu_train_bench", args.results), load("bwd_sweep", args.results)
+    if train:
+        print(train_table(train), end="\n\n")
+    if sweep:
+        print(sweep_table(sweep))
 
 
 if __name__ == "__main__":
