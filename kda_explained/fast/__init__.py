@@ -3,6 +3,8 @@
 ``chunk_kda`` and ``fused_recurrent_kda`` take the arguments of
 ``fla.ops.kda``'s functions of the same names, so a model can switch by
 changing the import; ``kda`` has the shared signature of every layer.
+``chunk_kda`` is differentiable: its backward runs the Triton kernels of
+:mod:`kda_explained.fast.backward`, stage by stage.
 On a machine without a GPU the kernels run under the Triton interpreter when
 ``TRITON_INTERPRET=1`` is set before this package is imported.
 """
