@@ -722,9 +722,7 @@ def intra_chunk_matrices_bwd_by_columns(
             dq, dk, dG, dbeta, meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale), B * T,
             H=H, HV=HV, K=K, BT=chunk_size, BK=BK, num_warps=4, num_stages=1,
         )
-    dq = dq.view(B, T, H, HV // H, K).sum(3)  # GVA
-    dk = dk.view(B, T, H, HV // H, K).sum(3)
-    return dq, dk, dG, dbeta.sum(0)
+    return _per_key_head(dq, H), _per_key_head(dk, H), dG, dbeta.sum(0)  # GVA
 
 
 @triton.jit

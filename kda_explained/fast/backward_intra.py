@@ -87,8 +87,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._grad import accumulator as _accumulator, chunk_span as _chunk_span
-from ._meta import SeqMeta, dot_precision, host_offsets, seq_meta
+from ._grad import accumulator as _accumulator, chunk_span as _chunk_span, per_key_head
+from ._meta import SeqMeta, dot_precision, seq_meta
 from .local import SAFE_SPAN
 
 __all__ = ["intra_chunk_matrices_bwd", "INTRA_BWD_LAUNCH", "INTRA_BWD_PRECISION"]
@@ -372,19 +372,12 @@ def intra_chunk_matrices_bwd(
     BK_MAX, warps, stages = INTRA_BWD_LAUNCH
     BK = min(BK_MAX, max(16, triton.next_power_of_2(K)))
     NK = triton.cdiv(K, BK)
-    # when the sequences cover the batch (DESIGN.md), every token lies in a chunk whose program writes
-    # its rows: no zero fill (three [B, T, HV, K] float32 fills would cost a quarter of the kernel's time)
-    cu = host_offsets(cu_seqlens)
-    alloc = torch.empty if cu is None or (cu[0] == 0 and cu[-1] == B * T) else torch.zeros
-    f32 = dict(dtype=torch.float32, device=q.device)
     accs = (dq_acc, dk_acc, dG_acc)
     if any(a is None for a in accs) and any(a is not None for a in accs):
         raise ValueError("dq_acc, dk_acc, dG_acc: give all three accumulators or none")
-    if dq_acc is None:
-        dq, dk, dG = (alloc(B, T, HV, K, **f32) for _ in range(3))
-    else:
-        dq, dk, dG = (_accumulator(a, q, (B, T, HV, K)) for a in accs)
-    dbeta = alloc(NK, B, T, HV, **f32)
+    # new tensors (no zero fill: the sequences cover the batch, so every row is written) or the given ones
+    dq, dk, dG = (_accumulator(a, q, (B, T, HV, K)) for a in accs)
+    dbeta = torch.empty(NK, B, T, HV, dtype=torch.float32, device=q.device)
     if meta.NC > 0:
         flags = torch.empty(meta.NC * NK, HV, dtype=torch.int32, device=q.device)
         inputs = (q.contiguous(), k.contiguous(), G.contiguous(), beta.contiguous(), dA_kk.contiguous(),
@@ -398,7 +391,6 @@ def intra_chunk_matrices_bwd(
                 PRECISION=INTRA_BWD_PRECISION[dot_precision(q.dtype)],
                 EXACT_DIAG=exact, ACC=dq_acc is not None, num_warps=warps, num_stages=stages,
             )
-    if HV != H and not per_value_head:  # GVA: the value heads of a group share one q/k head
-        dq = dq.view(B, T, H, HV // H, K).sum(3)
-        dk = dk.view(B, T, H, HV // H, K).sum(3)
+    # GVA: the value heads of a group share one q/k head
+    dq, dk = per_key_head(dq, H, per_value_head), per_key_head(dk, H, per_value_head)
     return dq, dk, dG, dbeta.sum(0) if NK > 1 else dbeta[0]

@@ -37,6 +37,7 @@ import triton.language as tl
 
 from ._grad import chunk_span
 from ._meta import SeqMeta, seq_meta
+from .prepare import gate_argument, softplus
 
 __all__ = ["kda_backward_with_options", "gate_cumsum_bwd", "l2norm_bwd", "OptionGrads"]
 
@@ -85,21 +86,15 @@ def _gate_cumsum_bwd_kernel(
     # G_r = sum_{i <= r} g_i  =>  dg_i = sum_{r >= i} dG_r = (chunk total) - (sum up to i) + dG_i
     b_dg = tl.sum(b_dG, axis=0)[None, :] - tl.cumsum(b_dG, axis=0) + b_dG
     if USE_GATE:
-        b_z = tl.load(x + p_tk, mask=m_tk, other=0).to(tl.float32)
-        if HAS_BIAS:
-            b_z += tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0).to(tl.float32)[None, :]
-        if HAS_A:
-            b_rate = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
-        else:
-            b_rate = 1.0
+        b_z, b_rate = gate_argument(tl.load(x + p_tk, mask=m_tk, other=0).to(tl.float32), A_log, dt_bias, i_hv,
+                                    o_k, m_k, K, HAS_A, HAS_BIAS)
         if USE_LOWER_BOUND:
             b_s = tl.sigmoid(b_rate * b_z)
             b_dz = b_dg * lower_bound * b_s * (1.0 - b_s) * b_rate
             b_dA = b_dz * b_z  # d/dA_log of rate z is rate z
         else:
             b_dz = -b_dg * b_rate * tl.sigmoid(b_z)
-            # dg/dA_log = g = -rate softplus(z); softplus(z) = max(z, 0) + log(1 + exp(-|z|))
-            b_dA = -b_dg * b_rate * (tl.maximum(b_z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(b_z))))
+            b_dA = -b_dg * b_rate * softplus(b_z)  # dg/dA_log = g = -rate softplus(z)
         b_dz = tl.where(m_tk, b_dz, 0.0)
         tl.store(dx + p_tk, b_dz, mask=m_tk)
         if HAS_A:

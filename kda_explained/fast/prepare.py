@@ -23,6 +23,25 @@ __all__ = ["chunk_local_cumsum", "l2norm"]
 
 
 @triton.jit
+def gate_argument(b_x, A_log, dt_bias, i_hv, o_k, m_k, K: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The gate's argument ``z = x + dt_bias[h]`` (``[BT, BK]`` float32, channels ``o_k``) and
+    its rate ``exp(A_log[h])`` (1 without ``A_log``), for value head ``i_hv``."""
+    if HAS_BIAS:
+        b_x += tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0).to(tl.float32)[None, :]
+    if HAS_A:
+        b_rate = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
+    else:
+        b_rate = 1.0
+    return b_x, b_rate
+
+
+@triton.jit
+def softplus(z):
+    """``log(1 + exp(z))`` as ``max(z, 0) + log(1 + exp(-|z|))``: no overflow for large ``|z|``."""
+    return tl.maximum(z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(z)))
+
+
+@triton.jit
 def _chunk_local_cumsum_kernel(
     # pointers
     g,  # [TT, HV, K] raw gate input (USE_GATE) or log decay
@@ -65,17 +84,11 @@ def _chunk_local_cumsum_kernel(
     p_g = g + ((bos + o_t[:, None]) * HV + i_hv) * K + o_k[None, :]
     b_g = tl.load(p_g, mask=m_tk, other=0).to(tl.float32)  # [BT, BK]
     if USE_GATE:
-        if HAS_BIAS:
-            b_g += tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0).to(tl.float32)[None, :]
-        if HAS_A:
-            b_rate = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
-        else:
-            b_rate = 1.0
+        b_g, b_rate = gate_argument(b_g, A_log, dt_bias, i_hv, o_k, m_k, K, HAS_A, HAS_BIAS)
         if USE_LOWER_BOUND:
             b_g = lower_bound * tl.sigmoid(b_rate * b_g)
         else:
-            # softplus(x) = max(x, 0) + log(1 + exp(-|x|)): no overflow for large |x|
-            b_g = -b_rate * (tl.maximum(b_g, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(b_g))))
+            b_g = -b_rate * softplus(b_g)
         b_g = tl.where(m_tk, b_g, 0.0)  # padding decays nothing
 
     # --- report Eq. 2 in log space: G_r = sum_{i <= r} g_i inside the chunk
