@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--paths", default="triton,fla",
                     help="what to measure, in order: triton (fast, Triton backward), fla, interim (fast, "
                          "backward through the chunked layer's autograd: slow, last)")
+    ap.add_argument("--shapes", default=",".join(s["name"] for s in SHAPES),
+                    help="which shapes, by name (default all: " + ", ".join(s["name"] for s in SHAPES) + ")")
     args = ap.parse_args()
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -106,7 +108,7 @@ def main() -> None:
         fla_chunk_kda = None
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"), "rows": []}
-    for shp in SMOKE if args.cpu_smoke else SHAPES:
+    for shp in SMOKE if args.cpu_smoke else [s for s in SHAPES if s["name"] in args.shapes.split(",")]:
         B, T, H, D = shp["B"], shp["T"], shp["H"], shp["D"]
         xs = leaves(B, T, H, D, device, dtype)
         gen = torch.Generator(device=device).manual_seed(1)

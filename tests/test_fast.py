@@ -231,6 +231,37 @@ def test_stage_state_passing_bwd_recurrence(p, C):
 @pin(*AWKWARD)
 @few
 @given(p=problems, C=chunk_16)
+def test_stage_state_passing_bwd_recurrence_fused(p, C):
+    """The recurrence with the output stage's terms computed inside (``output=(qg, A_qk, dO)``) ==
+    the chunked recurrence fed with the chunked output backward's ``dh`` and ``dv_new``; and the
+    output backward without them (``state_grads=False``) keeps its other outputs."""
+    from kda_explained.chunked.backward_inter import chunk_output_bwd as reference_output_bwd
+    from kda_explained.chunked.backward_inter import state_passing_bwd_recurrence as reference_recurrence
+    from kda_explained.fast.backward import chunk_output_bwd, state_passing_bwd_recurrence
+
+    r = reference_stages(p, C)
+    gen = torch.Generator().manual_seed(6)
+    do = torch.randn(r.o.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    dS_final = torch.randn(r.S.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    dq_ref, dh, dv_new, dG_ref, dA_ref = reference_output_bwd(r.q, r.h, r.v_new, r.G, r.A_qk, r.scale, do, C, r.cu)
+    ref = reference_recurrence(r.kg, r.W, r.G, r.h, dh, dv_new, dS_final, C, r.cu)
+    ours = state_passing_bwd_recurrence(f32(r.kg), f32(r.W), f32(r.G), f32(r.h), None, None, f32(dS_final), C, r.cu,
+                                        output=(f32(r.qg), f32(r.A_qk), f32(do)))
+    for name, a, b in zip(("dS_out", "dv_tot", "dS0"), ours, ref):
+        assert_close(a, b, F32, name)
+    dq, dh0, dv0, dG, dA = chunk_output_bwd(f32(r.q), f32(r.h), f32(r.v_new), f32(r.G), f32(r.A_qk), r.scale,
+                                            f32(do), C, r.cu, state_grads=False)
+    assert dh0 is None and dv0 is None
+    for name, a, b in zip(("dq", "dG", "dA_qk"), (dq, dG, dA), (dq_ref, dG_ref, dA_ref)):
+        assert_close(a, b, F32, name)
+    with pytest.raises(ValueError, match="output"):
+        state_passing_bwd_recurrence(f32(r.kg), f32(r.W), f32(r.G), f32(r.h), f32(dh), None, None, C, r.cu,
+                                     output=(f32(r.qg), f32(r.A_qk), f32(do)))
+
+
+@pin(*AWKWARD)
+@few
+@given(p=problems, C=chunk_16)
 def test_stage_chunk_output_bwd(p, C):
     """The output stage's backward kernel (issue 5) == the chunked backward of the same name."""
     from kda_explained.chunked.backward_inter import chunk_output_bwd as reference_bwd

@@ -356,7 +356,7 @@ def test_kda_dispatch(T):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backward", ["chunked", "triton", "triton_options"])
-@pytest.mark.parametrize("gate", ["none", "softplus", "lower_bound"])
+@pytest.mark.parametrize("gate", ["none", "softplus", "lower_bound", "all_options"])
 def test_gradients_bf16(gate, backward, monkeypatch):
     # "triton": the Triton backward kernels (the default); "chunked": TRITON_BACKWARD = False;
     # "triton_options": the gate's backward in Triton too (TRITON_OPTIONS_BACKWARD)
@@ -370,8 +370,10 @@ def test_gradients_bf16(gate, backward, monkeypatch):
         args = (*args[:3], (2.0 * torch.randn(args[3].shape, generator=gen, device=DEVICE)).bfloat16(), args[4])
         opts = dict(use_gate_in_kernel=True, A_log=0.5 * torch.randn(4, generator=gen, device=DEVICE),
                     dt_bias=torch.randn(4, 128, generator=gen, device=DEVICE))
-        if gate == "lower_bound":
+        if gate in ("lower_bound", "all_options"):
             opts["lower_bound"] = -5.0
+        if gate == "all_options":  # also the in-kernel L2 norm of q, k and the beta sigmoid (beta as logits)
+            opts.update(use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True)
     values = dict(zip(("q", "k", "v", "g", "beta"), args), initial_state=kw["initial_state"],
                   **{n: opts.pop(n) for n in ("A_log", "dt_bias") if n in opts})
     leaves = {n: x.detach().clone().requires_grad_(True) for n, x in values.items()}

@@ -53,14 +53,15 @@ def main() -> None:
     f = timed("fwd local (store M)", lambda: chunk_local_factors(q, k, v, G, beta32, scale, C, None,
                                                                   store_m=True, meta=meta))
     M = f.M
-    h, v_new, _ = timed("fwd state (h fp32)", lambda: state_passing(f.kg, f.W, f.U, G, S0, C, None,
-                                                                     h_dtype=torch.float32, meta=meta))
-    dq, dh, dv_new, dG, dA_qk = timed("bwd output", lambda: fb.chunk_output_bwd(q, h, v_new, G, f.A_qk, scale, do,
-                                                                                C, None, meta=meta))
-    dS_out, dv_tot, dS0 = timed("bwd state recurrence", lambda: fb.state_passing_bwd_recurrence(
-        f.kg, f.W, G, h, dh, dv_new, dSf, C, None, meta=meta))
-    dk, dW, dU, dG5, _ = timed("bwd state (recurrence + chunk)", lambda: fb.state_passing_bwd(
-        f.kg, f.W, G, S0, h, v_new, dh, dv_new, dSf, C, None, H=H, meta=meta))
+    h, v_new, _ = timed("fwd state (h bf16)", lambda: state_passing(f.kg, f.W, f.U, G, S0, C, None,
+                                                                     h_dtype=f.W.dtype, meta=meta))
+    dq, _, _, dG, dA_qk = timed("bwd output", lambda: fb.chunk_output_bwd(q, h, v_new, G, f.A_qk, scale, do, C, None,
+                                                                          state_grads=False, meta=meta))
+    dS_out, dv_tot, dS0 = timed("bwd state recurrence (+ dh, dv_new)", lambda: fb.state_passing_bwd_recurrence(
+        f.kg, f.W, G, h, None, None, dSf, C, None, output=(f.qg, f.A_qk, do), grad_dtype=f.W.dtype, meta=meta))
+    dk, dW, dG5 = timed("bwd state per-chunk part", lambda: fb.state_passing_bwd_chunks(
+        f.kg, G, h, v_new, dS_out, dv_tot, C, None, H=H, dW_dtype=f.W.dtype, meta=meta))
+    dU = dv_tot
     dk4, dv, dG4, dbeta, dM = timed("bwd WY", lambda: fb.wy_representation_bwd(k, v, G, beta32, M, dW, dU, C, None,
                                                                                 meta=meta))
     dA_kk = timed("bwd UT", lambda: fb.ut_transform_bwd(M, dM, C, None, meta=meta))

@@ -106,9 +106,12 @@ def _state_bwd_recurrence_kernel(
     G,  # [TT, HV, K] float32 (read at each chunk's last token)
     dh,  # [NC, HV, K, V] gradient reaching each chunk's entering state from the output (HAS_DH)
     dv_new,  # [TT, HV, V] gradient of v_new from the output (HAS_DVN)
+    qg,  # [TT, HV, K] decayed, scaled queries (FUSED: dh = qg^T dO computed here)
+    A_qk,  # [TT, HV, BT] (FUSED: dv_new = A_qk^T dO computed here)
+    do,  # [TT, HV, V] gradient of the output (FUSED)
     dS_final,  # [N, HV, K, V] gradient of the final states (HAS_DSF)
-    dS_out,  # [NC, HV, K, V] float32 out: dL/dS' of the state leaving each chunk
-    dv_tot,  # [TT, HV, V] float32 out
+    dS_out,  # [NC, HV, K, V] out: dL/dS' of the state leaving each chunk
+    dv_tot,  # [TT, HV, V] out
     dS0,  # [N, HV, K, V] float32 out: gradient of the initial states
     cu,
     chunk_off,
@@ -122,6 +125,7 @@ def _state_bwd_recurrence_kernel(
     BV: tl.constexpr,
     HAS_DH: tl.constexpr,
     HAS_DVN: tl.constexpr,
+    FUSED: tl.constexpr,
     HAS_DSF: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -156,6 +160,12 @@ def _state_bwd_recurrence_kernel(
         if HAS_DVN:
             b_dv += tl.load(dv_new + ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], mask=m_tv,
                             other=0).to(tl.float32)
+        if FUSED:  # the output stage's terms, from its inputs: dv_new = A_qk^T dO, dh = qg^T dO
+            b_do = tl.load(do + ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], mask=m_tv,
+                           other=0).to(tl.float32)  # [BT, BV]
+            b_A = tl.load(A_qk + ((t0 + o_t[:, None]) * HV + i_hv) * BT + o_t[None, :],
+                          mask=m_t[:, None] & m_t[None, :], other=0).to(tl.float32)  # [BT, BT]
+            b_dv += tl.dot(tl.trans(b_A), b_do, input_precision=PRECISION)
         tl.store(dv_tot + ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], b_dv, mask=m_tv)
         # dS <- Diag(Gamma_C) dS + dh - W^T dv_tot
         t_last = tl.minimum(t0 + BT, eos) - 1
@@ -164,6 +174,10 @@ def _state_bwd_recurrence_kernel(
         b_dS = b_dS * tl.exp(b_Glast)[:, None] - tl.dot(tl.trans(b_W), b_dv, input_precision=PRECISION)
         if HAS_DH:
             b_dS += tl.load(dh + p_S, mask=m_kv, other=0).to(tl.float32)
+        if FUSED:
+            b_qg = tl.load(qg + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_tk,
+                           other=0).to(tl.float32)  # [BT, BK]
+            b_dS += tl.dot(tl.trans(b_qg), b_do, input_precision=PRECISION)
 
     tl.store(dS0 + (i_n * HV + i_hv) * K * V + o_S, b_dS, mask=m_kv)
 
@@ -179,30 +193,41 @@ def state_passing_bwd_recurrence(
     chunk_size: int,
     cu_seqlens: Optional[torch.Tensor] = None,
     *,
+    output: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+    grad_dtype: torch.dtype = torch.float32,
     meta: Optional[SeqMeta] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``dS_out: [NC, HV, K, V]``, ``dv_tot: [B, T, HV, V]``, ``dS0: [N, HV, K, V]``, all float32.
+    """``dS_out: [NC, HV, K, V]``, ``dv_tot: [B, T, HV, V]`` (both ``grad_dtype``), ``dS0: [N, HV, K, V]``
+    (float32).
 
     Arguments as :func:`kda_explained.chunked.backward_inter.state_passing_bwd_recurrence`
     (``h`` is read for its shape only: the recurrence does not need the states).
+    ``output = (qg, A_qk, dO)``, with ``dh`` and ``dv_new`` ``None``: the output stage's two
+    terms are computed here, chunk by chunk, from its inputs (``qg = scale q exp(G)``
+    ``[B, T, HV, K]``, ``A_qk`` ``[B, T, HV, C]``, ``dO`` ``[B, T, HV, V]``) instead of being
+    read from :func:`chunk_output_bwd` (``state_grads=False``): two ``[K, V]``-per-chunk
+    round trips through memory fewer.
     """
     B, T, HV, K = kg.shape
     V = h.shape[-1]
+    if output is not None and (dh is not None or dv_new is not None):
+        raise ValueError("state_passing_bwd_recurrence: pass either `dh`, `dv_new` or `output`, not both")
     meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, kg.device)
-    f32 = dict(dtype=torch.float32, device=kg.device)
-    dS_out = torch.empty(meta.NC, HV, K, V, **f32)
-    dv_tot = torch.empty(B, T, HV, V, **f32)
-    dS0 = torch.empty(meta.N, HV, K, V, **f32)
+    dS_out = torch.empty(meta.NC, HV, K, V, dtype=grad_dtype, device=kg.device)
+    dv_tot = torch.empty(B, T, HV, V, dtype=grad_dtype, device=kg.device)
+    dS0 = torch.empty(meta.N, HV, K, V, dtype=torch.float32, device=kg.device)
+    qg, A_qk, do = (x.contiguous() for x in output) if output is not None else (kg, kg, dv_tot)
     launch = BWD_LAUNCH["recurrence"]
     BV = _tile(V, launch["BV"])
     if meta.N > 0:
         _state_bwd_recurrence_kernel[(triton.cdiv(V, BV), meta.N, HV)](
             kg.contiguous(), W.contiguous(), G.contiguous(),
             dh.contiguous() if dh is not None else dS_out, dv_new.contiguous() if dv_new is not None else dv_tot,
-            dS_final.contiguous() if dS_final is not None else dS0, dS_out, dv_tot, dS0, meta.cu, meta.chunk_off,
+            qg, A_qk, do, dS_final.contiguous() if dS_final is not None else dS0, dS_out, dv_tot, dS0,
+            meta.cu, meta.chunk_off,
             HV=HV, K=K, V=V, BT=chunk_size, BK=max(16, triton.next_power_of_2(K)), BV=BV,
-            HAS_DH=dh is not None, HAS_DVN=dv_new is not None, HAS_DSF=dS_final is not None,
-            PRECISION=dot_precision(W.dtype), num_warps=launch["warps"], num_stages=1,
+            HAS_DH=dh is not None, HAS_DVN=dv_new is not None, FUSED=output is not None,
+            HAS_DSF=dS_final is not None, PRECISION=dot_precision(W.dtype), num_warps=launch["warps"], num_stages=1,
         )
     return dS_out, dv_tot, dS0
 
@@ -218,8 +243,8 @@ def _chunk_output_bwd_kernel(
     do,  # [TT, HV, V]
     dq,  # [TT, HV, K] float32 out, per value head
     dG,  # [TT, HV, K] float32 out
-    dh,  # [NC, HV, K, V] float32 out
-    dv_new,  # [TT, HV, V] float32 out
+    dh,  # [NC, HV, K, V] float32 out (STATE_GRADS)
+    dv_new,  # [TT, HV, V] float32 out (STATE_GRADS)
     dA,  # [TT, HV, BT] float32 out: dO v_new^T (the whole chunk row, as autograd gives it)
     cu,
     chunk_seq,
@@ -236,6 +261,7 @@ def _chunk_output_bwd_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     PRECISION: tl.constexpr,
+    STATE_GRADS: tl.constexpr,  # write dh and dv_new (else the recurrence computes them, output=)
 ):
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_h = i_hv // (HV // H)
@@ -262,8 +288,10 @@ def _chunk_output_bwd_kernel(
         b_do = tl.load(do + p_tv, mask=m_tv, other=0).to(tl.float32)  # [BT, BV]
         b_S = tl.load(h + p_S, mask=m_k[:, None] & m_v[None, :], other=0).to(tl.float32)  # [BK, BV]
         b_vn = tl.load(v_new + p_tv, mask=m_tv, other=0).to(tl.float32)  # [BT, BV]
-        tl.store(dh + p_S, tl.dot(tl.trans(b_qg), b_do, input_precision=PRECISION), mask=m_k[:, None] & m_v[None, :])
-        tl.store(dv_new + p_tv, tl.dot(tl.trans(b_A), b_do, input_precision=PRECISION), mask=m_tv)
+        if STATE_GRADS:
+            tl.store(dh + p_S, tl.dot(tl.trans(b_qg), b_do, input_precision=PRECISION),
+                     mask=m_k[:, None] & m_v[None, :])
+            tl.store(dv_new + p_tv, tl.dot(tl.trans(b_A), b_do, input_precision=PRECISION), mask=m_tv)
         b_dqg += tl.dot(b_do, tl.trans(b_S), input_precision=PRECISION)
         b_dA += tl.dot(b_do, tl.trans(b_vn), input_precision=PRECISION)
     tl.store(dq + p_tk, b_dqg * b_gamma * scale, mask=m_tk)
@@ -283,12 +311,14 @@ def chunk_output_bwd(
     cu_seqlens: Optional[torch.Tensor] = None,
     *,
     per_value_head: bool = False,
+    state_grads: bool = True,
     meta: Optional[SeqMeta] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     """``dq: [B, T, H, K]``, ``dh: [NC, HV, K, V]``, ``dv_new: [B, T, HV, V]``, ``dG: [B, T, HV, K]``,
     ``dA_qk: [B, T, HV, C]``, all float32; arguments as
     :func:`kda_explained.chunked.backward_inter.chunk_output_bwd` (``per_value_head``: ``dq`` as
-    ``[B, T, HV, K]``, not yet summed over GVA groups).
+    ``[B, T, HV, K]``, not yet summed over GVA groups). ``state_grads=False``: ``dh`` and
+    ``dv_new`` are ``None``, left to :func:`state_passing_bwd_recurrence` (its ``output=``).
     """
     B, T, H, K = q.shape
     HV, V = v_new.shape[2], v_new.shape[3]
@@ -297,15 +327,16 @@ def chunk_output_bwd(
     # every token lies in one chunk, whose program writes all of its rows: no zero fill
     dq = torch.empty(B, T, HV, K, **f32)
     dG = torch.empty(B, T, HV, K, **f32)
-    dh = torch.empty(meta.NC, HV, K, V, **f32)
-    dv_new = torch.empty(B, T, HV, V, **f32)
+    dh = torch.empty(meta.NC, HV, K, V, **f32) if state_grads else None
+    dv_new = torch.empty(B, T, HV, V, **f32) if state_grads else None
     dA = torch.empty(B, T, HV, chunk_size, **f32)
     if meta.NC > 0:
         _chunk_output_bwd_kernel[(meta.NC, HV)](
             q.contiguous(), G.contiguous(), h.contiguous(), v_new.contiguous(), A_qk.contiguous(), do.contiguous(),
-            dq, dG, dh, dv_new, dA, meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale),
+            dq, dG, dh if state_grads else dA, dv_new if state_grads else dA, dA,
+            meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale),
             H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=max(16, triton.next_power_of_2(K)),
-            BV=_tile(V, BWD_LAUNCH["output"]["BV"]), PRECISION=dot_precision(q.dtype),
+            BV=_tile(V, BWD_LAUNCH["output"]["BV"]), PRECISION=dot_precision(q.dtype), STATE_GRADS=state_grads,
             num_warps=BWD_LAUNCH["output"]["warps"], num_stages=1,
         )
     return _per_key_head(dq, H, per_value_head), dh, dv_new, dG, dA
@@ -425,20 +456,21 @@ def state_passing_bwd_chunks(
     H: Optional[int] = None,
     dG_acc: Optional[torch.Tensor] = None,
     per_value_head: bool = False,
+    dW_dtype: torch.dtype = torch.float32,
     meta: Optional[SeqMeta] = None,
 ):
     """The state stage's backward after its recurrence, every chunk in parallel: ``(dk, dW, dG)``.
 
     ``dS_out, dv_tot``: from :func:`state_passing_bwd_recurrence`; the rest as
     :func:`state_passing_bwd`, which is the two in a row (:func:`kda_backward` calls them
-    apart, to free ``dh`` and ``dv_new`` in between).
+    apart). ``dW`` is written in ``dW_dtype`` (``dk`` and ``dG`` are float32).
     """
     B, T, HV, K = kg.shape
     V = h.shape[-1]
     H = H or HV
     meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, kg.device)
     f32 = dict(dtype=torch.float32, device=kg.device)
-    dk, dW = torch.empty(B, T, HV, K, **f32), torch.empty(B, T, HV, K, **f32)
+    dk, dW = torch.empty(B, T, HV, K, **f32), torch.empty(B, T, HV, K, dtype=dW_dtype, device=kg.device)
     dG = _accumulator(dG_acc, kg, (B, T, HV, K))
     if meta.NC > 0:
         launch = BWD_LAUNCH["state_chunks"]
@@ -831,21 +863,22 @@ def core_backward(
     H = q.shape[2]
     # ---- forward, keeping what the backward reads
     f = chunk_local_factors(q, k, v, G, beta32, scale, C, cu_seqlens, store_m=True, meta=meta)  # 2.-4.
-    h, v_new, _ = state_passing(f.kg, f.W, f.U, G, initial_state, C, cu_seqlens, h_dtype=torch.float32,
-                                meta=meta)  # 5.
-    A_qk, W, kg, M = f.A_qk, f.W, f.kg, f.M
-    del f  # with it qg and U: only the forward's later stages read them
+    # the states in the intermediate dtype, as the forward keeps them (bf16 for bf16 inputs)
+    h, v_new, _ = state_passing(f.kg, f.W, f.U, G, initial_state, C, cu_seqlens, h_dtype=f.W.dtype, meta=meta)  # 5.
+    A_qk, W, kg, qg, M = f.A_qk, f.W, f.kg, f.qg, f.M
+    del f  # with it U: only the forward's state pass reads it
     # ---- backward, stage 6 down to stage 2. dq, dk (per value head) and dG are sums of several
     # stages' terms: each kernel after the first adds its own into the same float32 tensor. Each
     # intermediate is dropped as soon as its last reader has run (the peak memory)
-    dq, dh, dv_new, dG, dA_qk = chunk_output_bwd(q, h, v_new, G, A_qk, scale, do, C, cu_seqlens,
-                                                 per_value_head=True, meta=meta)  # 6.
-    del A_qk
-    dS_out, dU, dS0 = state_passing_bwd_recurrence(kg, W, G, h, dh, dv_new, dS_final, C, cu_seqlens,
-                                                   meta=meta)  # 5. (dU: dv_tot)
-    del dh, dv_new
+    dq, _, _, dG, dA_qk = chunk_output_bwd(q, h, v_new, G, A_qk, scale, do, C, cu_seqlens, per_value_head=True,
+                                           state_grads=False, meta=meta)  # 6. (its dh, dv_new: in the recurrence)
+    # 5.: the recurrence adds the output's dh = qg^T dO and dv_new = A_qk^T dO chunk by chunk; its
+    # outputs dS_out, dU (= dv_tot) in the intermediate dtype, as fla keeps its dh
+    dS_out, dU, dS0 = state_passing_bwd_recurrence(kg, W, G, h, None, None, dS_final, C, cu_seqlens,
+                                                   output=(qg, A_qk, do), grad_dtype=W.dtype, meta=meta)
+    del A_qk, qg
     dk, dW, _ = state_passing_bwd_chunks(kg, G, h, v_new, dS_out, dU, C, cu_seqlens, H=H, dG_acc=dG,
-                                         per_value_head=True, meta=meta)  # 5.
+                                         per_value_head=True, dW_dtype=W.dtype, meta=meta)  # 5.
     del dS_out, h, v_new, kg, W
     if initial_state is None:
         dS0 = None
