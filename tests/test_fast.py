@@ -183,6 +183,20 @@ def test_stage_chunk_local_factors(p, C):
 @pin(*AWKWARD)
 @few
 @given(p=problems, C=chunk_16)
+def test_stage_chunk_wy_factors(p, C):
+    """Stage 4 alone from a given M (the backward's recompute) == wy_representation and decayed_operands."""
+    r = reference_stages(p, C)
+    f = fast.chunk_wy_factors(f32(r.q), f32(r.k), f32(r.v), f32(r.G), f32(r.beta), f32(r.M), r.scale, C, r.cu)
+    assert f.A_qk is None and f.A_kk is None
+    assert_close(f.W, r.W, F32, "W")
+    assert_close(f.U, r.U, F32, "U")
+    assert_close(f.qg, r.qg, F32, "qg")
+    assert_close(f.kg, r.kg, F32, "kg")
+
+
+@pin(*AWKWARD)
+@few
+@given(p=problems, C=chunk_16)
 def test_stage_state_passing(p, C):
     r = reference_stages(p, C)
     h, v_new, S = fast.state_passing(f32(r.kg), f32(r.W), f32(r.U), f32(r.G), f32(r.S0), C, r.cu)
@@ -364,18 +378,24 @@ def test_stage_chunk_local_cumsum_bwd(p, C):
     assert_close(chunk_local_cumsum_bwd(f32(dG), C, r.cu), reference_bwd(dG, C, r.cu), F32, "dg")
 
 
+@pytest.mark.parametrize("kept", [False, True], ids=["recompute", "kept_factors"])
 @pytest.mark.parametrize("p, C", AWKWARD)
-def test_kda_backward_composition(p, C):
-    """The Triton backward stages composed == the chunked staged backward (== autograd), float32."""
+def test_kda_backward_composition(p, C, kept):
+    """The Triton backward stages composed == the chunked staged backward (== autograd), float32;
+    recomputing stages 2-4, or with ``A_qk`` and ``M`` kept by the forward (``factors``)."""
     from kda_explained.chunked.backward import kda_backward as reference_backward
     from kda_explained.fast.backward import kda_backward
+    from kda_explained.fast.chunk import chunk_kda_fwd
 
     args, kw = inputs(p)
     gen = torch.Generator().manual_seed(11)
     do = torch.randn(args[2].shape, generator=gen).to(DEVICE)
     N = len(p.spans)
     dS_final = torch.randn(N, p.shape[3], p.shape[4], p.shape[5], generator=gen).to(DEVICE)
-    ours = kda_backward(*args, do, dS_final, chunk_size=C, **kw)
+    factors = None
+    if kept:
+        factors = chunk_kda_fwd(*args, scale=p.shape[4] ** -0.5, chunk_size=C, keep_for_backward=True, **kw)[3]
+    ours = kda_backward(*args, do, dS_final, chunk_size=C, factors=factors, **kw)
     ref = reference_backward(*(x.double() for x in args), do.double(), dS_final.double(), chunk_size=C,
                              initial_state=None if kw["initial_state"] is None else kw["initial_state"].double(),
                              cu_seqlens=kw["cu_seqlens"])
@@ -384,6 +404,33 @@ def test_kda_backward_composition(p, C):
             assert a is None, name
             continue
         assert_close(a, b, F32, name)
+
+
+@pytest.mark.parametrize("p, C", AWKWARD[:3])
+def test_kda_backward_out_dtype_and_kept_G(p, C):
+    """``out_dtype``: dq, dk, dv written in bf16 by their last kernels (no GVA sum after) or left
+    float32 (GVA); ``G`` kept by the forward: the same gradients as recomputing stage 1."""
+    from kda_explained.fast.backward import kda_backward
+    from kda_explained.fast.backward_intra import intra_chunk_matrices_bwd
+    from kda_explained.fast.chunk import chunk_kda_fwd
+
+    args, kw = inputs(p)
+    gen = torch.Generator().manual_seed(12)
+    do = torch.randn(args[2].shape, generator=gen).to(DEVICE)
+    ref = kda_backward(*args, do, None, chunk_size=C, **kw)
+    A_qk, M, G = chunk_kda_fwd(*args, scale=p.shape[4] ** -0.5, chunk_size=C, keep_for_backward=True, **kw)[3]
+    ours = kda_backward(*args[:3], G, args[4], do, None, chunk_size=C, factors=(A_qk, M), G=G,
+                        out_dtype=torch.bfloat16, **kw)
+    gva = p.shape[3] != p.shape[2]
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta"), ours, ref):
+        bf16 = name == "dv" or (name in ("dq", "dk") and not gva)
+        assert a.dtype == (torch.bfloat16 if bf16 else torch.float32), name
+        assert_close(a.float(), b, 1e-2 if bf16 else F32, name)
+    if gva:
+        with pytest.raises(ValueError, match="out_dtype"):
+            z = torch.zeros(*args[0].shape[:2], p.shape[3], C, device=DEVICE)
+            intra_chunk_matrices_bwd(args[0], args[1], G, args[4].float(), 1.0, z, z, C, kw["cu_seqlens"],
+                                     out_dtype=torch.bfloat16)
 
 
 #: Gates at and past the strength the tensor-core diagonal of ``chunk_local_factors`` takes: a

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from kda_explained import chunked  # noqa: E402
 from kda_explained.fast import backward as fb  # noqa: E402
 from kda_explained.fast._meta import seq_meta  # noqa: E402
-from kda_explained.fast.local import chunk_local_factors  # noqa: E402
+from kda_explained.fast.local import chunk_local_factors, chunk_wy_factors  # noqa: E402
 from kda_explained.fast.prepare import chunk_local_cumsum  # noqa: E402
 from kda_explained.fast.state import state_passing  # noqa: E402
 
@@ -53,6 +53,8 @@ def main() -> None:
     f = timed("fwd local (store M)", lambda: chunk_local_factors(q, k, v, G, beta32, scale, C, None,
                                                                   store_m=True, meta=meta))
     M = f.M
+    timed("bwd recompute: W, U, qg, kg from M", lambda: chunk_wy_factors(q, k, v, G, beta32, M, scale, C, None,
+                                                                        meta=meta))
     h, v_new, _ = timed("fwd state (h bf16)", lambda: state_passing(f.kg, f.W, f.U, G, S0, C, None,
                                                                      h_dtype=f.W.dtype, meta=meta))
     dq, _, _, dG, dA_qk = timed("bwd output", lambda: fb.chunk_output_bwd(q, h, v_new, G, f.A_qk, scale, do, C, None,
@@ -67,7 +69,9 @@ def main() -> None:
     dA_kk = timed("bwd UT", lambda: fb.ut_transform_bwd(M, dM, C, None, meta=meta))
     timed("bwd intra", lambda: fb.intra_chunk_matrices_bwd(q, k, G, beta32, scale, dA_kk, dA_qk, C, None, meta=meta))
     timed("bwd cumsum", lambda: fb.chunk_local_cumsum_bwd(dG + dG5 + dG4, C, None, meta=meta))
-    timed("kda_backward (all)", lambda: fb.kda_backward(q, k, v, g, beta, do, dSf, initial_state=S0))
+    timed("kda_backward (all, recomputing 2-4)", lambda: fb.kda_backward(q, k, v, g, beta, do, dSf, initial_state=S0))
+    timed("kda_backward (all, A_qk and M kept)", lambda: fb.kda_backward(q, k, v, g, beta, do, dSf, initial_state=S0,
+                                                                         factors=(f.A_qk, M)))
     print(f"B={B} T={T} H={H} D={D} bf16 on {torch.cuda.get_device_name()}")
     for name, ms in times.items():
         print(f"  {name:34s} {ms:8.3f} ms")

@@ -3,7 +3,8 @@
     python benchmarks/probe/bwd_sweep.py [--out DIR]      (B=8, T=4096, H=16, K=V=128, bf16)
 
 For each stage of ``fast.backward.kda_backward`` and each candidate launch shape (the entries of
-``fast.backward.BWD_LAUNCH`` and ``fast.backward_intra.INTRA_BWD_LAUNCH``), the stage runs on the
+``fast.backward.BWD_LAUNCH``, ``fast.backward_intra.INTRA_BWD_LAUNCH`` and
+``fast.local.WY_FACTORS_LAUNCH``), the stage runs on the
 same inputs; its outputs must match those of the current launch (relative RMS error below 1e-3:
 another tiling only reorders sums) before its median time counts. Then a whole ``chunk_kda``
 forward + backward step is timed with the current shapes and with the fastest of each stage.
@@ -27,12 +28,14 @@ from bwd_stages import make_inputs  # noqa: E402
 from kda_explained import fast  # noqa: E402
 from kda_explained.fast import backward as fb  # noqa: E402
 from kda_explained.fast import backward_intra as fbi  # noqa: E402
+from kda_explained.fast import local as fl  # noqa: E402
 from kda_explained.fast._meta import seq_meta  # noqa: E402
 from kda_explained.fast.local import chunk_local_factors  # noqa: E402
 from kda_explained.fast.prepare import chunk_local_cumsum  # noqa: E402
 from kda_explained.fast.state import state_passing  # noqa: E402
 
 CANDIDATES = {
+    "wy_factors": [(64, 64, 8), (64, 64, 4), (32, 32, 4), (32, 32, 8), (64, 64, 16), (128, 128, 8)],
     "output": [dict(BV=bv, warps=w) for bv, w in itertools.product((32, 64), (4, 8))],
     "recurrence": [dict(BV=bv, warps=w) for bv, w in itertools.product((16, 32, 64), (4, 8))],
     "state_chunks": [dict(BK=bk, BV=bv, warps=w) for bk, bv, w in itertools.product((32, 64), (32, 64), (4, 8))],
@@ -58,26 +61,35 @@ def main() -> None:
     meta = seq_meta(B, T, C, None, q.device)
     G, beta32 = chunk_local_cumsum(g, C, None, beta=beta, meta=meta)
     f = chunk_local_factors(q, k, v, G, beta32, scale, C, None, store_m=True, meta=meta)
-    h, v_new, _ = state_passing(f.kg, f.W, f.U, G, S0, C, None, h_dtype=torch.float32, meta=meta)
-    dq, dh, dv_new, dG, dA_qk = fb.chunk_output_bwd(q, h, v_new, G, f.A_qk, scale, do, C, None, meta=meta)
-    dS_out, dv_tot, _ = fb.state_passing_bwd_recurrence(f.kg, f.W, G, h, dh, dv_new, dSf, C, None, meta=meta)
-    dk, dW, _ = fb.state_passing_bwd_chunks(f.kg, G, h, v_new, dS_out, dv_tot, C, None, meta=meta)
+    h, v_new, _ = state_passing(f.kg, f.W, f.U, G, S0, C, None, h_dtype=f.W.dtype, meta=meta)
+    dq, _, _, dG, dA_qk = fb.chunk_output_bwd(q, h, v_new, G, f.A_qk, scale, do, C, None, state_grads=False,
+                                              meta=meta)
+    fused = dict(output=(f.qg, f.A_qk, do), grad_dtype=f.W.dtype, meta=meta)
+    dS_out, dv_tot, _ = fb.state_passing_bwd_recurrence(f.kg, f.W, G, h, None, None, dSf, C, None, **fused)
+    dk, dW, _ = fb.state_passing_bwd_chunks(f.kg, G, h, v_new, dS_out, dv_tot, C, None, dW_dtype=f.W.dtype, meta=meta)
     dM = fb.wy_representation_bwd(k, v, G, beta32, f.M, dW, dv_tot, C, None, meta=meta)[4]
     dA_kk = fb.ut_transform_bwd(f.M, dM, C, None, meta=meta)
     stages = {
-        "output": lambda: fb.chunk_output_bwd(q, h, v_new, G, f.A_qk, scale, do, C, None, meta=meta),
-        "recurrence": lambda: fb.state_passing_bwd_recurrence(f.kg, f.W, G, h, dh, dv_new, dSf, C, None, meta=meta),
-        "state_chunks": lambda: fb.state_passing_bwd_chunks(f.kg, G, h, v_new, dS_out, dv_tot, C, None, meta=meta),
+        "wy_factors": lambda: fast.chunk_wy_factors(q, k, v, G, beta32, f.M, scale, C, None, meta=meta)[1:5],
+        "output": lambda: fb.chunk_output_bwd(q, h, v_new, G, f.A_qk, scale, do, C, None, state_grads=False,
+                                              meta=meta),
+        "recurrence": lambda: fb.state_passing_bwd_recurrence(f.kg, f.W, G, h, None, None, dSf, C, None, **fused),
+        "state_chunks": lambda: fb.state_passing_bwd_chunks(f.kg, G, h, v_new, dS_out, dv_tot, C, None,
+                                                            dW_dtype=f.W.dtype, meta=meta),
         "wy": lambda: fb.wy_representation_bwd(k, v, G, beta32, f.M, dW, dv_tot, C, None, meta=meta),
         "ut": lambda: fb.ut_transform_bwd(f.M, dM, C, None, meta=meta),
         "intra": lambda: fbi.intra_chunk_matrices_bwd(q, k, G, beta32, scale, dA_kk, dA_qk, C, None, meta=meta),
     }
 
     def get(stage):
+        if stage == "wy_factors":
+            return fl.WY_FACTORS_LAUNCH
         return fbi.INTRA_BWD_LAUNCH if stage == "intra" else dict(fb.BWD_LAUNCH[stage])
 
     def put(stage, launch):
-        if stage == "intra":
+        if stage == "wy_factors":
+            fl.WY_FACTORS_LAUNCH = launch
+        elif stage == "intra":
             fbi.INTRA_BWD_LAUNCH = launch
         else:
             fb.BWD_LAUNCH[stage] = dict(launch)

@@ -495,7 +495,7 @@ def _wy_bwd_kernel(
     dW,  # [TT, HV, K]
     dU,  # [TT, HV, V]
     dk,  # [TT, HV, K] float32 out, per value head
-    dv,  # [TT, HV, V] float32 out
+    dv,  # [TT, HV, V] out (float32 or the gradient's dtype)
     dG,  # [TT, HV, K] float32 out
     dbeta,  # [TT, HV] float32 out
     dM,  # [TT, HV, BT] float32 out (the whole chunk row, as autograd gives it)
@@ -551,7 +551,7 @@ def _wy_bwd_kernel(
         b_dU = tl.load(dU + p_tv, mask=m_tv, other=0).to(tl.float32)
         b_dM += tl.dot(b_dU, tl.trans(b_beta[:, None] * b_v), input_precision=PRECISION)
         b_dvb = tl.dot(tl.trans(b_M), b_dU, input_precision=PRECISION)  # [BT, BV]
-        tl.store(dv + p_tv, b_dvb * b_beta[:, None], mask=m_tv)
+        tl.store(dv + p_tv, (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
         b_dbeta += tl.sum(b_dvb * b_v, axis=1)
     tl.store(dM + p_tt, b_dM, mask=m_t[:, None])
     tl.store(dbeta + (bos + o_t) * HV + i_hv, b_dbeta, mask=m_t)
@@ -571,12 +571,14 @@ def wy_representation_bwd(
     dk_acc: Optional[torch.Tensor] = None,
     dG_acc: Optional[torch.Tensor] = None,
     per_value_head: bool = False,
+    dv_dtype: torch.dtype = torch.float32,
     meta: Optional[SeqMeta] = None,
 ):
     """``(dk [B, T, H, K], dv, dG, dbeta, dM)``, float32; arguments as
     :func:`kda_explained.chunked.backward_inter.wy_representation_bwd`. ``dk_acc``, ``dG_acc``:
     float32 ``[B, T, HV, K]`` tensors (both or neither) that ``dk`` (per value head) and ``dG``
-    are added into; ``per_value_head``: ``dk`` not summed over GVA groups.
+    are added into; ``per_value_head``: ``dk`` not summed over GVA groups. ``dv`` is written in
+    ``dv_dtype`` (it is final here: no cast pass after).
     """
     B, T, H, K = k.shape
     HV, V = v.shape[2], v.shape[3]
@@ -585,7 +587,7 @@ def wy_representation_bwd(
     if (dk_acc is None) != (dG_acc is None):
         raise ValueError("dk_acc, dG_acc: give both accumulators or neither")
     dk, dG = _accumulator(dk_acc, k, (B, T, HV, K)), _accumulator(dG_acc, k, (B, T, HV, K))
-    dv = torch.empty(B, T, HV, V, **f32)
+    dv = torch.empty(B, T, HV, V, dtype=dv_dtype, device=k.device)
     dbeta = torch.empty(B, T, HV, **f32)
     dM = torch.empty(B, T, HV, chunk_size, **f32)
     if meta.NC > 0:
@@ -810,14 +812,20 @@ def kda_backward(
     initial_state: Optional[torch.Tensor] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     chunk_size: int = 64,
+    factors: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    G: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[torch.Tensor, ...]:
     """Gradients of KDA through the Triton stage kernels: the mirror of
     :func:`kda_explained.chunked.backward.kda_backward` (same arguments and returns,
     ``(dq, dk, dv, dg, dbeta, dinitial_state)``, float32).
 
-    The forward is recomputed by the fast kernels, keeping what the backward reads (the
-    keys' pass also writes ``M``); every stage is a Triton kernel. The backward of
-    :func:`~kda_explained.fast.chunk.chunk_kda`.
+    The forward is recomputed by the fast kernels, keeping what the backward reads; every
+    stage is a Triton kernel. The backward of :func:`~kda_explained.fast.chunk.chunk_kda`.
+    ``factors``: ``(A_qk, M)`` as the forward kept them (:func:`~kda_explained.fast.chunk.chunk_kda_fwd`'s
+    ``keep_for_backward``), see :func:`core_backward`; ``G``: stage 1's output as the forward kept
+    it (then stage 1 is not recomputed); ``out_dtype``: ``dq``, ``dk`` and ``dv`` in that dtype, written
+    by their last kernels (:func:`core_backward`).
     """
     from ..validation import check_chunk_size
     from .chunk import FAST_CHUNK_SIZES, check_fast_inputs
@@ -827,9 +835,12 @@ def kda_backward(
                                       cu_seqlens=cu_seqlens)
     C = check_chunk_size(chunk_size, FAST_CHUNK_SIZES)
     meta = seq_meta(p.B, p.T, C, cu_seqlens, q.device)
-    G, beta32 = chunk_local_cumsum(g, C, cu_seqlens, beta=beta, meta=meta)  # 1. (recomputed)
+    if G is None:
+        G, beta32 = chunk_local_cumsum(g, C, cu_seqlens, beta=beta, meta=meta)  # 1. (recomputed)
+    else:
+        beta32 = beta.float()
     dq, dk, dv, dG, dbeta, dS0 = core_backward(q, k, v, G, beta32, do, dS_final, p.scale, initial_state, C,
-                                               cu_seqlens, meta=meta)
+                                               cu_seqlens, factors=factors, out_dtype=out_dtype, meta=meta)
     dg = chunk_local_cumsum_bwd(dG, C, cu_seqlens, meta=meta)  # 1.
     return dq, dk, dv, dg, dbeta, dS0
 
@@ -847,6 +858,8 @@ def core_backward(
     C: int,
     cu_seqlens: Optional[torch.Tensor],
     *,
+    factors: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    out_dtype: Optional[torch.dtype] = None,
     meta: SeqMeta,
 ) -> Tuple[torch.Tensor, ...]:
     """Stages 2-6 of the backward, given stage 1's forward output ``G`` (float32 in-chunk
@@ -856,13 +869,23 @@ def core_backward(
     :func:`kda_explained.fast.backward_options.kda_backward_with_options`).
 
     Recomputes stages 2-5 of the forward, then runs the backward from stage 6 down to 2.
+    ``factors = (A_qk, M)``, kept by the forward: then only stage 4 is recomputed, from ``M``
+    (:func:`~kda_explained.fast.local.chunk_wy_factors`), not stages 2-4
+    (:func:`~kda_explained.fast.local.chunk_local_factors`, which also writes ``M``).
+    ``out_dtype``: ``dq``, ``dk`` and ``dv`` written in that dtype by the kernels that finish them
+    (the intra and the WY backward; the sums in float32 before), instead of a cast pass over each
+    afterwards; only where no GVA sum follows (``HV == H``), else they stay float32.
     """
-    from .local import chunk_local_factors
+    from .local import chunk_local_factors, chunk_wy_factors
     from .state import state_passing
 
     H = q.shape[2]
     # ---- forward, keeping what the backward reads
-    f = chunk_local_factors(q, k, v, G, beta32, scale, C, cu_seqlens, store_m=True, meta=meta)  # 2.-4.
+    if factors is None:
+        f = chunk_local_factors(q, k, v, G, beta32, scale, C, cu_seqlens, store_m=True, meta=meta)  # 2.-4.
+    else:
+        f = chunk_wy_factors(q, k, v, G, beta32, factors[1], scale, C, cu_seqlens, meta=meta)._replace(
+            A_qk=factors[0])  # 4.
     # the states in the intermediate dtype, as the forward keeps them (bf16 for bf16 inputs)
     h, v_new, _ = state_passing(f.kg, f.W, f.U, G, initial_state, C, cu_seqlens, h_dtype=f.W.dtype, meta=meta)  # 5.
     A_qk, W, kg, qg, M = f.A_qk, f.W, f.kg, f.qg, f.M
@@ -883,9 +906,12 @@ def core_backward(
     if initial_state is None:
         dS0 = None
     _, dv, _, dbeta, dM = wy_representation_bwd(k, v, G, beta32, M, dW, dU, C, cu_seqlens, dk_acc=dk, dG_acc=dG,
-                                                per_value_head=True, meta=meta)  # 4.
+                                                per_value_head=True, dv_dtype=out_dtype or torch.float32,
+                                                meta=meta)  # 4.
     del dW, dU
     dA_kk = ut_transform_bwd(M, dM, C, cu_seqlens, meta=meta)  # 3.
-    _, _, _, dbeta2 = intra_chunk_matrices_bwd(q, k, G, beta32, scale, dA_kk, dA_qk, C, cu_seqlens, dq_acc=dq,
-                                               dk_acc=dk, dG_acc=dG, per_value_head=True, meta=meta)  # 2.
+    dq, dk, _, dbeta2 = intra_chunk_matrices_bwd(q, k, G, beta32, scale, dA_kk, dA_qk, C, cu_seqlens, dq_acc=dq,
+                                                 dk_acc=dk, dG_acc=dG, per_value_head=True,
+                                                 out_dtype=out_dtype if q.shape[2] == dq.shape[2] else None,
+                                                 meta=meta)  # 2.
     return _per_key_head(dq, H), _per_key_head(dk, H), dv, dG, dbeta + dbeta2, dS0

@@ -125,7 +125,7 @@ def _store(x, b, t0, eos, stride_t: tl.constexpr, c0, NCOL: tl.constexpr, BC: tl
     o_t = tl.arange(0, BC)
     o_c = c0 + tl.arange(0, BX)
     m = (o_t < eos - t0)[:, None] & (o_c < NCOL)[None, :]
-    tl.store(x + t0 * stride_t + (o_t[:, None] * stride_t + o_c[None, :]), b, mask=m)
+    tl.store(x + t0 * stride_t + (o_t[:, None] * stride_t + o_c[None, :]), b.to(x.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -207,8 +207,10 @@ def _intra_bwd_tc_kernel(
     beta,  # [TT, HV]
     dA_kk,  # [TT, HV, BT]
     dA_qk,  # [TT, HV, BT]
-    dq,  # [TT, HV, K] float32 out, per value head
-    dk,  # [TT, HV, K] float32 out, per value head
+    dq,  # [TT, HV, K] float32 out, per value head (with ACC: also in, the sum so far)
+    dk,  # [TT, HV, K] float32 out, per value head (likewise)
+    dq_out,  # [TT, HV, K] where dq is written: dq itself, or a tensor of the gradient's dtype
+    dk_out,  # [TT, HV, K] likewise for dk
     dG,  # [TT, HV, K] float32 out
     dbeta,  # [NK, TT, HV] float32 out: one partial sum per K tile
     flags,  # [NC * NK, HV] int32: 1 where a sub-chunk's span passes SPAN (first launch writes, EXACT_DIAG reads)
@@ -323,8 +325,8 @@ def _intra_bwd_tc_kernel(
             b_dq += _block(dq + i_hv * K, tb, eos, SG, c0, K, BC, BK)
             b_dk += _block(dk + i_hv * K, tb, eos, SG, c0, K, BC, BK)
             b_dG += _block(dG + i_hv * K, tb, eos, SG, c0, K, BC, BK)
-        _store(dq + i_hv * K, b_dq, tb, eos, SG, c0, K, BC, BK)
-        _store(dk + i_hv * K, b_dk, tb, eos, SG, c0, K, BC, BK)
+        _store(dq_out + i_hv * K, b_dq, tb, eos, SG, c0, K, BC, BK)
+        _store(dk_out + i_hv * K, b_dk, tb, eos, SG, c0, K, BC, BK)
         _store(dG + i_hv * K, b_dG, tb, eos, SG, c0, K, BC, BK)
         tl.store(dbeta + (i_k * TT + tb + o_i) * HV + i_hv, tl.sum(b_k * b_x, axis=1),
                  mask=tb + o_i < eos)
@@ -345,6 +347,7 @@ def intra_chunk_matrices_bwd(
     dk_acc: Optional[torch.Tensor] = None,
     dG_acc: Optional[torch.Tensor] = None,
     per_value_head: bool = False,
+    out_dtype: Optional[torch.dtype] = None,
     meta: Optional[SeqMeta] = None,
 ):
     """``(dq [B, T, H, K], dk [B, T, H, K], dG [B, T, HV, K], dbeta [B, T, HV])``, float32; as
@@ -358,7 +361,9 @@ def intra_chunk_matrices_bwd(
 
     ``dq_acc``, ``dk_acc``, ``dG_acc``: float32 ``[B, T, HV, K]`` tensors (all or none) that ``dq``,
     ``dk`` (per value head) and ``dG`` are added into (and returned); ``per_value_head``: ``dq`` and
-    ``dk`` not summed over GVA groups.
+    ``dk`` not summed over GVA groups. ``out_dtype``: ``dq`` and ``dk`` written in that dtype as
+    new tensors, the sums done in float32 (no cast pass after; only when no GVA sum follows,
+    ``HV == H`` or ``per_value_head``).
 
     Checked against the chunked layer, and against the exact kernel of
     :mod:`kda_explained.fast.backward`, in ``tests/test_fast_backward_intra.py``.
@@ -377,6 +382,11 @@ def intra_chunk_matrices_bwd(
         raise ValueError("dq_acc, dk_acc, dG_acc: give all three accumulators or none")
     # new tensors (no zero fill: the sequences cover the batch, so every row is written) or the given ones
     dq, dk, dG = (_accumulator(a, q, (B, T, HV, K)) for a in accs)
+    dq_out, dk_out = dq, dk
+    if out_dtype is not None and out_dtype != torch.float32:
+        if HV != H and not per_value_head:
+            raise ValueError("out_dtype: only without a GVA sum after (HV == H or per_value_head)")
+        dq_out, dk_out = (torch.empty(B, T, HV, K, dtype=out_dtype, device=q.device) for _ in range(2))
     dbeta = torch.empty(NK, B, T, HV, dtype=torch.float32, device=q.device)
     if meta.NC > 0:
         flags = torch.empty(meta.NC * NK, HV, dtype=torch.int32, device=q.device)
@@ -386,11 +396,11 @@ def intra_chunk_matrices_bwd(
         # strong sub-chunks' diagonals exact (the others read their flag and exit: typical gates never pay)
         for exact in (False, True):
             _intra_bwd_tc_kernel[(meta.NC * NK, HV)](
-                *inputs, dq, dk, dG, dbeta, flags, meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale), B * T,
+                *inputs, dq, dk, dq_out, dk_out, dG, dbeta, flags, meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale), B * T,
                 H=H, HV=HV, K=K, BT=chunk_size, BC=BC, BK=BK, SPAN=SAFE_SPAN,
                 PRECISION=INTRA_BWD_PRECISION[dot_precision(q.dtype)],
                 EXACT_DIAG=exact, ACC=dq_acc is not None, num_warps=warps, num_stages=stages,
             )
     # GVA: the value heads of a group share one q/k head
-    dq, dk = per_key_head(dq, H, per_value_head), per_key_head(dk, H, per_value_head)
+    dq, dk = per_key_head(dq_out, H, per_value_head), per_key_head(dk_out, H, per_value_head)
     return dq, dk, dG, dbeta.sum(0) if NK > 1 else dbeta[0]

@@ -29,7 +29,7 @@ per token and head::
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -222,13 +222,15 @@ def kda_backward_with_options(
     lower_bound: Optional[float] = None,
     use_beta_sigmoid_in_kernel: bool = False,
     allow_neg_eigval: bool = False,
+    factors: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ):
     """Gradients of ``chunk_kda`` with its in-kernel options, every stage in Triton.
 
     Returns ``(dq, dk, dv, dg, dbeta, dinitial_state, dA_log, ddt_bias)``, float32 (the
     gradients of the raw inputs ``chunk_kda`` took; ``None`` for what is absent). The forward
     is recomputed with the options applied by the forward's own kernels, then
-    :func:`~kda_explained.fast.backward.core_backward`, then the options' backward.
+    :func:`~kda_explained.fast.backward.core_backward` (``factors``: ``(A_qk, M)`` as the
+    forward kept them, see there), then the options' backward.
     """
     from ..validation import check_chunk_size
     from .backward import core_backward
@@ -245,7 +247,7 @@ def kda_backward_with_options(
                                    use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
                                    allow_neg_eigval=allow_neg_eigval, meta=meta)  # 1.
     dq, dk, dv, dG, dbeta, dS0 = core_backward(qn, kn, v, G, beta32, do, dS_final, p.scale, initial_state, C,
-                                               cu_seqlens, meta=meta)  # 6. down to 2.
+                                               cu_seqlens, factors=factors, meta=meta)  # 6. down to 2.
     del G, qn, kn
     o = gate_cumsum_bwd(dG, C, cu_seqlens, g=g, use_gate_in_kernel=use_gate_in_kernel, A_log=A_log, dt_bias=dt_bias,
                         lower_bound=lower_bound, beta=beta, dbeta=dbeta,

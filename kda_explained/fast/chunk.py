@@ -73,12 +73,15 @@ def chunk_kda_fwd(
     q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, chunk_size: int = 64,
     use_qk_l2norm_in_kernel: bool = False, use_gate_in_kernel: bool = False, A_log=None, dt_bias=None,
     lower_bound: Optional[float] = None, use_beta_sigmoid_in_kernel: bool = False, allow_neg_eigval: bool = False,
-    state_v_first: bool = False, float32_chunk_states: bool = False,
+    state_v_first: bool = False, float32_chunk_states: bool = False, keep_for_backward: bool = False,
 ):
-    """The stages on validated inputs; returns ``o`` (``v``'s dtype), the final state and the chunk states.
+    """The stages on validated inputs; returns ``o`` (``v``'s dtype), the final state, the chunk states
+    and, with ``keep_for_backward``, ``(A_qk, M, G)`` (else ``None``).
 
     The chunk states ``h`` are float32 with ``float32_chunk_states``, else in the
-    intermediate dtype (all stage 6 needs).
+    intermediate dtype (all stage 6 needs). ``A_qk`` and ``M = (I + A_kk)^{-1}`` (float32) are
+    what the backward would otherwise recompute with the whole keys' and queries' passes
+    (:func:`kda_explained.fast.backward.core_backward`'s ``factors``); ``G`` is stage 1's output.
     """
     C = chunk_size
     meta = seq_meta(q.shape[0], q.shape[1], C, cu_seqlens, q.device)  # the chunk tables, built once
@@ -89,13 +92,14 @@ def chunk_kda_fwd(
         lower_bound=lower_bound, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
         allow_neg_eigval=allow_neg_eigval, meta=meta,
     )  # 1.                                                                              [B, T, HV, K]
-    A_qk, W, U, qg, kg = chunk_local_factors(q, k, v, G, beta32, scale, C, cu_seqlens, meta=meta)[:5]  # 2.-4.
+    f = chunk_local_factors(q, k, v, G, beta32, scale, C, cu_seqlens, store_m=keep_for_backward, meta=meta)  # 2.-4.
+    A_qk, W, U, qg, kg = f[:5]
     h_dtype = torch.float32 if float32_chunk_states else intermediate_dtype(q.dtype)
     h, v_new, S = state_passing(kg, W, U, G, initial_state, C, cu_seqlens, state_v_first=state_v_first,
                                 h_dtype=h_dtype, meta=meta)  # 5.                       h: [NC, HV, K, V]
     o = chunk_output(qg, h, v_new, A_qk, C, cu_seqlens, out_dtype=v.dtype, state_v_first=state_v_first,
                      meta=meta)  # 6.
-    return o, S, h
+    return o, S, h, ((A_qk, f.M, G) if keep_for_backward else None)
 
 
 def _options_in_pytorch(q, k, g, beta, A_log, dt_bias, initial_state, opts):
@@ -132,6 +136,18 @@ def _reference_forward(q, k, v, g, beta, A_log, dt_bias, initial_state, opts):
     return o, S
 
 
+def _forward_with_options(q, k, v, g, beta, A_log, dt_bias, initial_state, opts, keep_for_backward=False):
+    """:func:`chunk_kda_fwd` with the options of ``opts`` applied inside the kernels."""
+    return chunk_kda_fwd(
+        q, k, v, g, beta, scale=opts["scale"], initial_state=initial_state, cu_seqlens=opts["cu_seqlens"],
+        chunk_size=opts["chunk_size"], use_qk_l2norm_in_kernel=opts["use_qk_l2norm_in_kernel"],
+        use_gate_in_kernel=opts["use_gate_in_kernel"], A_log=A_log, dt_bias=dt_bias,
+        lower_bound=opts["lower_bound"], use_beta_sigmoid_in_kernel=opts["use_beta_sigmoid_in_kernel"],
+        allow_neg_eigval=opts["allow_neg_eigval"], state_v_first=opts["state_v_first"],
+        keep_for_backward=keep_for_backward,
+    )
+
+
 class _ChunkKDAFunction(torch.autograd.Function):
     """Forward through the Triton kernels. Backward: recompute through the chunked layer's autograd.
 
@@ -142,13 +158,7 @@ class _ChunkKDAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, A_log, dt_bias, initial_state, opts):
-        o, S, _ = chunk_kda_fwd(
-            q, k, v, g, beta, scale=opts["scale"], initial_state=initial_state, cu_seqlens=opts["cu_seqlens"],
-            chunk_size=opts["chunk_size"], use_qk_l2norm_in_kernel=opts["use_qk_l2norm_in_kernel"],
-            use_gate_in_kernel=opts["use_gate_in_kernel"], A_log=A_log, dt_bias=dt_bias,
-            lower_bound=opts["lower_bound"], use_beta_sigmoid_in_kernel=opts["use_beta_sigmoid_in_kernel"],
-            allow_neg_eigval=opts["allow_neg_eigval"], state_v_first=opts["state_v_first"],
-        )
+        o, S, _, _ = _forward_with_options(q, k, v, g, beta, A_log, dt_bias, initial_state, opts)
         ctx.save_for_backward(q, k, v, g, beta, A_log, dt_bias, initial_state)
         ctx.opts = opts
         return o, S
@@ -177,9 +187,13 @@ class _ChunkKDACoreFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, initial_state, opts):
-        o, S, _ = chunk_kda_fwd(q, k, v, g, beta, scale=opts["scale"], initial_state=initial_state,
-                                cu_seqlens=opts["cu_seqlens"], chunk_size=opts["chunk_size"])
-        ctx.save_for_backward(q, k, v, g, beta, initial_state)
+        o, S, _, (A_qk, M, G) = chunk_kda_fwd(q, k, v, g, beta, scale=opts["scale"], initial_state=initial_state,
+                                              cu_seqlens=opts["cu_seqlens"], chunk_size=opts["chunk_size"],
+                                              keep_for_backward=True)
+        # G (float32, the in-chunk cumsum of g) in place of g: the backward reads only G, so the
+        # same bytes are kept and stage 1 is not recomputed
+        ctx.save_for_backward(q, k, v, G, beta, initial_state, A_qk, M)
+        ctx.g_dtype = g.dtype
         ctx.opts = opts
         return o, S
 
@@ -187,11 +201,13 @@ class _ChunkKDACoreFunction(torch.autograd.Function):
     def backward(ctx, do, dS):
         from .backward import kda_backward
 
-        q, k, v, g, beta, S0 = ctx.saved_tensors
+        q, k, v, G, beta, S0, A_qk, M = ctx.saved_tensors
         opts = ctx.opts
-        dq, dk, dv, dg, dbeta, dS0 = kda_backward(q, k, v, g, beta, do, dS, scale=opts["scale"], initial_state=S0,
-                                                  cu_seqlens=opts["cu_seqlens"], chunk_size=opts["chunk_size"])
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dbeta.to(beta.dtype),
+        # dq, dk, dv written in the inputs' dtype by their last kernels (q, k, v share one dtype)
+        dq, dk, dv, dg, dbeta, dS0 = kda_backward(q, k, v, G, beta, do, dS, scale=opts["scale"], initial_state=S0,
+                                                  cu_seqlens=opts["cu_seqlens"], chunk_size=opts["chunk_size"],
+                                                  factors=(A_qk, M), G=G, out_dtype=intermediate_dtype(q.dtype))
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(ctx.g_dtype), dbeta.to(beta.dtype),
                 None if S0 is None else dS0.to(S0.dtype), None)
 
 
@@ -207,10 +223,18 @@ class _ChunkKDATritonOptionsFunction(_ChunkKDAFunction):
     (:func:`~kda_explained.fast.backward_options.kda_backward_with_options`)."""
 
     @staticmethod
+    def forward(ctx, q, k, v, g, beta, A_log, dt_bias, initial_state, opts):
+        o, S, _, (A_qk, M, _) = _forward_with_options(q, k, v, g, beta, A_log, dt_bias, initial_state, opts,
+                                                   keep_for_backward=True)
+        ctx.save_for_backward(q, k, v, g, beta, A_log, dt_bias, initial_state, A_qk, M)
+        ctx.opts = opts
+        return o, S
+
+    @staticmethod
     def backward(ctx, do, dS):
         from .backward_options import kda_backward_with_options
 
-        q, k, v, g, beta, A_log, dt_bias, S0 = ctx.saved_tensors
+        q, k, v, g, beta, A_log, dt_bias, S0, A_qk, M = ctx.saved_tensors
         opts = ctx.opts
         v_first = opts["state_v_first"]  # the core's states are [K, V]
 
@@ -223,6 +247,7 @@ class _ChunkKDATritonOptionsFunction(_ChunkKDAFunction):
             use_qk_l2norm_in_kernel=opts["use_qk_l2norm_in_kernel"], use_gate_in_kernel=opts["use_gate_in_kernel"],
             A_log=A_log, dt_bias=dt_bias, lower_bound=opts["lower_bound"],
             use_beta_sigmoid_in_kernel=opts["use_beta_sigmoid_in_kernel"], allow_neg_eigval=opts["allow_neg_eigval"],
+            factors=(A_qk, M),
         )
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dbeta.to(beta.dtype),
                 None if dA_log is None else dA_log.reshape(A_log.shape).to(A_log.dtype),
@@ -310,8 +335,8 @@ def chunk_kda(
         if needs_grad:
             raise ValueError("return_intermediate_states: inference only (use torch.inference_mode()), "
                              "got inputs that require grad")
-        o, S, h = chunk_kda_fwd(q, k, v, g, beta, initial_state=initial_state, A_log=A_log, dt_bias=dt_bias,
-                                float32_chunk_states=True, **opts)
+        o, S, h, _ = chunk_kda_fwd(q, k, v, g, beta, initial_state=initial_state, A_log=A_log, dt_bias=dt_bias,
+                                   float32_chunk_states=True, **opts)
         return o, (S if output_final_state else None), h
     if needs_grad and TRITON_BACKWARD and TRITON_OPTIONS_BACKWARD:
         o, S = _ChunkKDATritonOptionsFunction.apply(q, k, v, g, beta, A_log, dt_bias, initial_state, opts)
@@ -320,5 +345,6 @@ def chunk_kda(
     elif needs_grad:
         o, S = _ChunkKDAFunction.apply(q, k, v, g, beta, A_log, dt_bias, initial_state, opts)
     else:
-        o, S, _ = chunk_kda_fwd(q, k, v, g, beta, initial_state=initial_state, A_log=A_log, dt_bias=dt_bias, **opts)
+        o, S, _, _ = chunk_kda_fwd(q, k, v, g, beta, initial_state=initial_state, A_log=A_log, dt_bias=dt_bias,
+                                   **opts)
     return o, (S if output_final_state else None)

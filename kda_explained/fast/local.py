@@ -65,9 +65,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._grad import chunk_span
 from ._meta import SeqMeta, dot_precision, interpreting, seq_meta
 
-__all__ = ["chunk_local_factors", "LocalFactors", "SAFE_SPAN", "intermediate_dtype"]
+__all__ = ["chunk_local_factors", "chunk_wy_factors", "LocalFactors", "SAFE_SPAN", "intermediate_dtype"]
 
 #: Largest in-sub-chunk decay span ``G_ref - G_r`` the tensor-core diagonal takes.
 SAFE_SPAN = 80.0
@@ -520,3 +521,120 @@ def chunk_local_factors(
                                           STORE_A=qk or store_akk, STORE_M=store_m and not qk,
                                           num_warps=warps, num_stages=LOCAL_STAGES)
     return LocalFactors(A_qk, W, U, qg, kg, A_kk, M)
+
+
+@triton.jit
+def _wy_factors_kernel(
+    # pointers
+    q,  # [TT, H, K]
+    k,  # [TT, H, K]
+    v,  # [TT, HV, V]
+    G,  # [TT, HV, K] float32
+    beta,  # [TT, HV] float32
+    M,  # [TT, HV, BT] (I + A_kk)^{-1}, whole chunk rows (the keys' pass's store_m)
+    W,  # [TT, HV, K] out
+    U,  # [TT, HV, V] out
+    qg,  # [TT, HV, K] out
+    kg,  # [TT, HV, K] out
+    cu,
+    chunk_seq,
+    chunk_bos,
+    # scalars
+    scale,
+    # sizes
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    # meta-parameters
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_h = i_hv // (HV // H)
+    bos, eos = chunk_span(cu, chunk_seq, chunk_bos, i_c)
+    o_t = tl.arange(0, BT)
+    m_t = bos + o_t < eos
+    b_M = tl.load(M + ((bos + o_t[:, None]) * HV + i_hv) * BT + o_t[None, :], mask=m_t[:, None] & m_t[None, :],
+                  other=0).to(tl.float32)  # [BT, BT]
+    b_beta = tl.load(beta + (bos + o_t) * HV + i_hv, mask=m_t, other=0)  # [BT]
+    t_last = tl.minimum(bos + BT, eos) - 1
+    # W = M Diag(beta)(Gamma * K), kg = k exp(G_last - G), qg = scale q exp(G), tile by tile of K
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_tk = m_t[:, None] & m_k[None, :]
+        p_in = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+        p_out = ((bos + o_t[:, None]) * HV + i_hv) * K + o_k[None, :]
+        b_k = tl.load(k + p_in, mask=m_tk, other=0).to(tl.float32)
+        b_q = tl.load(q + p_in, mask=m_tk, other=0).to(tl.float32)
+        b_G = tl.load(G + p_out, mask=m_tk, other=0)
+        b_Glast = tl.load(G + (t_last * HV + i_hv) * K + o_k, mask=m_k, other=0)
+        b_kb = b_k * tl.exp(b_G) * b_beta[:, None]
+        tl.store(W + p_out, tl.dot(b_M, b_kb, input_precision=PRECISION).to(W.dtype.element_ty), mask=m_tk)
+        tl.store(kg + p_out, (b_k * tl.exp(tl.minimum(b_Glast[None, :] - b_G, 0.0))).to(kg.dtype.element_ty),
+                 mask=m_tk)
+        tl.store(qg + p_out, (b_q * tl.exp(b_G) * scale).to(qg.dtype.element_ty), mask=m_tk)
+    # U = M Diag(beta) V, tile by tile of V
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        p_v = ((bos + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
+        b_vb = tl.load(v + p_v, mask=m_tv, other=0).to(tl.float32) * b_beta[:, None]
+        tl.store(U + p_v, tl.dot(b_M, b_vb, input_precision=PRECISION).to(U.dtype.element_ty), mask=m_tv)
+
+
+#: Launch shape of :func:`chunk_wy_factors`: ``(BK, BV, num_warps)``.
+WY_FACTORS_LAUNCH = (64, 64, 8)
+
+
+def chunk_wy_factors(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    G: torch.Tensor,
+    beta: torch.Tensor,
+    M: torch.Tensor,
+    scale: float,
+    chunk_size: int,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    *,
+    meta: Optional[SeqMeta] = None,
+) -> LocalFactors:
+    """Stage 4 alone, given ``M``: the WY factors and the decayed operands, without ``A_kk`` or the UT solve.
+
+    The backward's recompute of the forward when the forward kept ``M = (I + A_kk)^{-1}`` and
+    ``A_qk`` (what :func:`chunk_local_factors` computes with ``store_m``): ``W = M Diag(beta)
+    (Gamma * K)``, ``U = M Diag(beta) V`` (:func:`kda_explained.chunked.stages.wy_representation`),
+    ``qg = scale q exp(G)`` and ``kg = k exp(G_last - G)``
+    (:func:`kda_explained.chunked.stages.decayed_operands`). Two ``[C, C] @ [C, 64]`` products per
+    tile and element-wise work, where :func:`chunk_local_factors` also builds ``A_kk`` and ``A_qk``
+    from ``[16, K]`` blocks and inverts ``I + A_kk``.
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, HV, V]``; G: ``[B, T, HV, K]`` float32; beta:
+            ``[B, T, HV]`` float32; M: ``[B, T, HV, C]`` (whole chunk rows).
+
+    Returns:
+        :class:`LocalFactors` with ``W``, ``U``, ``qg``, ``kg`` (in :func:`intermediate_dtype` of
+        ``q``); its ``A_qk``, ``A_kk`` are ``None`` and its ``M`` is the one given.
+    """
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, q.device)
+    dt = intermediate_dtype(q.dtype)
+    W = torch.empty(B, T, HV, K, dtype=dt, device=q.device)
+    U = torch.empty(B, T, HV, V, dtype=dt, device=q.device)
+    qg, kg = torch.empty_like(W), torch.empty_like(W)
+    if meta.NC > 0:
+        BK, BV, warps = WY_FACTORS_LAUNCH
+        _wy_factors_kernel[(meta.NC, HV)](
+            q.contiguous(), k.contiguous(), v.contiguous(), G.contiguous(), beta.contiguous().float(), M.contiguous(),
+            W, U, qg, kg, meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale),
+            H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=min(BK, max(16, triton.next_power_of_2(K))),
+            BV=min(BV, max(16, triton.next_power_of_2(V))), PRECISION=dot_precision(q.dtype),
+            num_warps=warps, num_stages=1,
+        )
+    return LocalFactors(None, W, U, qg, kg, None, M)
