@@ -213,8 +213,9 @@ class _ChunkKDACoreFunction(torch.autograd.Function):
 
 #: Together with ``TRITON_BACKWARD``, differentiate the options (L2 norm, gate, beta sigmoid) through
 #: the Triton kernels of :mod:`kda_explained.fast.backward_options` too, not PyTorch autograd.
-#: Off until those kernels have run compiled on a GPU (tested under the interpreter).
-TRITON_OPTIONS_BACKWARD = False
+#: On (the default) since they passed the bf16 gradient tests on the H100 (`test_gradients_bf16`);
+#: ``False``: PyTorch autograd around the Triton core instead.
+TRITON_OPTIONS_BACKWARD = True
 
 
 class _ChunkKDATritonOptionsFunction(_ChunkKDAFunction):
