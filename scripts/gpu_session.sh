@@ -3,7 +3,8 @@
 # the gpu-marked tests, the accuracy check of every kernel, the per-stage timings, and the
 # benchmark against flash-linear-attention, writing into ${OUT:-benchmarks/results}.
 #
-#   bash scripts/gpu_session.sh [tests|check|stages|bench|train|sweep|bwd|decode ...]   (default: tests check stages bench)
+#   bash scripts/gpu_session.sh [tests|check|stages|bench|train|sweep|bwd|decode|profile|options ...]
+#   (default: tests check stages bench)
 #
 # Needs a CUDA GPU with torch and triton. flash-linear-attention is taken from .whl/ when
 # present (../shared/tools/fla-wheels.sh fetches the fla-core wheel there), as on the lent
@@ -38,6 +39,8 @@ for step in "${steps[@]}"; do
         sweep)  python3 benchmarks/probe/bwd_sweep.py --out "$out" ;;
         bwd)    python3 benchmarks/probe/bwd_stages.py ;;
         decode) python3 benchmarks/gpu_decode.py --quick --out "$out" ;;
-        *) echo "unknown step: $step (tests, check, stages, bench, train, sweep, bwd, decode)"; exit 2 ;;
+        profile) python3 benchmarks/probe/train_profile.py ;;
+        options) python3 benchmarks/probe/options_bwd.py ;;
+        *) echo "unknown step: $step (tests, check, stages, bench, train, sweep, bwd, decode, profile, options)"; exit 2 ;;
     esac
 done

@@ -30,6 +30,10 @@ float32 registers and walks the chunks from last to first::
     dv_tot        = dv_new + kg dS                        # S' = Diag(Gamma_C) S + kg^T v_new
     dS           <- Diag(Gamma_C) dS + dh - W^T dv_tot    # dL/dS of the state entering it
 
+``dh = qg^T dO`` and ``dv_new = A_qk^T dO`` are the output stage's terms; in
+:func:`kda_backward` the recurrence forms them itself from ``qg``, ``A_qk`` and ``dO``
+(``output=``), so neither goes through memory.
+
 Value columns are independent in all three lines, as in the forward state pass.
 What the rest of the stage's backward needs (``dk``, ``dW``, ``dG``) are per-chunk
 products of ``dS_out``, ``dv_tot`` and the forward's ``h`` and ``v_new``, with no
@@ -52,14 +56,15 @@ order between chunks.
 **The output stage**, ``O = qg S + A_qk v_new`` with ``qg = scale q exp(G)``, one
 program per chunk and value head, looping over tiles of ``V``::
 
-    dS     = qg^T dO          (per V tile: the ``dh`` the recurrence takes)
+    dS     = qg^T dO          (per V tile: the ``dh`` the recurrence takes; or formed there)
     dqg   += dO S^T           dA_qk += dO v_new^T      (summed over V tiles)
     dv_new = A_qk^T dO
     dq     = scale exp(G) dqg (per value head; GVA sums the group after)   dG = dqg * qg
 
 ``chunk_kda`` differentiates through :func:`kda_backward` (``fast.chunk.TRITON_BACKWARD``,
-on by default); the forward is recomputed there from the inputs, the only tensors kept
-between forward and backward.
+on by default). Between forward and backward it keeps the inputs and ``A_qk``, ``M`` and
+``G`` (``factors=``, ``G=``); the backward recomputes the WY factors from ``M``
+(:func:`kda_explained.fast.local.chunk_wy_factors`) and the chunk states.
 """
 
 from __future__ import annotations
