@@ -5,8 +5,8 @@
 For each stage of ``fast.backward.kda_backward`` and each candidate launch shape (the entries of
 ``fast.backward.BWD_LAUNCH``, ``fast.backward_intra.INTRA_BWD_LAUNCH`` and
 ``fast.local.WY_FACTORS_LAUNCH``), the stage runs on the
-same inputs; its outputs must match those of the current launch (relative RMS error below 1e-3:
-another tiling only reorders sums) before its median time counts. Then a whole ``chunk_kda``
+same inputs; its outputs must match those of the current launch (relative RMS error below 1e-3,
+1e-2 for bf16 outputs: another tiling only reorders sums) before its median time counts. Then a whole ``chunk_kda``
 forward + backward step is timed with the current shapes and with the fastest of each stage.
 Writes ``bwd_sweep.json``.
 """
@@ -73,12 +73,13 @@ def main() -> None:
         "wy_factors": lambda: fast.chunk_wy_factors(q, k, v, G, beta32, f.M, scale, C, None, meta=meta)[1:5],
         "output": lambda: fb.chunk_output_bwd(q, h, v_new, G, f.A_qk, scale, do, C, None, state_grads=False,
                                               meta=meta),
-        "recurrence": lambda: fb.state_passing_bwd_recurrence(f.kg, f.W, G, h, None, None, dSf, C, None, **fused),
         "state_chunks": lambda: fb.state_passing_bwd_chunks(f.kg, G, h, v_new, dS_out, dv_tot, C, None,
                                                             dW_dtype=f.W.dtype, meta=meta),
         "wy": lambda: fb.wy_representation_bwd(k, v, G, beta32, f.M, dW, dv_tot, C, None, meta=meta),
         "ut": lambda: fb.ut_transform_bwd(f.M, dM, C, None, meta=meta),
         "intra": lambda: fbi.intra_chunk_matrices_bwd(q, k, G, beta32, scale, dA_kk, dA_qk, C, None, meta=meta),
+        # last: one of its shapes once lost the CUDA context (docs: the kernel page), which ends the sweep
+        "recurrence": lambda: fb.state_passing_bwd_recurrence(f.kg, f.W, G, h, None, None, dSf, C, None, **fused),
     }
 
     def get(stage):
@@ -113,7 +114,9 @@ def main() -> None:
             try:
                 outs = [x for x in fn() if isinstance(x, torch.Tensor)]
                 err = max(rel_rms(a, b) for a, b in zip(outs, ref))
-                ms = bench(fn) if err < 1e-3 else None
+                # another tiling only reorders float32 sums; a 16-bit output may round a few entries the other way
+                tol = 1e-2 if any(x.dtype in (torch.bfloat16, torch.float16) for x in outs) else 1e-3
+                ms = bench(fn) if err < tol else None
                 rows.append({"launch": launch, "ms": ms, "err": err})
             except Exception as exc:  # noqa: BLE001 - a shape that does not fit is a row, not a crash
                 rows.append({"launch": launch, "error": f"{type(exc).__name__}: {str(exc)[:120]}"})

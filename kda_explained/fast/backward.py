@@ -97,6 +97,20 @@ BWD_LAUNCH = {
 }
 
 
+#: The state recurrence's products on bf16/fp16 operands (the intermediates' dtype; the state
+#: gradient rounded to it for its products, float32 sums), as the forward state pass
+#: (``fast.state.STATE_LOW_PRECISION_DOTS``) and fla's ``dhu`` do; ``False``: float32 operands, tf32
+#: products. Float32 inputs (and the interpreter, whose intermediates are float32) never take it.
+RECURRENCE_LOW_PRECISION_DOTS = True
+
+
+def _native(*xs: torch.Tensor) -> bool:
+    """True when the tensors share one 16-bit dtype: products of them loaded as they are stored run on
+    that dtype's tensor cores with float32 sums, exactly as tf32 products of the same values (a bf16
+    or fp16 value is a tf32 value), at twice tf32's rate."""
+    return xs[0].dtype in (torch.bfloat16, torch.float16) and all(x.dtype == xs[0].dtype for x in xs)
+
+
 def _tile(n: int, cap: int) -> int:
     """A power-of-two tile for a dimension of size ``n``: at least 16 (a tensor-core side), at most ``cap``."""
     return min(cap, max(16, triton.next_power_of_2(n)))
@@ -133,6 +147,7 @@ def _state_bwd_recurrence_kernel(
     FUSED: tl.constexpr,
     HAS_DSF: tl.constexpr,
     PRECISION: tl.constexpr,
+    LOWP: tl.constexpr,
 ):
     i_v, i_n, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(cu + i_n).to(tl.int64)
@@ -146,6 +161,12 @@ def _state_bwd_recurrence_kernel(
     m_kv = m_k[:, None] & m_v[None, :]
     o_S = o_k[:, None] * V + o_v[None, :]  # a [K, BV] tile of one [K, V] state
 
+    # the products' operands: the intermediates' own dtype with LOWP (bf16 tensor cores, float32
+    # sums; the state gradient rounded to it for its products, as the forward state pass does), else float32
+    if LOWP:
+        OP = kg.dtype.element_ty
+    else:
+        OP = tl.float32
     b_dS = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DSF:
         b_dS += tl.load(dS_final + (i_n * HV + i_hv) * K * V + o_S, mask=m_kv, other=0).to(tl.float32)
@@ -160,28 +181,28 @@ def _state_bwd_recurrence_kernel(
         p_S = ((c0 + i_t) * HV + i_hv) * K * V + o_S
         tl.store(dS_out + p_S, b_dS, mask=m_kv)
         # dv_tot = dv_new + kg dS
-        b_kg = tl.load(kg + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0).to(tl.float32)
-        b_dv = tl.dot(b_kg, b_dS, input_precision=PRECISION)  # [BT, BV]
+        b_kg = tl.load(kg + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0).to(OP)
+        b_dv = tl.dot(b_kg, b_dS.to(OP), input_precision=PRECISION)  # [BT, BV]
         if HAS_DVN:
             b_dv += tl.load(dv_new + ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], mask=m_tv,
                             other=0).to(tl.float32)
         if FUSED:  # the output stage's terms, from its inputs: dv_new = A_qk^T dO, dh = qg^T dO
             b_do = tl.load(do + ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], mask=m_tv,
-                           other=0).to(tl.float32)  # [BT, BV]
+                           other=0).to(OP)  # [BT, BV]
             b_A = tl.load(A_qk + ((t0 + o_t[:, None]) * HV + i_hv) * BT + o_t[None, :],
-                          mask=m_t[:, None] & m_t[None, :], other=0).to(tl.float32)  # [BT, BT]
+                          mask=m_t[:, None] & m_t[None, :], other=0).to(OP)  # [BT, BT]
             b_dv += tl.dot(tl.trans(b_A), b_do, input_precision=PRECISION)
         tl.store(dv_tot + ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], b_dv, mask=m_tv)
         # dS <- Diag(Gamma_C) dS + dh - W^T dv_tot
         t_last = tl.minimum(t0 + BT, eos) - 1
         b_Glast = tl.load(G + (t_last * HV + i_hv) * K + o_k, mask=m_k, other=0)  # [BK]
-        b_W = tl.load(W + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0).to(tl.float32)
-        b_dS = b_dS * tl.exp(b_Glast)[:, None] - tl.dot(tl.trans(b_W), b_dv, input_precision=PRECISION)
+        b_W = tl.load(W + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0).to(OP)
+        b_dS = b_dS * tl.exp(b_Glast)[:, None] - tl.dot(tl.trans(b_W), b_dv.to(OP), input_precision=PRECISION)
         if HAS_DH:
             b_dS += tl.load(dh + p_S, mask=m_kv, other=0).to(tl.float32)
         if FUSED:
             b_qg = tl.load(qg + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_tk,
-                           other=0).to(tl.float32)  # [BT, BK]
+                           other=0).to(OP)  # [BT, BK]
             b_dS += tl.dot(tl.trans(b_qg), b_do, input_precision=PRECISION)
 
     tl.store(dS0 + (i_n * HV + i_hv) * K * V + o_S, b_dS, mask=m_kv)
@@ -232,7 +253,9 @@ def state_passing_bwd_recurrence(
             meta.cu, meta.chunk_off,
             HV=HV, K=K, V=V, BT=chunk_size, BK=max(16, triton.next_power_of_2(K)), BV=BV,
             HAS_DH=dh is not None, HAS_DVN=dv_new is not None, FUSED=output is not None,
-            HAS_DSF=dS_final is not None, PRECISION=dot_precision(W.dtype), num_warps=launch["warps"], num_stages=1,
+            HAS_DSF=dS_final is not None, PRECISION=dot_precision(W.dtype),
+            LOWP=RECURRENCE_LOW_PRECISION_DOTS and W.dtype in (torch.bfloat16, torch.float16) and kg.dtype == W.dtype,
+            num_warps=launch["warps"], num_stages=1,
         )
     return dS_out, dv_tot, dS0
 
@@ -267,8 +290,13 @@ def _chunk_output_bwd_kernel(
     BV: tl.constexpr,
     PRECISION: tl.constexpr,
     STATE_GRADS: tl.constexpr,  # write dh and dv_new (else the recurrence computes them, output=)
+    NATIVE: tl.constexpr,  # dO, h, v_new share a 16-bit dtype: their products on it (exact, as tf32 of them)
 ):
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    if NATIVE:
+        OP = h.dtype.element_ty
+    else:
+        OP = tl.float32
     i_h = i_hv // (HV // H)
     bos, eos = _chunk_span(cu, chunk_seq, chunk_bos, i_c)
     o_t = tl.arange(0, BT)
@@ -290,13 +318,14 @@ def _chunk_output_bwd_kernel(
         m_tv = m_t[:, None] & m_v[None, :]
         p_tv = ((bos + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
         p_S = (i_c.to(tl.int64) * HV + i_hv) * K * V + o_k[:, None] * V + o_v[None, :]
-        b_do = tl.load(do + p_tv, mask=m_tv, other=0).to(tl.float32)  # [BT, BV]
-        b_S = tl.load(h + p_S, mask=m_k[:, None] & m_v[None, :], other=0).to(tl.float32)  # [BK, BV]
-        b_vn = tl.load(v_new + p_tv, mask=m_tv, other=0).to(tl.float32)  # [BT, BV]
+        b_do = tl.load(do + p_tv, mask=m_tv, other=0).to(OP)  # [BT, BV]
+        b_S = tl.load(h + p_S, mask=m_k[:, None] & m_v[None, :], other=0).to(OP)  # [BK, BV]
+        b_vn = tl.load(v_new + p_tv, mask=m_tv, other=0).to(OP)  # [BT, BV]
         if STATE_GRADS:
-            tl.store(dh + p_S, tl.dot(tl.trans(b_qg), b_do, input_precision=PRECISION),
+            b_do32 = b_do.to(tl.float32)
+            tl.store(dh + p_S, tl.dot(tl.trans(b_qg), b_do32, input_precision=PRECISION),
                      mask=m_k[:, None] & m_v[None, :])
-            tl.store(dv_new + p_tv, tl.dot(tl.trans(b_A), b_do, input_precision=PRECISION), mask=m_tv)
+            tl.store(dv_new + p_tv, tl.dot(tl.trans(b_A), b_do32, input_precision=PRECISION), mask=m_tv)
         b_dqg += tl.dot(b_do, tl.trans(b_S), input_precision=PRECISION)
         b_dA += tl.dot(b_do, tl.trans(b_vn), input_precision=PRECISION)
     tl.store(dq + p_tk, b_dqg * b_gamma * scale, mask=m_tk)
@@ -342,7 +371,7 @@ def chunk_output_bwd(
             meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale),
             H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=max(16, triton.next_power_of_2(K)),
             BV=_tile(V, BWD_LAUNCH["output"]["BV"]), PRECISION=dot_precision(q.dtype), STATE_GRADS=state_grads,
-            num_warps=BWD_LAUNCH["output"]["warps"], num_stages=1,
+            NATIVE=_native(do, h, v_new), num_warps=BWD_LAUNCH["output"]["warps"], num_stages=1,
         )
     return _per_key_head(dq, H, per_value_head), dh, dv_new, dG, dA
 
@@ -372,8 +401,13 @@ def _state_bwd_chunk_kernel(
     BV: tl.constexpr,
     PRECISION: tl.constexpr,
     ACC: tl.constexpr,  # add dG into what the tensor holds
+    NATIVE: tl.constexpr,  # h, v_new, dS_out, dv_tot share a 16-bit dtype: their products on it
 ):
     i_c, i_hv, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # channels are independent here
+    if NATIVE:
+        OP = h.dtype.element_ty
+    else:
+        OP = tl.float32
     bos, eos = _chunk_span(cu, chunk_seq, chunk_bos, i_c)
     o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
@@ -392,13 +426,13 @@ def _state_bwd_chunk_kernel(
         m_kv = m_k[:, None] & m_v[None, :]
         p_tv = ((bos + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
         p_S = (i_c.to(tl.int64) * HV + i_hv) * K * V + o_k[:, None] * V + o_v[None, :]
-        b_S = tl.load(h + p_S, mask=m_kv, other=0).to(tl.float32)  # [BK, BV]
-        b_dS = tl.load(dS_out + p_S, mask=m_kv, other=0).to(tl.float32)
-        b_vn = tl.load(v_new + p_tv, mask=m_tv, other=0).to(tl.float32)  # [BT, BV]
-        b_dv = tl.load(dv_tot + p_tv, mask=m_tv, other=0).to(tl.float32)
+        b_S = tl.load(h + p_S, mask=m_kv, other=0).to(OP)  # [BK, BV]
+        b_dS = tl.load(dS_out + p_S, mask=m_kv, other=0).to(OP)
+        b_vn = tl.load(v_new + p_tv, mask=m_tv, other=0).to(OP)  # [BT, BV]
+        b_dv = tl.load(dv_tot + p_tv, mask=m_tv, other=0).to(OP)
         b_dkg += tl.dot(b_vn, tl.trans(b_dS), input_precision=PRECISION)
         b_dW -= tl.dot(b_dv, tl.trans(b_S), input_precision=PRECISION)
-        b_ddecay += tl.sum(b_dS * b_S, axis=1)
+        b_ddecay += tl.sum(b_dS.to(tl.float32) * b_S.to(tl.float32), axis=1)
     r_last = tl.minimum(BT, eos - bos) - 1  # the chunk's last real row
     b_Glast = tl.load(G + ((bos + r_last) * HV + i_hv) * K + o_k, mask=m_k, other=0)  # [BK]
     b_G = tl.load(G + p_tk, mask=m_tk, other=0)
@@ -484,7 +518,8 @@ def state_passing_bwd_chunks(
             kg.contiguous(), G.contiguous(), h.contiguous(), v_new.contiguous(), dS_out, dv_tot, dk, dW, dG,
             meta.cu, meta.chunk_seq, meta.chunk_bos,
             HV=HV, K=K, V=V, BT=chunk_size, BK=BK, BV=_tile(V, launch["BV"]),
-            PRECISION=dot_precision(kg.dtype), ACC=dG_acc is not None, num_warps=launch["warps"], num_stages=1,
+            PRECISION=dot_precision(kg.dtype), ACC=dG_acc is not None, NATIVE=_native(h, v_new, dS_out, dv_tot),
+            num_warps=launch["warps"], num_stages=1,
         )
     return _per_key_head(dk, H, per_value_head), dW, dG
 
