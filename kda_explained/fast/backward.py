@@ -78,6 +78,7 @@ import triton.language as tl
 from ._grad import accumulator as _accumulator, chunk_span as _chunk_span, per_key_head as _per_key_head
 from ._meta import SeqMeta, dot_precision, seq_meta
 from .backward_intra import intra_chunk_matrices_bwd
+from .state import state_value_tile
 
 __all__ = ["BWD_LAUNCH", "kda_backward", "core_backward", "chunk_local_cumsum_bwd", "intra_chunk_matrices_bwd_by_columns",
            "ut_transform_bwd", "wy_representation_bwd", "state_passing_bwd_recurrence", "state_passing_bwd",
@@ -90,7 +91,7 @@ __all__ = ["BWD_LAUNCH", "kda_backward", "core_backward", "chunk_local_cumsum_bw
 #: ``results/bwd_sweep.json``): each the fastest of 2-8 shapes, ms before -> after.
 BWD_LAUNCH = {
     "output": dict(BV=64, warps=8),  # 1.48 -> 1.36
-    "recurrence": dict(BV=32, warps=4),  # 1.37 -> 0.94
+    "recurrence": dict(BV=64, warps=4),  # 1.37 -> 0.94 (BV 32); fused, bf16 products: 0.74 -> 0.50 (BV 64, at most)
     "state_chunks": dict(BK=64, BV=64, warps=4),  # 1.41 -> 1.17
     "wy": dict(BK=64, BV=64, warps=4),  # 1.30 -> 1.11
     "ut": dict(warps=4),  # 0.44 -> 0.22
@@ -244,7 +245,8 @@ def state_passing_bwd_recurrence(
     dS0 = torch.empty(meta.N, HV, K, V, dtype=torch.float32, device=kg.device)
     qg, A_qk, do = (x.contiguous() for x in output) if output is not None else (kg, kg, dv_tot)
     launch = BWD_LAUNCH["recurrence"]
-    BV = _tile(V, launch["BV"])
+    # as the forward state pass: the widest value tile, halved while that leaves SMs without a program
+    BV = min(_tile(V, launch["BV"]), state_value_tile(meta.N * HV, V, kg.device))
     if meta.N > 0:
         _state_bwd_recurrence_kernel[(triton.cdiv(V, BV), meta.N, HV)](
             kg.contiguous(), W.contiguous(), G.contiguous(),

@@ -340,7 +340,10 @@ def chunk_kda(
         o, S, h, _ = chunk_kda_fwd(q, k, v, g, beta, initial_state=initial_state, A_log=A_log, dt_bias=dt_bias,
                                    float32_chunk_states=True, **opts)
         return o, (S if output_final_state else None), h
-    if needs_grad and TRITON_BACKWARD and TRITON_OPTIONS_BACKWARD:
+    # the options' own backward only where an option is on: without one the core's Function keeps G
+    # in place of g and writes its gradients in the inputs' dtype
+    with_options = use_qk_l2norm_in_kernel or use_gate_in_kernel or use_beta_sigmoid_in_kernel
+    if needs_grad and TRITON_BACKWARD and TRITON_OPTIONS_BACKWARD and with_options:
         o, S = _ChunkKDATritonOptionsFunction.apply(q, k, v, g, beta, A_log, dt_bias, initial_state, opts)
     elif needs_grad and TRITON_BACKWARD:
         o, S = _chunk_kda_triton_backward(q, k, v, g, beta, A_log, dt_bias, initial_state, opts)

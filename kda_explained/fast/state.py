@@ -118,7 +118,7 @@ def _state_passing_kernel(
     tl.store(ht + (i_n * HV + i_hv) * K * V + o_S, b_S, mask=m_kv)
 
 
-def _state_bv(sequences_x_heads: int, V: int, device) -> int:
+def state_value_tile(sequences_x_heads: int, V: int, device) -> int:
     """64 value columns per program, halved (down to 16) while that leaves SMs without a program."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     BV = min(64, max(16, triton.next_power_of_2(V)))
@@ -154,7 +154,7 @@ def state_passing(
     h = torch.empty(meta.NC, *state_shape, dtype=h_dtype or torch.float32, device=kg.device)
     ht = torch.empty(meta.N, *state_shape, dtype=torch.float32, device=kg.device)
     v_new = torch.empty(B, T, HV, V, dtype=W.dtype, device=kg.device)
-    BV = STATE_BV or _state_bv(meta.N * HV, V, kg.device)
+    BV = STATE_BV or state_value_tile(meta.N * HV, V, kg.device)
     if meta.N > 0:
         _state_passing_kernel[(triton.cdiv(V, BV), meta.N, HV)](
             kg.contiguous(), W.contiguous(), U.contiguous(), G.contiguous(),
