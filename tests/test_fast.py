@@ -336,6 +336,33 @@ def test_stage_wy_representation_bwd(p, C):
 @pin(*AWKWARD)
 @few
 @given(p=problems, C=chunk_16)
+def test_stage_state_wy_bwd(p, C):
+    """The state stage's per-chunk backward and the WY backward in one kernel == the chunked
+    state_passing_bwd (its dk, dW, dU) followed by wy_representation_bwd, terms summed."""
+    from kda_explained.chunked.backward_inter import state_passing_bwd, state_passing_bwd_recurrence
+    from kda_explained.chunked.backward_inter import wy_representation_bwd
+    from kda_explained.fast.backward import state_wy_bwd
+
+    r = reference_stages(p, C)
+    gen = torch.Generator().manual_seed(7)
+
+    def rand(x):
+        return torch.randn(x.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+
+    dh, dv_new, dS_final = rand(r.h), rand(r.v_new), rand(r.S)
+    dS_out, dv_tot, _ = state_passing_bwd_recurrence(r.kg, r.W, r.G, r.h, dh, dv_new, dS_final, C, r.cu)
+    dk1, dW, dU, dG1, _ = state_passing_bwd(r.k, r.W, r.U, r.G, r.S0, r.h, r.v_new, dh, dv_new, dS_final, C, r.cu)
+    dk2, dv, dG2, dbeta, dM = wy_representation_bwd(r.k, r.v, r.G, r.beta, r.M, dW, dU, C, r.cu)
+    dG0 = rand(r.G)  # what earlier stages put into the accumulator
+    ours = state_wy_bwd(f32(r.k), f32(r.v), f32(r.G), f32(r.beta), f32(r.M), f32(r.h), f32(r.v_new), f32(dS_out),
+                        f32(dv_tot), C, r.cu, dG_acc=f32(dG0).clone())
+    for name, a, b in zip(("dk", "dv", "dG", "dbeta", "dM"), ours, (dk1 + dk2, dv, dG0 + dG1 + dG2, dbeta, dM)):
+        assert_close(a, b, F32, name)
+
+
+@pin(*AWKWARD)
+@few
+@given(p=problems, C=chunk_16)
 def test_stage_ut_transform_bwd(p, C):
     """The UT transform's backward kernel (issue 5) == chunked.ut_transform_bwd."""
     from kda_explained.chunked.backward_intra import ut_transform_bwd as reference_bwd
@@ -404,6 +431,15 @@ def test_kda_backward_composition(p, C, kept):
             assert a is None, name
             continue
         assert_close(a, b, F32, name)
+
+
+@pytest.mark.parametrize("p, C", AWKWARD[1:3])
+def test_kda_backward_composition_state_wy_unfused(p, C, monkeypatch):
+    """The composition with the state per-chunk and WY backward as two kernels (STATE_WY_FUSED = False)."""
+    from kda_explained.fast import backward as fb
+
+    monkeypatch.setattr(fb, "STATE_WY_FUSED", False)
+    test_kda_backward_composition(p, C, kept=True)
 
 
 @pytest.mark.parametrize("p, C", AWKWARD[:3])

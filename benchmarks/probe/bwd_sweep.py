@@ -40,6 +40,7 @@ CANDIDATES = {
     "recurrence": [dict(BV=bv, warps=w) for bv, w in itertools.product((16, 32, 64), (4, 8))],
     "state_chunks": [dict(BK=bk, BV=bv, warps=w) for bk, bv, w in itertools.product((32, 64), (32, 64), (4, 8))],
     "wy": [dict(BK=bk, BV=bv, warps=w) for bk, bv, w in itertools.product((32, 64), (32, 64), (4, 8))],
+    "state_wy": [dict(BK=bk, BV=bv, warps=w) for bk, bv, w in itertools.product((32, 64), (32, 64), (4, 8))],
     "ut": [dict(warps=w) for w in (4, 8)],
     "intra": [(32, 4, 1), (32, 8, 1), (32, 2, 1), (64, 8, 1), (64, 4, 1)],
 }
@@ -76,6 +77,7 @@ def main() -> None:
         "state_chunks": lambda: fb.state_passing_bwd_chunks(f.kg, G, h, v_new, dS_out, dv_tot, C, None,
                                                             dW_dtype=f.W.dtype, meta=meta),
         "wy": lambda: fb.wy_representation_bwd(k, v, G, beta32, f.M, dW, dv_tot, C, None, meta=meta),
+        "state_wy": lambda: fb.state_wy_bwd(k, v, G, beta32, f.M, h, v_new, dS_out, dv_tot, C, None, meta=meta),
         "ut": lambda: fb.ut_transform_bwd(f.M, dM, C, None, meta=meta),
         "intra": lambda: fbi.intra_chunk_matrices_bwd(q, k, G, beta32, scale, dA_kk, dA_qk, C, None, meta=meta),
         # last: one of its shapes once lost the CUDA context (docs: the kernel page), which ends the sweep

@@ -81,7 +81,7 @@ from .backward_intra import intra_chunk_matrices_bwd
 from .state import state_value_tile
 
 __all__ = ["BWD_LAUNCH", "kda_backward", "core_backward", "chunk_local_cumsum_bwd", "intra_chunk_matrices_bwd_by_columns",
-           "ut_transform_bwd", "wy_representation_bwd", "state_passing_bwd_recurrence", "state_passing_bwd",
+           "ut_transform_bwd", "wy_representation_bwd", "state_wy_bwd", "state_passing_bwd_recurrence", "state_passing_bwd",
            "state_passing_bwd_chunks", "chunk_output_bwd"]
 
 #: The launch shape of each backward kernel, the widest tile of ``K`` (``BK``) and of ``V`` (``BV``)
@@ -95,8 +95,13 @@ BWD_LAUNCH = {
     "state_chunks": dict(BK=64, BV=64, warps=4),  # 1.41 -> 1.17
     "wy": dict(BK=64, BV=64, warps=4),  # 1.30 -> 1.11
     "ut": dict(warps=4),  # 0.44 -> 0.22
+    "state_wy": dict(BK=64, BV=64, warps=8),  # state per-chunk + WY in one kernel (not yet swept)
 }
 
+
+#: The state stage's per-chunk backward and the WY backward as one kernel (:func:`state_wy_bwd`);
+#: ``False``: two (:func:`state_passing_bwd_chunks`, then :func:`wy_representation_bwd`).
+STATE_WY_FUSED = True
 
 #: The state recurrence's products on bf16/fp16 operands (the intermediates' dtype; the state
 #: gradient rounded to it for its products, float32 sums), as the forward state pass
@@ -644,6 +649,163 @@ def wy_representation_bwd(
 
 
 @triton.jit
+def _state_wy_bwd_kernel(
+    # pointers
+    k,  # [TT, H, K]
+    v,  # [TT, HV, V]
+    G,  # [TT, HV, K] float32
+    beta,  # [TT, HV]
+    M,  # [TT, HV, BT]
+    h,  # [NC, HV, K, V] states entering each chunk
+    v_new,  # [TT, HV, V]
+    dS_out,  # [NC, HV, K, V] from the recurrence
+    dv_tot,  # [TT, HV, V] from the recurrence: the gradient of v_new's U, so of U (dU)
+    dk,  # [TT, HV, K] float32 out, per value head
+    dv,  # [TT, HV, V] out (float32 or the gradient's dtype)
+    dG,  # [TT, HV, K] float32 out (ACC: also in)
+    dbeta,  # [TT, HV] float32 out
+    dM,  # [TT, HV, BT] float32 out
+    cu,
+    chunk_seq,
+    chunk_bos,
+    # sizes
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    # meta-parameters
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ACC: tl.constexpr,  # add dG into what the tensor holds
+    NATIVE: tl.constexpr,  # h, v_new, dS_out, dv_tot share a 16-bit dtype: their products on it
+):
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_h = i_hv // (HV // H)
+    if NATIVE:
+        OP = h.dtype.element_ty
+    else:
+        OP = tl.float32
+    bos, eos = _chunk_span(cu, chunk_seq, chunk_bos, i_c)
+    o_t = tl.arange(0, BT)
+    m_t = bos + o_t < eos
+    m_tt = m_t[:, None] & m_t[None, :]
+    p_tt = ((bos + o_t[:, None]) * HV + i_hv) * BT + o_t[None, :]
+    r_last = tl.minimum(BT, eos - bos) - 1  # the chunk's last real row
+    b_M = tl.load(M + p_tt, mask=m_tt, other=0).to(tl.float32)  # [BT, BT]
+    b_beta = tl.load(beta + (bos + o_t) * HV + i_hv, mask=m_t, other=0).to(tl.float32)  # [BT]
+    b_dM = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dbeta = tl.zeros([BT], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_kv_k = m_k[:, None]
+        p_tk = ((bos + o_t[:, None]) * HV + i_hv) * K + o_k[None, :]
+        b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tk, other=0).to(tl.float32)
+        b_G = tl.load(G + p_tk, mask=m_tk, other=0)
+        b_Glast = tl.load(G + ((bos + r_last) * HV + i_hv) * K + o_k, mask=m_k, other=0)  # [BK]
+        # ---- the state stage, this K tile: dkg = v_new dS^T, dW = -dU S^T, d_decay = sum_V(dS * S)
+        b_dkg = tl.zeros([BT, BK], dtype=tl.float32)
+        b_dW = tl.zeros([BT, BK], dtype=tl.float32)
+        b_ddecay = tl.zeros([BK], dtype=tl.float32)
+        for i_v in range(0, tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_tv = m_t[:, None] & (o_v < V)[None, :]
+            m_kv = m_kv_k & (o_v < V)[None, :]
+            p_tv = ((bos + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
+            p_S = (i_c.to(tl.int64) * HV + i_hv) * K * V + o_k[:, None] * V + o_v[None, :]
+            b_S = tl.load(h + p_S, mask=m_kv, other=0).to(OP)  # [BK, BV]
+            b_dS = tl.load(dS_out + p_S, mask=m_kv, other=0).to(OP)
+            b_vn = tl.load(v_new + p_tv, mask=m_tv, other=0).to(OP)  # [BT, BV]
+            b_dU = tl.load(dv_tot + p_tv, mask=m_tv, other=0).to(OP)
+            b_dkg += tl.dot(b_vn, tl.trans(b_dS), input_precision=PRECISION)
+            b_dW -= tl.dot(b_dU, tl.trans(b_S), input_precision=PRECISION)
+            b_ddecay += tl.sum(b_dS.to(tl.float32) * b_S.to(tl.float32), axis=1)
+        b_decay = tl.where(m_tk, tl.exp(tl.minimum(b_Glast[None, :] - b_G, 0.0)), 0.0)  # kg = k exp(G_last - G)
+        b_ratio = b_dkg * b_k * b_decay  # d kg / d(G_last - G) = kg
+        b_dk = b_dkg * b_decay
+        b_dG = tl.where(o_t[:, None] == r_last, (tl.sum(b_ratio, axis=0) + tl.exp(b_Glast) * b_ddecay)[None, :],
+                        0.0) - b_ratio
+        # ---- the WY factors, this K tile: W = M kb, kb = beta exp(G) k
+        b_gk = tl.where(m_tk, tl.exp(b_G), 0.0) * b_k  # exp(G) k
+        b_kb = b_beta[:, None] * b_gk
+        b_dM += tl.dot(b_dW, tl.trans(b_kb), input_precision=PRECISION)
+        b_dkb = tl.dot(tl.trans(b_M), b_dW, input_precision=PRECISION)  # [BT, BK]
+        b_dk += b_dkb * b_beta[:, None] * tl.where(m_tk, tl.exp(b_G), 0.0)
+        b_dG += b_dkb * b_kb
+        if ACC:
+            b_dG += tl.load(dG + p_tk, mask=m_tk, other=0)
+        tl.store(dk + p_tk, b_dk, mask=m_tk)
+        tl.store(dG + p_tk, b_dG, mask=m_tk)
+        b_dbeta += tl.sum(b_dkb * b_gk, axis=1)
+    # ---- the WY factors' U = M Diag(beta) V
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        p_tv = ((bos + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
+        b_v = tl.load(v + p_tv, mask=m_tv, other=0).to(tl.float32)
+        b_dU = tl.load(dv_tot + p_tv, mask=m_tv, other=0).to(tl.float32)
+        b_dM += tl.dot(b_dU, tl.trans(b_beta[:, None] * b_v), input_precision=PRECISION)
+        b_dvb = tl.dot(tl.trans(b_M), b_dU, input_precision=PRECISION)  # [BT, BV]
+        tl.store(dv + p_tv, (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
+        b_dbeta += tl.sum(b_dvb * b_v, axis=1)
+    tl.store(dM + p_tt, b_dM, mask=m_t[:, None])
+    tl.store(dbeta + (bos + o_t) * HV + i_hv, b_dbeta, mask=m_t)
+
+
+def state_wy_bwd(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    G: torch.Tensor,
+    beta: torch.Tensor,
+    M: torch.Tensor,
+    h: torch.Tensor,
+    v_new: torch.Tensor,
+    dS_out: torch.Tensor,
+    dv_tot: torch.Tensor,
+    chunk_size: int,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    *,
+    dG_acc: Optional[torch.Tensor] = None,
+    per_value_head: bool = False,
+    dv_dtype: torch.dtype = torch.float32,
+    meta: Optional[SeqMeta] = None,
+):
+    """The state stage's per-chunk backward and the WY factors' backward in one kernel:
+    ``(dk [B, T, H, K], dv, dG, dbeta, dM)``, as :func:`state_passing_bwd_chunks` followed by
+    :func:`wy_representation_bwd` with ``dW`` and ``dU = dv_tot`` (which it is).
+
+    One program per chunk and value head; for each tile of ``K`` it forms the state stage's
+    ``dkg``, ``dW`` and ``d_decay`` over the tiles of ``V`` and hands ``dW`` to the WY backward
+    in registers, so ``dW`` and the partial ``dk``, ``dG`` never go through memory (``kg`` is
+    formed from ``k`` and ``G``). ``dG_acc``: a float32 ``[B, T, HV, K]`` that ``dG`` is added
+    into; ``dk`` is new (this is its first stage); ``dv`` in ``dv_dtype``.
+    """
+    B, T, H, K = k.shape
+    HV, V = v.shape[2], v.shape[3]
+    meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, k.device)
+    f32 = dict(dtype=torch.float32, device=k.device)
+    dk = torch.empty(B, T, HV, K, **f32)
+    dG = _accumulator(dG_acc, k, (B, T, HV, K))
+    dv = torch.empty(B, T, HV, V, dtype=dv_dtype, device=k.device)
+    dbeta = torch.empty(B, T, HV, **f32)
+    dM = torch.empty(B, T, HV, chunk_size, **f32)
+    if meta.NC > 0:
+        launch = BWD_LAUNCH["state_wy"]
+        _state_wy_bwd_kernel[(meta.NC, HV)](
+            k.contiguous(), v.contiguous(), G.contiguous(), beta.contiguous(), M.contiguous(), h.contiguous(),
+            v_new.contiguous(), dS_out.contiguous(), dv_tot.contiguous(), dk, dv, dG, dbeta, dM,
+            meta.cu, meta.chunk_seq, meta.chunk_bos,
+            H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=_tile(K, launch["BK"]), BV=_tile(V, launch["BV"]),
+            PRECISION=dot_precision(k.dtype), ACC=dG_acc is not None, NATIVE=_native(h, v_new, dS_out, dv_tot),
+            num_warps=launch["warps"], num_stages=1,
+        )
+    return _per_key_head(dk, H, per_value_head), dv, dG, dbeta, dM
+
+
+@triton.jit
 def _ut_bwd_kernel(
     # pointers
     M,  # [TT, HV, BT]
@@ -941,16 +1103,22 @@ def core_backward(
     # outputs dS_out, dU (= dv_tot) in the intermediate dtype, as fla keeps its dh
     dS_out, dU, dS0 = state_passing_bwd_recurrence(kg, W, G, h, None, None, dS_final, C, cu_seqlens,
                                                    output=(qg, A_qk, do), grad_dtype=W.dtype, meta=meta)
-    del A_qk, qg
-    dk, dW, _ = state_passing_bwd_chunks(kg, G, h, v_new, dS_out, dU, C, cu_seqlens, H=H, dG_acc=dG,
-                                         per_value_head=True, dW_dtype=W.dtype, meta=meta)  # 5.
-    del dS_out, h, v_new, kg, W
+    del A_qk, qg, W
     if initial_state is None:
         dS0 = None
-    _, dv, _, dbeta, dM = wy_representation_bwd(k, v, G, beta32, M, dW, dU, C, cu_seqlens, dk_acc=dk, dG_acc=dG,
-                                                per_value_head=True, dv_dtype=out_dtype or torch.float32,
-                                                meta=meta)  # 4.
-    del dW, dU
+    if STATE_WY_FUSED:  # 5. (per chunk) and 4. in one kernel: dW, the partial dk and dG stay in registers
+        del kg  # formed again from k and G inside
+        dk, dv, _, dbeta, dM = state_wy_bwd(k, v, G, beta32, M, h, v_new, dS_out, dU, C, cu_seqlens, dG_acc=dG,
+                                            per_value_head=True, dv_dtype=out_dtype or torch.float32, meta=meta)
+        del dS_out, h, v_new, dU
+    else:
+        dk, dW, _ = state_passing_bwd_chunks(kg, G, h, v_new, dS_out, dU, C, cu_seqlens, H=H, dG_acc=dG,
+                                             per_value_head=True, dW_dtype=dS_out.dtype, meta=meta)  # 5.
+        del dS_out, h, v_new, kg
+        _, dv, _, dbeta, dM = wy_representation_bwd(k, v, G, beta32, M, dW, dU, C, cu_seqlens, dk_acc=dk,
+                                                    dG_acc=dG, per_value_head=True,
+                                                    dv_dtype=out_dtype or torch.float32, meta=meta)  # 4.
+        del dW, dU
     dA_kk = ut_transform_bwd(M, dM, C, cu_seqlens, meta=meta)  # 3.
     dq, dk, _, dbeta2 = intra_chunk_matrices_bwd(q, k, G, beta32, scale, dA_kk, dA_qk, C, cu_seqlens, dq_acc=dq,
                                                  dk_acc=dk, dG_acc=dG, per_value_head=True,
