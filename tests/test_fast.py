@@ -338,9 +338,10 @@ def test_stage_wy_representation_bwd(p, C):
 @given(p=problems, C=chunk_16)
 def test_stage_state_wy_bwd(p, C):
     """The state stage's per-chunk backward and the WY backward in one kernel == the chunked
-    state_passing_bwd (its dk, dW, dU) followed by wy_representation_bwd, terms summed."""
-    from kda_explained.chunked.backward_inter import state_passing_bwd, state_passing_bwd_recurrence
-    from kda_explained.chunked.backward_inter import wy_representation_bwd
+    state_passing_bwd (its dk, dW, dU) followed by wy_representation_bwd, terms summed; with
+    ``output=``, plus the output stage's backward."""
+    from kda_explained.chunked.backward_inter import chunk_output_bwd, state_passing_bwd
+    from kda_explained.chunked.backward_inter import state_passing_bwd_recurrence, wy_representation_bwd
     from kda_explained.fast.backward import state_wy_bwd
 
     r = reference_stages(p, C)
@@ -354,9 +355,18 @@ def test_stage_state_wy_bwd(p, C):
     dk1, dW, dU, dG1, _ = state_passing_bwd(r.k, r.W, r.U, r.G, r.S0, r.h, r.v_new, dh, dv_new, dS_final, C, r.cu)
     dk2, dv, dG2, dbeta, dM = wy_representation_bwd(r.k, r.v, r.G, r.beta, r.M, dW, dU, C, r.cu)
     dG0 = rand(r.G)  # what earlier stages put into the accumulator
-    ours = state_wy_bwd(f32(r.k), f32(r.v), f32(r.G), f32(r.beta), f32(r.M), f32(r.h), f32(r.v_new), f32(dS_out),
-                        f32(dv_tot), C, r.cu, dG_acc=f32(dG0).clone())
+    args = (f32(r.k), f32(r.v), f32(r.G), f32(r.beta), f32(r.M), f32(r.h), f32(r.v_new), f32(dS_out), f32(dv_tot), C,
+            r.cu)
+    ours = state_wy_bwd(*args, dG_acc=f32(dG0).clone())
+    assert ours[5] is None and ours[6] is None
     for name, a, b in zip(("dk", "dv", "dG", "dbeta", "dM"), ours, (dk1 + dk2, dv, dG0 + dG1 + dG2, dbeta, dM)):
+        assert_close(a, b, F32, name)
+    # with the output stage's backward too (its dq, dA_qk and dG terms)
+    do = rand(r.o)
+    dq3, _, _, dG3, dA3 = chunk_output_bwd(r.q, r.h, r.v_new, r.G, r.A_qk, r.scale, do, C, r.cu)
+    ours = state_wy_bwd(*args, output=(f32(r.q), f32(do), r.scale))
+    for name, a, b in zip(("dk", "dv", "dG", "dbeta", "dM", "dq", "dA_qk"), ours,
+                          (dk1 + dk2, dv, dG1 + dG2 + dG3, dbeta, dM, dq3, dA3)):
         assert_close(a, b, F32, name)
 
 

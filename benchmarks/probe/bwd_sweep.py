@@ -55,6 +55,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results"))
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes under the Triton interpreter")
+    ap.add_argument("--stages", default=None, help="only these stages, comma-separated (default: all)")
     args = ap.parse_args()
     B, T, H, D = (1, 80, 2, 32) if args.cpu_smoke else (8, 4096, 16, 128)
     dev, C, scale = ("cpu" if args.cpu_smoke else "cuda"), 64, D ** -0.5
@@ -77,7 +78,8 @@ def main() -> None:
         "state_chunks": lambda: fb.state_passing_bwd_chunks(f.kg, G, h, v_new, dS_out, dv_tot, C, None,
                                                             dW_dtype=f.W.dtype, meta=meta),
         "wy": lambda: fb.wy_representation_bwd(k, v, G, beta32, f.M, dW, dv_tot, C, None, meta=meta),
-        "state_wy": lambda: fb.state_wy_bwd(k, v, G, beta32, f.M, h, v_new, dS_out, dv_tot, C, None, meta=meta),
+        "state_wy": lambda: fb.state_wy_bwd(k, v, G, beta32, f.M, h, v_new, dS_out, dv_tot, C, None,
+                                            output=(q, do, scale), meta=meta),
         "ut": lambda: fb.ut_transform_bwd(f.M, dM, C, None, meta=meta),
         "intra": lambda: fbi.intra_chunk_matrices_bwd(q, k, G, beta32, scale, dA_kk, dA_qk, C, None, meta=meta),
         # last: one of its shapes once lost the CUDA context (docs: the kernel page), which ends the sweep
@@ -106,6 +108,8 @@ def main() -> None:
 
     results = {"device": "cpu (interpreter)" if args.cpu_smoke else torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M"),
                "shape": [B, T, H, D], "current": {s: get(s) for s in stages}, "stages": {}}
+    if args.stages:
+        stages = {name: fn for name, fn in stages.items() if name in args.stages.split(",")}
     best = {}
     for stage, fn in stages.items():
         current = get(stage)

@@ -92,10 +92,10 @@ __all__ = ["BWD_LAUNCH", "kda_backward", "core_backward", "chunk_local_cumsum_bw
 BWD_LAUNCH = {
     "output": dict(BV=64, warps=8),  # 1.48 -> 1.36
     "recurrence": dict(BV=64, warps=4),  # 1.37 -> 0.94 (BV 32); fused, bf16 products: 0.74 -> 0.50 (BV 64, at most)
-    "state_chunks": dict(BK=64, BV=64, warps=4),  # 1.41 -> 1.17
+    "state_chunks": dict(BK=64, BV=64, warps=4),  # 1.41 -> 1.17 (bf16 products: 0.84)
     "wy": dict(BK=64, BV=64, warps=4),  # 1.30 -> 1.11
     "ut": dict(warps=4),  # 0.44 -> 0.22
-    "state_wy": dict(BK=64, BV=64, warps=8),  # state per-chunk + WY in one kernel (not yet swept)
+    "state_wy": dict(BK=32, BV=64, warps=4),  # state per-chunk + WY in one kernel: 1.65 -> 1.40 (two kernels: 1.95)
 }
 
 
@@ -315,8 +315,9 @@ def _chunk_output_bwd_kernel(
     b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tk, other=0).to(tl.float32)
     b_gamma = tl.where(m_tk, tl.exp(tl.load(G + p_tk, mask=m_tk, other=0)), 0.0)  # exp(<= 0)
     b_qg = b_q * b_gamma * scale  # [BT, BK]
-    b_A = tl.load(A_qk + ((bos + o_t[:, None]) * HV + i_hv) * BT + o_t[None, :], mask=m_t[:, None] & m_t[None, :],
-                  other=0).to(tl.float32)  # [BT, BT]
+    if STATE_GRADS:
+        b_A = tl.load(A_qk + ((bos + o_t[:, None]) * HV + i_hv) * BT + o_t[None, :],
+                      mask=m_t[:, None] & m_t[None, :], other=0).to(tl.float32)  # [BT, BT]
     b_dqg = tl.zeros([BT, BK], dtype=tl.float32)
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
@@ -345,7 +346,7 @@ def chunk_output_bwd(
     h: torch.Tensor,
     v_new: torch.Tensor,
     G: torch.Tensor,
-    A_qk: torch.Tensor,
+    A_qk: Optional[torch.Tensor],
     scale: float,
     do: torch.Tensor,
     chunk_size: int,
@@ -359,8 +360,11 @@ def chunk_output_bwd(
     ``dA_qk: [B, T, HV, C]``, all float32; arguments as
     :func:`kda_explained.chunked.backward_inter.chunk_output_bwd` (``per_value_head``: ``dq`` as
     ``[B, T, HV, K]``, not yet summed over GVA groups). ``state_grads=False``: ``dh`` and
-    ``dv_new`` are ``None``, left to :func:`state_passing_bwd_recurrence` (its ``output=``).
+    ``dv_new`` are ``None``, left to :func:`state_passing_bwd_recurrence` (its ``output=``), and
+    ``A_qk`` (only they read it) may be ``None``.
     """
+    if A_qk is None and state_grads:
+        raise ValueError("chunk_output_bwd: A_qk is needed for dh and dv_new (state_grads=True)")
     B, T, H, K = q.shape
     HV, V = v_new.shape[2], v_new.shape[3]
     meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, q.device)
@@ -373,7 +377,8 @@ def chunk_output_bwd(
     dA = torch.empty(B, T, HV, chunk_size, **f32)
     if meta.NC > 0:
         _chunk_output_bwd_kernel[(meta.NC, HV)](
-            q.contiguous(), G.contiguous(), h.contiguous(), v_new.contiguous(), A_qk.contiguous(), do.contiguous(),
+            q.contiguous(), G.contiguous(), h.contiguous(), v_new.contiguous(),
+            A_qk.contiguous() if A_qk is not None else do, do.contiguous(),
             dq, dG, dh if state_grads else dA, dv_new if state_grads else dA, dA,
             meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale),
             H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=max(16, triton.next_power_of_2(K)),
@@ -660,6 +665,10 @@ def _state_wy_bwd_kernel(
     v_new,  # [TT, HV, V]
     dS_out,  # [NC, HV, K, V] from the recurrence
     dv_tot,  # [TT, HV, V] from the recurrence: the gradient of v_new's U, so of U (dU)
+    q,  # [TT, H, K] (OUTPUT)
+    do,  # [TT, HV, V] gradient of the output (OUTPUT)
+    dq,  # [TT, HV, K] float32 out, per value head (OUTPUT)
+    dA,  # [TT, HV, BT] float32 out: dO v_new^T, the whole chunk row (OUTPUT)
     dk,  # [TT, HV, K] float32 out, per value head
     dv,  # [TT, HV, V] out (float32 or the gradient's dtype)
     dG,  # [TT, HV, K] float32 out (ACC: also in)
@@ -668,6 +677,8 @@ def _state_wy_bwd_kernel(
     cu,
     chunk_seq,
     chunk_bos,
+    # scalars
+    scale,
     # sizes
     H: tl.constexpr,
     HV: tl.constexpr,
@@ -679,7 +690,8 @@ def _state_wy_bwd_kernel(
     BV: tl.constexpr,
     PRECISION: tl.constexpr,
     ACC: tl.constexpr,  # add dG into what the tensor holds
-    NATIVE: tl.constexpr,  # h, v_new, dS_out, dv_tot share a 16-bit dtype: their products on it
+    NATIVE: tl.constexpr,  # h, v_new, dS_out, dv_tot (and dO) share a 16-bit dtype: their products on it
+    OUTPUT: tl.constexpr,  # the output stage's backward too (dq, dA and its dG terms)
 ):
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_h = i_hv // (HV // H)
@@ -710,6 +722,7 @@ def _state_wy_bwd_kernel(
         b_dkg = tl.zeros([BT, BK], dtype=tl.float32)
         b_dW = tl.zeros([BT, BK], dtype=tl.float32)
         b_ddecay = tl.zeros([BK], dtype=tl.float32)
+        b_dqg = tl.zeros([BT, BK], dtype=tl.float32)
         for i_v in range(0, tl.cdiv(V, BV)):
             o_v = i_v * BV + tl.arange(0, BV)
             m_tv = m_t[:, None] & (o_v < V)[None, :]
@@ -723,6 +736,9 @@ def _state_wy_bwd_kernel(
             b_dkg += tl.dot(b_vn, tl.trans(b_dS), input_precision=PRECISION)
             b_dW -= tl.dot(b_dU, tl.trans(b_S), input_precision=PRECISION)
             b_ddecay += tl.sum(b_dS.to(tl.float32) * b_S.to(tl.float32), axis=1)
+            if OUTPUT:  # O = qg S + ...: dqg = dO S^T
+                b_do = tl.load(do + p_tv, mask=m_tv, other=0).to(OP)
+                b_dqg += tl.dot(b_do, tl.trans(b_S), input_precision=PRECISION)
         b_decay = tl.where(m_tk, tl.exp(tl.minimum(b_Glast[None, :] - b_G, 0.0)), 0.0)  # kg = k exp(G_last - G)
         b_ratio = b_dkg * b_k * b_decay  # d kg / d(G_last - G) = kg
         b_dk = b_dkg * b_decay
@@ -735,12 +751,18 @@ def _state_wy_bwd_kernel(
         b_dkb = tl.dot(tl.trans(b_M), b_dW, input_precision=PRECISION)  # [BT, BK]
         b_dk += b_dkb * b_beta[:, None] * tl.where(m_tk, tl.exp(b_G), 0.0)
         b_dG += b_dkb * b_kb
+        if OUTPUT:  # qg = scale q exp(G): dq = scale exp(G) dqg, dG += dqg * qg
+            b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tk, other=0).to(tl.float32)
+            b_gq = tl.where(m_tk, tl.exp(b_G), 0.0) * scale
+            tl.store(dq + p_tk, b_dqg * b_gq, mask=m_tk)
+            b_dG += b_dqg * b_q * b_gq
         if ACC:
             b_dG += tl.load(dG + p_tk, mask=m_tk, other=0)
         tl.store(dk + p_tk, b_dk, mask=m_tk)
         tl.store(dG + p_tk, b_dG, mask=m_tk)
         b_dbeta += tl.sum(b_dkb * b_gk, axis=1)
-    # ---- the WY factors' U = M Diag(beta) V
+    # ---- the WY factors' U = M Diag(beta) V (and the output's dA = dO v_new^T)
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v < V)[None, :]
@@ -751,6 +773,12 @@ def _state_wy_bwd_kernel(
         b_dvb = tl.dot(tl.trans(b_M), b_dU, input_precision=PRECISION)  # [BT, BV]
         tl.store(dv + p_tv, (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
         b_dbeta += tl.sum(b_dvb * b_v, axis=1)
+        if OUTPUT:
+            b_do = tl.load(do + p_tv, mask=m_tv, other=0).to(OP)
+            b_vn = tl.load(v_new + p_tv, mask=m_tv, other=0).to(OP)
+            b_dA += tl.dot(b_do, tl.trans(b_vn), input_precision=PRECISION)
+    if OUTPUT:
+        tl.store(dA + p_tt, b_dA, mask=m_t[:, None])
     tl.store(dM + p_tt, b_dM, mask=m_t[:, None])
     tl.store(dbeta + (bos + o_t) * HV + i_hv, b_dbeta, mask=m_t)
 
@@ -768,14 +796,19 @@ def state_wy_bwd(
     chunk_size: int,
     cu_seqlens: Optional[torch.Tensor] = None,
     *,
+    output: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None,
     dG_acc: Optional[torch.Tensor] = None,
     per_value_head: bool = False,
     dv_dtype: torch.dtype = torch.float32,
     meta: Optional[SeqMeta] = None,
 ):
     """The state stage's per-chunk backward and the WY factors' backward in one kernel:
-    ``(dk [B, T, H, K], dv, dG, dbeta, dM)``, as :func:`state_passing_bwd_chunks` followed by
-    :func:`wy_representation_bwd` with ``dW`` and ``dU = dv_tot`` (which it is).
+    ``(dk [B, T, H, K], dv, dG, dbeta, dM, dq, dA_qk)``, as :func:`state_passing_bwd_chunks`
+    followed by :func:`wy_representation_bwd` with ``dW`` and ``dU = dv_tot`` (which it is);
+    with ``output = (q, dO, scale)`` also the output stage's backward, :func:`chunk_output_bwd`
+    with ``state_grads=False`` (its ``dq``, ``dA_qk`` and ``dG`` terms; else ``dq``, ``dA_qk`` are
+    ``None``): the three per-chunk backward stages of stages 6, 5 and 4 read the same ``h``,
+    ``v_new`` and ``G`` tiles once.
 
     One program per chunk and value head; for each tile of ``K`` it forms the state stage's
     ``dkg``, ``dW`` and ``d_decay`` over the tiles of ``V`` and hands ``dW`` to the WY backward
@@ -792,17 +825,23 @@ def state_wy_bwd(
     dv = torch.empty(B, T, HV, V, dtype=dv_dtype, device=k.device)
     dbeta = torch.empty(B, T, HV, **f32)
     dM = torch.empty(B, T, HV, chunk_size, **f32)
+    q, do, scale = output if output is not None else (k, dv_tot, 1.0)
+    dq = torch.empty(B, T, HV, K, **f32) if output is not None else None
+    dA = torch.empty(B, T, HV, chunk_size, **f32) if output is not None else None
     if meta.NC > 0:
         launch = BWD_LAUNCH["state_wy"]
         _state_wy_bwd_kernel[(meta.NC, HV)](
             k.contiguous(), v.contiguous(), G.contiguous(), beta.contiguous(), M.contiguous(), h.contiguous(),
-            v_new.contiguous(), dS_out.contiguous(), dv_tot.contiguous(), dk, dv, dG, dbeta, dM,
-            meta.cu, meta.chunk_seq, meta.chunk_bos,
+            v_new.contiguous(), dS_out.contiguous(), dv_tot.contiguous(), q.contiguous(), do.contiguous(),
+            dq if dq is not None else dk, dA if dA is not None else dM, dk, dv, dG, dbeta, dM,
+            meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale),
             H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=_tile(K, launch["BK"]), BV=_tile(V, launch["BV"]),
-            PRECISION=dot_precision(k.dtype), ACC=dG_acc is not None, NATIVE=_native(h, v_new, dS_out, dv_tot),
-            num_warps=launch["warps"], num_stages=1,
+            PRECISION=dot_precision(k.dtype), ACC=dG_acc is not None,
+            NATIVE=_native(h, v_new, dS_out, dv_tot, *((do,) if output is not None else ())),
+            OUTPUT=output is not None, num_warps=launch["warps"], num_stages=1,
         )
-    return _per_key_head(dk, H, per_value_head), dv, dG, dbeta, dM
+    return (_per_key_head(dk, H, per_value_head), dv, dG, dbeta, dM,
+            None if dq is None else _per_key_head(dq, H, per_value_head), dA)
 
 
 @triton.jit
@@ -1097,27 +1136,31 @@ def core_backward(
     # ---- backward, stage 6 down to stage 2. dq, dk (per value head) and dG are sums of several
     # stages' terms: each kernel after the first adds its own into the same float32 tensor. Each
     # intermediate is dropped as soon as its last reader has run (the peak memory)
-    dq, _, _, dG, dA_qk = chunk_output_bwd(q, h, v_new, G, A_qk, scale, do, C, cu_seqlens, per_value_head=True,
-                                           state_grads=False, meta=meta)  # 6. (its dh, dv_new: in the recurrence)
-    # 5.: the recurrence adds the output's dh = qg^T dO and dv_new = A_qk^T dO chunk by chunk; its
-    # outputs dS_out, dU (= dv_tot) in the intermediate dtype, as fla keeps its dh
+    # 5.: the recurrence, which also forms the output's dh = qg^T dO and dv_new = A_qk^T dO chunk by
+    # chunk; its outputs dS_out, dU (= dv_tot) in the intermediate dtype, as fla keeps its dh
     dS_out, dU, dS0 = state_passing_bwd_recurrence(kg, W, G, h, None, None, dS_final, C, cu_seqlens,
                                                    output=(qg, A_qk, do), grad_dtype=W.dtype, meta=meta)
     del A_qk, qg, W
     if initial_state is None:
         dS0 = None
-    if STATE_WY_FUSED:  # 5. (per chunk) and 4. in one kernel: dW, the partial dk and dG stay in registers
-        del kg  # formed again from k and G inside
-        dk, dv, _, dbeta, dM = state_wy_bwd(k, v, G, beta32, M, h, v_new, dS_out, dU, C, cu_seqlens, dG_acc=dG,
-                                            per_value_head=True, dv_dtype=out_dtype or torch.float32, meta=meta)
+    dv_dtype = out_dtype or torch.float32
+    if STATE_WY_FUSED:
+        # 6., 5. (per chunk) and 4. in one kernel: each chunk's h, v_new, G read once; dW and the
+        # partial dq, dk, dG never leave registers (kg is formed again from k and G)
+        del kg
+        dk, dv, dG, dbeta, dM, dq, dA_qk = state_wy_bwd(k, v, G, beta32, M, h, v_new, dS_out, dU, C, cu_seqlens,
+                                                        output=(q, do, scale), per_value_head=True,
+                                                        dv_dtype=dv_dtype, meta=meta)
         del dS_out, h, v_new, dU
     else:
+        dq, _, _, dG, dA_qk = chunk_output_bwd(q, h, v_new, G, None, scale, do, C, cu_seqlens,
+                                               per_value_head=True, state_grads=False, meta=meta)  # 6.
         dk, dW, _ = state_passing_bwd_chunks(kg, G, h, v_new, dS_out, dU, C, cu_seqlens, H=H, dG_acc=dG,
                                              per_value_head=True, dW_dtype=dS_out.dtype, meta=meta)  # 5.
         del dS_out, h, v_new, kg
         _, dv, _, dbeta, dM = wy_representation_bwd(k, v, G, beta32, M, dW, dU, C, cu_seqlens, dk_acc=dk,
-                                                    dG_acc=dG, per_value_head=True,
-                                                    dv_dtype=out_dtype or torch.float32, meta=meta)  # 4.
+                                                    dG_acc=dG, per_value_head=True, dv_dtype=dv_dtype,
+                                                    meta=meta)  # 4.
         del dW, dU
     dA_kk = ut_transform_bwd(M, dM, C, cu_seqlens, meta=meta)  # 3.
     dq, dk, _, dbeta2 = intra_chunk_matrices_bwd(q, k, G, beta32, scale, dA_kk, dA_qk, C, cu_seqlens, dq_acc=dq,
