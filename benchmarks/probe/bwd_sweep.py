@@ -40,9 +40,11 @@ CANDIDATES = {
     "recurrence": [dict(BV=bv, warps=w) for bv, w in itertools.product((16, 32, 64), (4, 8))],
     "state_chunks": [dict(BK=bk, BV=bv, warps=w) for bk, bv, w in itertools.product((32, 64), (32, 64), (4, 8))],
     "wy": [dict(BK=bk, BV=bv, warps=w) for bk, bv, w in itertools.product((32, 64), (32, 64), (4, 8))],
-    "state_wy": [dict(BK=bk, BV=bv, warps=w) for bk, bv, w in itertools.product((32, 64), (32, 64), (4, 8))],
+    "state_wy": [dict(BK=32, BV=64, warps=4), dict(BK=32, BV=64, warps=4, maxnreg=168),
+                 dict(BK=32, BV=64, warps=8, maxnreg=128), dict(BK=64, BV=64, warps=8),
+                 dict(BK=32, BV=128, warps=8), dict(BK=16, BV=64, warps=4)],
     "ut": [dict(warps=w) for w in (4, 8)],
-    "intra": [(32, 4, 1), (32, 8, 1), (32, 2, 1), (64, 8, 1), (64, 4, 1)],
+    "intra": [(64, 4, 1), (64, 4, 1, 168), (64, 4, 1, 128), (32, 4, 1, 168), (32, 4, 1), (32, 2, 1)],
 }
 
 

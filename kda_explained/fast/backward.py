@@ -76,7 +76,7 @@ import triton
 import triton.language as tl
 
 from ._grad import accumulator as _accumulator, chunk_span as _chunk_span, per_key_head as _per_key_head
-from ._meta import SeqMeta, dot_precision, seq_meta
+from ._meta import SeqMeta, dot_precision, interpreting, seq_meta
 from .backward_intra import intra_chunk_matrices_bwd
 from .state import state_value_tile
 
@@ -85,7 +85,7 @@ __all__ = ["BWD_LAUNCH", "kda_backward", "core_backward", "chunk_local_cumsum_bw
            "state_passing_bwd_chunks", "chunk_output_bwd"]
 
 #: The launch shape of each backward kernel, the widest tile of ``K`` (``BK``) and of ``V`` (``BV``)
-#: a program takes and its warps. Every kernel runs one pipeline stage: at three, the output
+#: a program takes and its warps (``state_wy`` may cap registers per thread: ``maxnreg``). Every kernel runs one pipeline stage: at three, the output
 #: backward asked 245760 bytes of shared memory on the H100 (its limit is 232448) and the loops
 #: are short. Picked by ``benchmarks/probe/bwd_sweep.py`` on the H100 (B=8, T=4096, H=16, bf16;
 #: ``results/bwd_sweep.json``): each the fastest of 2-8 shapes, ms before -> after.
@@ -839,6 +839,7 @@ def state_wy_bwd(
             PRECISION=dot_precision(k.dtype), ACC=dG_acc is not None,
             NATIVE=_native(h, v_new, dS_out, dv_tot, *((do,) if output is not None else ())),
             OUTPUT=output is not None, num_warps=launch["warps"], num_stages=1,
+            **({"maxnreg": launch["maxnreg"]} if launch.get("maxnreg") and not interpreting() else {}),
         )
     return (_per_key_head(dk, H, per_value_head), dv, dG, dbeta, dM,
             None if dq is None else _per_key_head(dq, H, per_value_head), dA)

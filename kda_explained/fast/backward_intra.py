@@ -88,12 +88,13 @@ import triton
 import triton.language as tl
 
 from ._grad import accumulator as _accumulator, chunk_span as _chunk_span, per_key_head
-from ._meta import SeqMeta, dot_precision, seq_meta
+from ._meta import SeqMeta, dot_precision, interpreting, seq_meta
 from .local import SAFE_SPAN
 
 __all__ = ["intra_chunk_matrices_bwd", "INTRA_BWD_LAUNCH", "INTRA_BWD_PRECISION"]
 
-#: Launch shape ``(BK, num_warps, num_stages)``. Timed on the H100 (B=8, T=4096, H=16, bf16,
+#: Launch shape ``(BK, num_warps, num_stages)``, optionally a fourth entry: a cap on registers per
+#: thread (``maxnreg``: more programs per SM, what does not fit spilled). Timed on the H100 (B=8, T=4096, H=16, bf16,
 #: ``benchmarks/probe/bwd_sweep.py``): tiles of 64 channels on 4 warps 2.27 ms, of 32 on 2 warps
 #: 2.44, on 4 warps 3.48, 64 on 8 warps 3.74, 32 on 8 warps 6.74. The ``K`` tiles of one chunk
 #: run side by side and read its ``dA`` blocks from L2. One stage: the block loops are short
@@ -374,7 +375,9 @@ def intra_chunk_matrices_bwd(
     if chunk_size % BC != 0:
         raise ValueError(f"chunk_size: expected a multiple of {BC} (16, 32 or 64 in the fast layer), got {chunk_size}")
     meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, q.device)
-    BK_MAX, warps, stages = INTRA_BWD_LAUNCH
+    BK_MAX, warps, stages = INTRA_BWD_LAUNCH[:3]
+    # a register cap per thread (more programs per SM, spilling what does not fit), when given
+    cap = dict(maxnreg=INTRA_BWD_LAUNCH[3]) if len(INTRA_BWD_LAUNCH) > 3 and not interpreting() else {}
     BK = min(BK_MAX, max(16, triton.next_power_of_2(K)))
     NK = triton.cdiv(K, BK)
     accs = (dq_acc, dk_acc, dG_acc)
@@ -399,7 +402,7 @@ def intra_chunk_matrices_bwd(
                 *inputs, dq, dk, dq_out, dk_out, dG, dbeta, flags, meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale), B * T,
                 H=H, HV=HV, K=K, BT=chunk_size, BC=BC, BK=BK, SPAN=SAFE_SPAN,
                 PRECISION=INTRA_BWD_PRECISION[dot_precision(q.dtype)],
-                EXACT_DIAG=exact, ACC=dq_acc is not None, num_warps=warps, num_stages=stages,
+                EXACT_DIAG=exact, ACC=dq_acc is not None, num_warps=warps, num_stages=stages, **cap,
             )
     # GVA: the value heads of a group share one q/k head
     dq, dk = per_key_head(dq_out, H, per_value_head), per_key_head(dk_out, H, per_value_head)
