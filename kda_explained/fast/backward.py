@@ -1,6 +1,6 @@
 """Backward kernels of the fast layer: the gradients of ``chunk_kda``, stage by stage.
 
-Seven kernels, each the mirror of a chunked backward function, and :func:`kda_backward`,
+Kernels that each mirror a chunked backward function, and :func:`kda_backward`,
 their composition (the mirror of :func:`kda_explained.chunked.backward.kda_backward`):
 
 - ``chunk_local_cumsum_bwd`` (:func:`kda_explained.chunked.backward_intra.chunk_local_cumsum_bwd`):
@@ -20,7 +20,10 @@ their composition (the mirror of :func:`kda_explained.chunked.backward.kda_backw
   (:func:`kda_explained.chunked.backward_inter.state_passing_bwd_recurrence`): the one
   sequential part of the backward;
 - ``state_passing_bwd`` (:func:`kda_explained.chunked.backward_inter.state_passing_bwd`):
-  the recurrence, then the rest of the state stage's backward, every chunk in parallel.
+  the recurrence, then the rest of the state stage's backward, every chunk in parallel;
+- ``state_wy_bwd``: the per-chunk backward of stages 6, 5 and 4 (the output, the state stage
+  after its recurrence, the WY factors) in one kernel, what :func:`kda_backward` runs
+  (``STATE_WY_FUSED``; the three kernels above stay, each tested against its oracle).
 
 **The state recurrence.** One program owns the gradient ``dS [K, BV]``
 of one sequence's state (one value head, one tile of ``BV`` value columns) in
@@ -85,17 +88,20 @@ __all__ = ["BWD_LAUNCH", "kda_backward", "core_backward", "chunk_local_cumsum_bw
            "state_passing_bwd_chunks", "chunk_output_bwd"]
 
 #: The launch shape of each backward kernel, the widest tile of ``K`` (``BK``) and of ``V`` (``BV``)
-#: a program takes and its warps (``state_wy`` may cap registers per thread: ``maxnreg``). Every kernel runs one pipeline stage: at three, the output
+#: a program takes and its warps (``state_wy`` may also cap registers per thread, ``maxnreg``: on the
+#: H100 every cap tried was slower). Every kernel runs one pipeline stage: at three, the output
 #: backward asked 245760 bytes of shared memory on the H100 (its limit is 232448) and the loops
 #: are short. Picked by ``benchmarks/probe/bwd_sweep.py`` on the H100 (B=8, T=4096, H=16, bf16;
-#: ``results/bwd_sweep.json``): each the fastest of 2-8 shapes, ms before -> after.
+#: ``results/bwd_sweep*.json``): each the fastest of 2-8 shapes, ms before -> after.
 BWD_LAUNCH = {
     "output": dict(BV=64, warps=8),  # 1.48 -> 1.36
     "recurrence": dict(BV=64, warps=4),  # 1.37 -> 0.94 (BV 32); fused, bf16 products: 0.74 -> 0.50 (BV 64, at most)
     "state_chunks": dict(BK=64, BV=64, warps=4),  # 1.41 -> 1.17 (bf16 products: 0.84)
     "wy": dict(BK=64, BV=64, warps=4),  # 1.30 -> 1.11
     "ut": dict(warps=4),  # 0.44 -> 0.22
-    "state_wy": dict(BK=32, BV=64, warps=4),  # state per-chunk + WY in one kernel: 1.65 -> 1.40 (two kernels: 1.95)
+    # stages 6, 5 (per chunk) and 4 in one kernel (the default path): 2.37 -> 2.07 (BK 64, 8 warps ->
+    # BK 32, 4 warps; the three kernels apart: 0.75 + 0.84 + 1.11)
+    "state_wy": dict(BK=32, BV=64, warps=4),
 }
 
 
