@@ -1063,6 +1063,26 @@ def test_chunk_kda_gradients(option, backward, monkeypatch):
         assert_close(leaves[n].grad, leaves64[n].grad, GRAD_F32, f"d{n}")
 
 
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=list(LOW_DTYPES))
+def test_chunk_kda_gradients_low_precision(dtype):
+    """bf16 and fp16 inputs through the Triton backward: every gradient in its input's dtype (dq, dk,
+    dv written in it by their last kernels), within 1e-2 of float64 autograd on the same values."""
+    args, kw = inputs(GRAD_PROBLEM, LOW_DTYPES[dtype])
+    names = ["q", "k", "v", "g", "beta", "initial_state"]
+    values = dict(zip(names[:5], args), initial_state=kw.pop("initial_state"))
+    leaves = {n: x.detach().clone().requires_grad_(True) for n, x in values.items()}
+    leaves64 = {n: x.detach().double().requires_grad_(True) for n, x in values.items()}
+    gen = torch.Generator().manual_seed(3)
+    do = torch.randn(args[2].shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    o, S = fast.chunk_kda(**leaves, **kw, output_final_state=True, chunk_size=16)
+    torch.autograd.backward((o, S), (do.to(o.dtype), torch.zeros_like(S)))
+    o_ref, _ = reference(**leaves64, **kw)
+    o_ref.backward(do)
+    for n in names:
+        assert leaves[n].grad.dtype == leaves[n].dtype, n
+        assert_close(leaves[n].grad.double(), leaves64[n].grad, 1e-2, f"d{n}")
+
+
 @pytest.mark.parametrize("backward", ["chunked", "triton", "triton_options"])
 def test_chunk_kda_gradients_of_some_inputs_without_final_state(backward, monkeypatch):
     # only o is used (the final state's gradient is zero) and only v, g and the state require grad
