@@ -395,6 +395,50 @@ def chunk_output_bwd(
 
 
 @triton.jit
+def _state_tile_terms(h, dS_out, v_new, dv_tot, p_S, p_tv, m_kv, m_tv, OP: tl.constexpr, PRECISION: tl.constexpr):
+    """One ``[BK, BV]`` tile of the state stage's per-chunk backward: this tile's terms of
+    ``dkg = v_new dS^T``, ``dW = -dU S^T`` (``dU = dv_tot``) and ``d_decay = sum_V(dS * S)``, and
+    the state tile ``S`` itself (``h``; for the output's ``dqg = dO S^T`` in the fused kernel)."""
+    b_S = tl.load(h + p_S, mask=m_kv, other=0).to(OP)  # [BK, BV]
+    b_dS = tl.load(dS_out + p_S, mask=m_kv, other=0).to(OP)
+    b_vn = tl.load(v_new + p_tv, mask=m_tv, other=0).to(OP)  # [BT, BV]
+    b_dU = tl.load(dv_tot + p_tv, mask=m_tv, other=0).to(OP)
+    t_dkg = tl.dot(b_vn, tl.trans(b_dS), input_precision=PRECISION)
+    t_dW = tl.dot(b_dU, tl.trans(b_S), input_precision=PRECISION)
+    return t_dkg, t_dW, tl.sum(b_dS.to(tl.float32) * b_S.to(tl.float32), axis=1), b_S
+
+
+@triton.jit
+def _decay_grads(b_dkg, b_ratio, b_decay, b_ddecay, b_Glast, o_t, r_last):
+    """The state stage's ``dk`` and ``dG`` from ``dkg`` (``kg = k * decay``, ``decay = exp(G_last - G)``;
+    ``ratio = dkg * kg``, the gradient through the exponent): ``-ratio`` on every row, and through
+    ``G_last`` the row sum plus ``exp(G_last) d_decay`` on the chunk's last real row."""
+    b_last = tl.sum(b_ratio, axis=0) + tl.exp(b_Glast) * b_ddecay  # [BK]: through G_last
+    return b_dkg * b_decay, tl.where(o_t[:, None] == r_last, b_last[None, :], 0.0) - b_ratio
+
+
+@triton.jit
+def _wy_key_terms(b_M, b_dW, b_k, b_G, b_beta, m_tk, PRECISION: tl.constexpr):
+    """One tile of ``K`` of the WY backward, ``W = M kb`` with ``kb = beta exp(G) k``: the terms of
+    ``dM`` (``dW kb^T``), ``dk``, ``dG`` and ``dbeta`` (through ``dkb = M^T dW``)."""
+    b_eg = tl.where(m_tk, tl.exp(b_G), 0.0)  # exp(G), zero on padding
+    b_gk = b_eg * b_k
+    b_kb = b_beta[:, None] * b_gk
+    t_dM = tl.dot(b_dW, tl.trans(b_kb), input_precision=PRECISION)
+    b_dkb = tl.dot(tl.trans(b_M), b_dW, input_precision=PRECISION)  # [BT, BK]
+    return t_dM, b_dkb * b_beta[:, None] * b_eg, b_dkb * b_kb, tl.sum(b_dkb * b_gk, axis=1)
+
+
+@triton.jit
+def _wy_value_terms(b_M, b_v, b_dU, b_beta, PRECISION: tl.constexpr):
+    """One tile of ``V`` of the WY backward, ``U = M vb`` with ``vb = beta v``: the terms of ``dM``
+    (``dU vb^T``), ``dv`` and ``dbeta`` (through ``dvb = M^T dU``)."""
+    t_dM = tl.dot(b_dU, tl.trans(b_beta[:, None] * b_v), input_precision=PRECISION)
+    b_dvb = tl.dot(tl.trans(b_M), b_dU, input_precision=PRECISION)  # [BT, BV]
+    return t_dM, b_dvb * b_beta[:, None], tl.sum(b_dvb * b_v, axis=1)
+
+
+@triton.jit
 def _state_bwd_chunk_kernel(
     # pointers
     kg,  # [TT, HV, K]
@@ -444,20 +488,15 @@ def _state_bwd_chunk_kernel(
         m_kv = m_k[:, None] & m_v[None, :]
         p_tv = ((bos + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
         p_S = (i_c.to(tl.int64) * HV + i_hv) * K * V + o_k[:, None] * V + o_v[None, :]
-        b_S = tl.load(h + p_S, mask=m_kv, other=0).to(OP)  # [BK, BV]
-        b_dS = tl.load(dS_out + p_S, mask=m_kv, other=0).to(OP)
-        b_vn = tl.load(v_new + p_tv, mask=m_tv, other=0).to(OP)  # [BT, BV]
-        b_dv = tl.load(dv_tot + p_tv, mask=m_tv, other=0).to(OP)
-        b_dkg += tl.dot(b_vn, tl.trans(b_dS), input_precision=PRECISION)
-        b_dW -= tl.dot(b_dv, tl.trans(b_S), input_precision=PRECISION)
-        b_ddecay += tl.sum(b_dS.to(tl.float32) * b_S.to(tl.float32), axis=1)
+        t_dkg, t_dW, t_ddecay, _ = _state_tile_terms(h, dS_out, v_new, dv_tot, p_S, p_tv, m_kv, m_tv, OP, PRECISION)
+        b_dkg += t_dkg
+        b_dW -= t_dW
+        b_ddecay += t_ddecay
     r_last = tl.minimum(BT, eos - bos) - 1  # the chunk's last real row
     b_Glast = tl.load(G + ((bos + r_last) * HV + i_hv) * K + o_k, mask=m_k, other=0)  # [BK]
     b_G = tl.load(G + p_tk, mask=m_tk, other=0)
-    b_dk = tl.where(m_tk, b_dkg * tl.exp(tl.minimum(b_Glast[None, :] - b_G, 0.0)), 0.0)  # kg = k exp(G_last - G)
-    b_ratio = b_dkg * b_kg  # d kg / d(G_last - G) = kg
-    b_last = tl.sum(b_ratio, axis=0) + tl.exp(b_Glast) * b_ddecay  # [BK]: through G_last
-    b_dG = tl.where(o_t[:, None] == r_last, b_last[None, :], 0.0) - b_ratio
+    b_decay = tl.where(m_tk, tl.exp(tl.minimum(b_Glast[None, :] - b_G, 0.0)), 0.0)  # kg = k exp(G_last - G)
+    b_dk, b_dG = _decay_grads(b_dkg, b_dkg * b_kg, b_decay, b_ddecay, b_Glast, o_t, r_last)
     if ACC:
         b_dG += tl.load(dG + p_tk, mask=m_tk, other=0)
     tl.store(dk + p_tk, b_dk, mask=m_tk)
@@ -588,29 +627,26 @@ def _wy_bwd_kernel(
         m_tk = m_t[:, None] & (o_k < K)[None, :]
         p_tk = ((bos + o_t[:, None]) * HV + i_hv) * K + o_k[None, :]
         b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tk, other=0).to(tl.float32)
-        b_gk = tl.where(m_tk, tl.exp(tl.load(G + p_tk, mask=m_tk, other=0)), 0.0) * b_k  # exp(G) k
-        b_kb = b_beta[:, None] * b_gk
+        b_G = tl.load(G + p_tk, mask=m_tk, other=0)
         b_dW = tl.load(dW + p_tk, mask=m_tk, other=0).to(tl.float32)
-        b_dM += tl.dot(b_dW, tl.trans(b_kb), input_precision=PRECISION)
-        b_dkb = tl.dot(tl.trans(b_M), b_dW, input_precision=PRECISION)  # [BT, BK]
-        b_dk = tl.where(m_tk, b_dkb * b_beta[:, None] * tl.exp(tl.load(G + p_tk, mask=m_tk, other=0)), 0.0)
-        b_dG = b_dkb * b_kb
+        t_dM, b_dk, b_dG, t_dbeta = _wy_key_terms(b_M, b_dW, b_k, b_G, b_beta, m_tk, PRECISION)
+        b_dM += t_dM
+        b_dbeta += t_dbeta
         if ACC:
             b_dk += tl.load(dk + p_tk, mask=m_tk, other=0)
             b_dG += tl.load(dG + p_tk, mask=m_tk, other=0)
         tl.store(dk + p_tk, b_dk, mask=m_tk)
         tl.store(dG + p_tk, b_dG, mask=m_tk)
-        b_dbeta += tl.sum(b_dkb * b_gk, axis=1)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v < V)[None, :]
         p_tv = ((bos + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
         b_v = tl.load(v + p_tv, mask=m_tv, other=0).to(tl.float32)
         b_dU = tl.load(dU + p_tv, mask=m_tv, other=0).to(tl.float32)
-        b_dM += tl.dot(b_dU, tl.trans(b_beta[:, None] * b_v), input_precision=PRECISION)
-        b_dvb = tl.dot(tl.trans(b_M), b_dU, input_precision=PRECISION)  # [BT, BV]
-        tl.store(dv + p_tv, (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
-        b_dbeta += tl.sum(b_dvb * b_v, axis=1)
+        t_dM, b_dv, t_dbeta = _wy_value_terms(b_M, b_v, b_dU, b_beta, PRECISION)
+        b_dM += t_dM
+        b_dbeta += t_dbeta
+        tl.store(dv + p_tv, b_dv.to(dv.dtype.element_ty), mask=m_tv)
     tl.store(dM + p_tt, b_dM, mask=m_t[:, None])
     tl.store(dbeta + (bos + o_t) * HV + i_hv, b_dbeta, mask=m_t)
 
@@ -735,28 +771,21 @@ def _state_wy_bwd_kernel(
             m_kv = m_kv_k & (o_v < V)[None, :]
             p_tv = ((bos + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
             p_S = (i_c.to(tl.int64) * HV + i_hv) * K * V + o_k[:, None] * V + o_v[None, :]
-            b_S = tl.load(h + p_S, mask=m_kv, other=0).to(OP)  # [BK, BV]
-            b_dS = tl.load(dS_out + p_S, mask=m_kv, other=0).to(OP)
-            b_vn = tl.load(v_new + p_tv, mask=m_tv, other=0).to(OP)  # [BT, BV]
-            b_dU = tl.load(dv_tot + p_tv, mask=m_tv, other=0).to(OP)
-            b_dkg += tl.dot(b_vn, tl.trans(b_dS), input_precision=PRECISION)
-            b_dW -= tl.dot(b_dU, tl.trans(b_S), input_precision=PRECISION)
-            b_ddecay += tl.sum(b_dS.to(tl.float32) * b_S.to(tl.float32), axis=1)
+            t_dkg, t_dW, t_ddecay, b_S = _state_tile_terms(h, dS_out, v_new, dv_tot, p_S, p_tv, m_kv, m_tv, OP,
+                                                           PRECISION)
+            b_dkg += t_dkg
+            b_dW -= t_dW
+            b_ddecay += t_ddecay
             if OUTPUT:  # O = qg S + ...: dqg = dO S^T
                 b_do = tl.load(do + p_tv, mask=m_tv, other=0).to(OP)
                 b_dqg += tl.dot(b_do, tl.trans(b_S), input_precision=PRECISION)
         b_decay = tl.where(m_tk, tl.exp(tl.minimum(b_Glast[None, :] - b_G, 0.0)), 0.0)  # kg = k exp(G_last - G)
-        b_ratio = b_dkg * b_k * b_decay  # d kg / d(G_last - G) = kg
-        b_dk = b_dkg * b_decay
-        b_dG = tl.where(o_t[:, None] == r_last, (tl.sum(b_ratio, axis=0) + tl.exp(b_Glast) * b_ddecay)[None, :],
-                        0.0) - b_ratio
+        b_dk, b_dG = _decay_grads(b_dkg, b_dkg * b_k * b_decay, b_decay, b_ddecay, b_Glast, o_t, r_last)
         # ---- the WY factors, this K tile: W = M kb, kb = beta exp(G) k
-        b_gk = tl.where(m_tk, tl.exp(b_G), 0.0) * b_k  # exp(G) k
-        b_kb = b_beta[:, None] * b_gk
-        b_dM += tl.dot(b_dW, tl.trans(b_kb), input_precision=PRECISION)
-        b_dkb = tl.dot(tl.trans(b_M), b_dW, input_precision=PRECISION)  # [BT, BK]
-        b_dk += b_dkb * b_beta[:, None] * tl.where(m_tk, tl.exp(b_G), 0.0)
-        b_dG += b_dkb * b_kb
+        t_dM, t_dk, t_dG, t_dbeta = _wy_key_terms(b_M, b_dW, b_k, b_G, b_beta, m_tk, PRECISION)
+        b_dM += t_dM
+        b_dk += t_dk
+        b_dG += t_dG
         if OUTPUT:  # qg = scale q exp(G): dq = scale exp(G) dqg, dG += dqg * qg
             b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tk, other=0).to(tl.float32)
             b_gq = tl.where(m_tk, tl.exp(b_G), 0.0) * scale
@@ -766,7 +795,7 @@ def _state_wy_bwd_kernel(
             b_dG += tl.load(dG + p_tk, mask=m_tk, other=0)
         tl.store(dk + p_tk, b_dk, mask=m_tk)
         tl.store(dG + p_tk, b_dG, mask=m_tk)
-        b_dbeta += tl.sum(b_dkb * b_gk, axis=1)
+        b_dbeta += t_dbeta
     # ---- the WY factors' U = M Diag(beta) V (and the output's dA = dO v_new^T)
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
@@ -775,10 +804,10 @@ def _state_wy_bwd_kernel(
         p_tv = ((bos + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
         b_v = tl.load(v + p_tv, mask=m_tv, other=0).to(tl.float32)
         b_dU = tl.load(dv_tot + p_tv, mask=m_tv, other=0).to(tl.float32)
-        b_dM += tl.dot(b_dU, tl.trans(b_beta[:, None] * b_v), input_precision=PRECISION)
-        b_dvb = tl.dot(tl.trans(b_M), b_dU, input_precision=PRECISION)  # [BT, BV]
-        tl.store(dv + p_tv, (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
-        b_dbeta += tl.sum(b_dvb * b_v, axis=1)
+        t_dM, b_dv, t_dbeta = _wy_value_terms(b_M, b_v, b_dU, b_beta, PRECISION)
+        b_dM += t_dM
+        b_dbeta += t_dbeta
+        tl.store(dv + p_tv, b_dv.to(dv.dtype.element_ty), mask=m_tv)
         if OUTPUT:
             b_do = tl.load(do + p_tv, mask=m_tv, other=0).to(OP)
             b_vn = tl.load(v_new + p_tv, mask=m_tv, other=0).to(OP)
