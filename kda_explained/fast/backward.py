@@ -83,8 +83,9 @@ from ._meta import SeqMeta, dot_precision, interpreting, seq_meta
 from .backward_intra import intra_chunk_matrices_bwd
 from .state import state_value_tile
 
-__all__ = ["BWD_LAUNCH", "kda_backward", "core_backward", "chunk_local_cumsum_bwd", "intra_chunk_matrices_bwd_by_columns",
-           "ut_transform_bwd", "wy_representation_bwd", "state_wy_bwd", "state_passing_bwd_recurrence", "state_passing_bwd",
+__all__ = ["BWD_LAUNCH", "kda_backward", "core_backward", "checked_backward_inputs",
+           "chunk_local_cumsum_bwd", "intra_chunk_matrices_bwd_by_columns", "ut_transform_bwd",
+           "wy_representation_bwd", "state_wy_bwd", "state_passing_bwd_recurrence", "state_passing_bwd",
            "state_passing_bwd_chunks", "chunk_output_bwd"]
 
 #: The launch shape of each backward kernel, the widest tile of ``K`` (``BK``) and of ``V`` (``BV``)
@@ -1078,6 +1079,19 @@ def chunk_local_cumsum_bwd(
     return dg
 
 
+def checked_backward_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_size):
+    """The forward's input checks for a backward entry point: ``(scale, cu_seqlens, C, meta)``, the
+    scale resolved (``K ** -0.5`` by default), the offsets validated, the chunk size one the fast layer
+    takes and the chunk tables built once."""
+    from ..validation import check_chunk_size
+    from .chunk import FAST_CHUNK_SIZES, check_fast_inputs
+
+    p, cu_seqlens = check_fast_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                      cu_seqlens=cu_seqlens)
+    C = check_chunk_size(chunk_size, FAST_CHUNK_SIZES)
+    return p.scale, cu_seqlens, C, seq_meta(p.B, p.T, C, cu_seqlens, q.device)
+
+
 def kda_backward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1106,19 +1120,15 @@ def kda_backward(
     it (then stage 1 is not recomputed); ``out_dtype``: ``dq``, ``dk`` and ``dv`` in that dtype, written
     by their last kernels (:func:`core_backward`).
     """
-    from ..validation import check_chunk_size
-    from .chunk import FAST_CHUNK_SIZES, check_fast_inputs
     from .prepare import chunk_local_cumsum
 
-    p, cu_seqlens = check_fast_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                                      cu_seqlens=cu_seqlens)
-    C = check_chunk_size(chunk_size, FAST_CHUNK_SIZES)
-    meta = seq_meta(p.B, p.T, C, cu_seqlens, q.device)
+    scale, cu_seqlens, C, meta = checked_backward_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens,
+                                                         chunk_size)
     if G is None:
         G, beta32 = chunk_local_cumsum(g, C, cu_seqlens, beta=beta, meta=meta)  # 1. (recomputed)
     else:
         beta32 = beta.float()
-    dq, dk, dv, dG, dbeta, dS0 = core_backward(q, k, v, G, beta32, do, dS_final, p.scale, initial_state, C,
+    dq, dk, dv, dG, dbeta, dS0 = core_backward(q, k, v, G, beta32, do, dS_final, scale, initial_state, C,
                                                cu_seqlens, factors=factors, out_dtype=out_dtype, meta=meta)
     dg = chunk_local_cumsum_bwd(dG, C, cu_seqlens, meta=meta)  # 1.
     return dq, dk, dv, dg, dbeta, dS0

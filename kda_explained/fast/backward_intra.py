@@ -399,7 +399,8 @@ def intra_chunk_matrices_bwd(
         # strong sub-chunks' diagonals exact (the others read their flag and exit: typical gates never pay)
         for exact in (False, True):
             _intra_bwd_tc_kernel[(meta.NC * NK, HV)](
-                *inputs, dq, dk, dq_out, dk_out, dG, dbeta, flags, meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale), B * T,
+                *inputs, dq, dk, dq_out, dk_out, dG, dbeta, flags, meta.cu, meta.chunk_seq, meta.chunk_bos,
+                float(scale), B * T,
                 H=H, HV=HV, K=K, BT=chunk_size, BC=BC, BK=BK, SPAN=SAFE_SPAN,
                 PRECISION=INTRA_BWD_PRECISION[dot_precision(q.dtype)],
                 EXACT_DIAG=exact, ACC=dq_acc is not None, num_warps=warps, num_stages=stages, **cap,

@@ -232,21 +232,17 @@ def kda_backward_with_options(
     :func:`~kda_explained.fast.backward.core_backward` (``factors``: ``(A_qk, M)`` as the
     forward kept them, see there), then the options' backward.
     """
-    from ..validation import check_chunk_size
-    from .backward import core_backward
-    from .chunk import FAST_CHUNK_SIZES, check_fast_inputs
+    from .backward import checked_backward_inputs, core_backward
     from .prepare import chunk_local_cumsum, l2norm
 
-    p, cu_seqlens = check_fast_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                                      cu_seqlens=cu_seqlens)
-    C = check_chunk_size(chunk_size, FAST_CHUNK_SIZES)
-    meta = seq_meta(p.B, p.T, C, cu_seqlens, q.device)
+    scale, cu_seqlens, C, meta = checked_backward_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens,
+                                                         chunk_size)
     qn, kn = (l2norm(q), l2norm(k)) if use_qk_l2norm_in_kernel else (q, k)
     G, beta32 = chunk_local_cumsum(g, C, cu_seqlens, beta=beta, use_gate_in_kernel=use_gate_in_kernel, A_log=A_log,
                                    dt_bias=dt_bias, lower_bound=lower_bound,
                                    use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
                                    allow_neg_eigval=allow_neg_eigval, meta=meta)  # 1.
-    dq, dk, dv, dG, dbeta, dS0 = core_backward(qn, kn, v, G, beta32, do, dS_final, p.scale, initial_state, C,
+    dq, dk, dv, dG, dbeta, dS0 = core_backward(qn, kn, v, G, beta32, do, dS_final, scale, initial_state, C,
                                                cu_seqlens, factors=factors, meta=meta)  # 6. down to 2.
     del G, qn, kn
     o = gate_cumsum_bwd(dG, C, cu_seqlens, g=g, use_gate_in_kernel=use_gate_in_kernel, A_log=A_log, dt_bias=dt_bias,
