@@ -41,19 +41,25 @@ def dA_like(r, C: int, seed: int):
     return (torch.randn(r.beta.shape + (C,), generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(2))
 
 
+def matches_chunked(r, C: int, seed: int):
+    """Run the tensor-core kernel and the chunked backward on the same random ``dA`` (``dA_like``);
+    assert each gradient within float32 rounding of the chunked one, and return the kernel's."""
+    dA_kk, dA_qk = dA_like(r, C, seed)
+    ref = reference_bwd(r.q, r.k, r.G, r.beta, r.scale, dA_kk, dA_qk, C, r.cu)
+    ours = intra_chunk_matrices_bwd(f32(r.q), f32(r.k), f32(r.G), f32(r.beta), r.scale, f32(dA_kk), f32(dA_qk), C,
+                                    r.cu)
+    for name, a, b in zip(NAMES, ours, ref):
+        assert_close(a, b, F32, name)
+    return ours
+
+
 @pin(*AWKWARD, *MORE)
 @few
 @given(p=problems, C=chunk_16)
 def test_intra_chunk_matrices_bwd_tensor_cores(p, C):
     """== chunked.intra_chunk_matrices_bwd: varlen with empty sequences, GVA, ragged chunks, K not 2^n."""
-    r = reference_stages(p, C)
-    dA_kk, dA_qk = dA_like(r, C, 8)
-    ref = reference_bwd(r.q, r.k, r.G, r.beta, r.scale, dA_kk, dA_qk, C, r.cu)
-    ours = intra_chunk_matrices_bwd(f32(r.q), f32(r.k), f32(r.G), f32(r.beta), r.scale, f32(dA_kk), f32(dA_qk), C,
-                                    r.cu)
-    for name, a, b in zip(NAMES, ours, ref):
+    for name, a in zip(NAMES, matches_chunked(reference_stages(p, C), C, 8)):
         assert a.dtype == torch.float32, name
-        assert_close(a, b, F32, name)
 
 
 @pytest.mark.parametrize("C", [16, 64])
@@ -99,13 +105,7 @@ def test_intra_chunk_matrices_bwd_tensor_cores_low_precision(dtype):
 def test_intra_chunk_matrices_bwd_tensor_cores_chunk_128():
     """Eight sub-chunks: the loops are not limited to the fast layer's chunk sizes (16, 32, 64)."""
     p, C = make_problem(T=150, H=1, HV=2, K=16, V=16, gate="lowerbound", seed=7), 128
-    r = reference_stages(p, C)
-    dA_kk, dA_qk = dA_like(r, C, 7)
-    ref = reference_bwd(r.q, r.k, r.G, r.beta, r.scale, dA_kk, dA_qk, C, r.cu)
-    ours = intra_chunk_matrices_bwd(f32(r.q), f32(r.k), f32(r.G), f32(r.beta), r.scale, f32(dA_kk), f32(dA_qk), C,
-                                    r.cu)
-    for name, a, b in zip(NAMES, ours, ref):
-        assert_close(a, b, F32, name)
+    matches_chunked(reference_stages(p, C), C, 7)
 
 
 def test_intra_chunk_matrices_bwd_tensor_cores_rejects_short_chunks():
@@ -121,13 +121,7 @@ def test_intra_chunk_matrices_bwd_exact_diagonal_everywhere(p, C, monkeypatch):
     from kda_explained.fast import backward_intra
 
     monkeypatch.setattr(backward_intra, "SAFE_SPAN", -1.0)  # span >= 0 > -1
-    r = reference_stages(p, C)
-    dA_kk, dA_qk = dA_like(r, C, 4)
-    ref = reference_bwd(r.q, r.k, r.G, r.beta, r.scale, dA_kk, dA_qk, C, r.cu)
-    ours = intra_chunk_matrices_bwd(f32(r.q), f32(r.k), f32(r.G), f32(r.beta), r.scale, f32(dA_kk), f32(dA_qk), C,
-                                    r.cu)
-    for name, a, b in zip(NAMES, ours, ref):
-        assert_close(a, b, F32, name)
+    matches_chunked(reference_stages(p, C), C, 4)
 
 
 @pytest.mark.parametrize("gate", EXTREME_GATES)
