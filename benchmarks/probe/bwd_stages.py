@@ -3,7 +3,8 @@
     python benchmarks/probe/bwd_stages.py [B T H D]      (default 8 4096 16 128, bf16)
 
 Prints the median time of every forward-recompute and backward stage (``triton.testing.do_bench``),
-so the kernel page can say where the backward's time goes.
+so the kernel page can say where the backward's time goes: the output, state per-chunk and WY
+backward both apart (``STATE_WY_FUSED = False``) and as the one kernel ``kda_backward`` runs.
 """
 
 import os
@@ -66,6 +67,8 @@ def main() -> None:
     dU = dv_tot
     dk4, dv, dG4, dbeta, dM = timed("bwd WY", lambda: fb.wy_representation_bwd(k, v, G, beta32, M, dW, dU, C, None,
                                                                                 meta=meta))
+    timed("bwd output + state per-chunk + WY, one kernel (the default)", lambda: fb.state_wy_bwd(
+        k, v, G, beta32, M, h, v_new, dS_out, dv_tot, C, None, output=(q, do, scale), meta=meta))
     dA_kk = timed("bwd UT", lambda: fb.ut_transform_bwd(M, dM, C, None, meta=meta))
     timed("bwd intra", lambda: fb.intra_chunk_matrices_bwd(q, k, G, beta32, scale, dA_kk, dA_qk, C, None, meta=meta))
     timed("bwd cumsum", lambda: fb.chunk_local_cumsum_bwd(dG + dG5 + dG4, C, None, meta=meta))
@@ -74,7 +77,7 @@ def main() -> None:
                                                                          factors=(f.A_qk, M)))
     print(f"B={B} T={T} H={H} D={D} bf16 on {torch.cuda.get_device_name()}")
     for name, ms in times.items():
-        print(f"  {name:34s} {ms:8.3f} ms")
+        print(f"  {name:60s} {ms:8.3f} ms")
 
 
 if __name__ == "__main__":
