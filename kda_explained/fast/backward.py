@@ -881,6 +881,11 @@ def state_wy_bwd(
             None if dq is None else _per_key_head(dq, H, per_value_head), dA)
 
 
+#: Precision of the UT transform's backward products ``dA = -M^T dM M^T`` (``M``, ``dM`` float32):
+#: ``tf32x3`` (near float32) for every input dtype.
+UT_BWD_PRECISION = "tf32x3"
+
+
 @triton.jit
 def _ut_bwd_kernel(
     # pointers
@@ -922,7 +927,7 @@ def ut_transform_bwd(
     dA = torch.empty(B, T, HV, C, dtype=torch.float32, device=M.device)
     if meta.NC > 0:
         _ut_bwd_kernel[(meta.NC, HV)](M.contiguous(), dM.contiguous(), dA, meta.cu, meta.chunk_seq, meta.chunk_bos,
-                                      HV=HV, BT=chunk_size, UTP="tf32x3",
+                                      HV=HV, BT=chunk_size, UTP=UT_BWD_PRECISION,
                                       num_warps=BWD_LAUNCH["ut"]["warps"], num_stages=1)
     return dA
 

@@ -1,4 +1,4 @@
-"""The intra-chunk matrices' backward on tensor cores (stage 2's backward, report Eq. 5-6).
+"""The intra-chunk matrices' backward as block products (stage 2's backward, report Eq. 5-6).
 
 The mirror of :func:`kda_explained.chunked.backward_intra.intra_chunk_matrices_bwd`, with
 the signature and returns of the exact kernel in :mod:`kda_explained.fast.backward`
@@ -40,7 +40,7 @@ derivative of ``exp`` is itself, so ``dG`` needs nothing new (elementwise)::
 
     dG = q * dq + k * (beta X) - k * dk_col
 
-**On tensor cores.** ``R`` is not a matrix product: it depends on the channel. But it
+**As block products.** ``R`` is not a matrix product: it depends on the channel. But it
 factors through any reference token ``t``: ``R[r, j] = exp(G_r - G_t) exp(G_t - G_j)``,
 a row scaling times a column scaling, so for a block of rows ``I`` and columns ``J``::
 
@@ -49,7 +49,8 @@ a row scaling times a column scaling, so for a block of rows ``I`` and columns `
                                      + D_kk[I, J]^T @ (k_I exp(G_I - G_last)))
 
 with ``G_first`` of row block ``I`` and ``G_last`` of column block ``J``: ``16 x 16`` by
-``16 x BK`` products. Below the diagonal (``I > J``) every exponent is ``<= 0`` (``G`` never
+``16 x BK`` products (``tl.dot``; in full float32 for every input dtype, see
+``INTRA_BWD_PRECISION``). Below the diagonal (``I > J``) every exponent is ``<= 0`` (``G`` never
 grows along the chunk), so no factor exceeds 1 and the product is exact (when a factor
 underflows, so does the true ratio). On a diagonal block (``I = J``) the inner factor
 exceeds 1 by up to the sub-chunk's ``span``; the kernel clamps its exponent at
@@ -61,7 +62,7 @@ masked to ``-inf`` *before* the ``exp`` where ``j > r`` (``_diag_exact``). The c
 also keep the padding (rows past the sequence's end, loaded as ``G = 0``) finite, so
 no ``inf * 0 = NaN`` appears on either path.
 
-**Two launches**, as in the forward: the first runs every program with tensor-core
+**Two launches**, as in the forward: the first runs every program with block-product
 diagonals and flags the programs (chunk, ``K`` tile, value head) where some sub-chunk's
 span passes ``SAFE_SPAN``; the second (``EXACT_DIAG``) runs the flagged ones again, with
 those sub-chunks' diagonal blocks exact, and overwrites their outputs. Every other
@@ -103,9 +104,13 @@ INTRA_BWD_LAUNCH = (64, 4, 1)
 #: Precision of the block products, by the inputs' ``dot_precision`` ("tf32" for bf16/fp16, "ieee" for float32).
 #: ``dG = q dq + k dk_row - k dk_col`` is a difference of products, and the gate's parameters
 #: sum it over every token: with one tf32 pass the bf16 gradients of ``A_log`` and ``dt_bias``
-#: came out at 2.5e-2 relative RMS error against float64 (H100, ``test_gradients_bf16``), so
-#: bf16/fp16 inputs get three (``tf32x3``, near float32; 205 registers, no spills on sm_90).
-INTRA_BWD_PRECISION = {"tf32": "tf32x3", "ieee": "ieee"}
+#: came out at 2.3e-2 and 2.5e-2 against float64 (H100, the inputs of ``test_gradients_bf16``).
+#: Full float32 (``ieee``: the products on the FMA units) is both the exact choice and the
+#: fastest: ``16 x 16`` by ``16 x 64`` blocks are too small for the tensor cores to pay for their
+#: operand conversions. H100, B=8, T=4096, H=16 (``benchmarks/probe/intra_precision.py``):
+#: ieee 1.81 ms, tf32 2.01, bf16x3 2.15, tf32x3 2.31, bf16x6 2.41; a training step 8.49 ms with
+#: ieee against 9.43 with tf32x3, gradients unchanged (dA_log 1.10e-3 against 1.11e-3).
+INTRA_BWD_PRECISION = {"tf32": "ieee", "ieee": "ieee"}
 
 
 @triton.jit
@@ -149,7 +154,7 @@ def _dA_block(dA_h, ti, tj, eos, SA: tl.constexpr, cj, BC: tl.constexpr, DIAG: t
 @triton.jit
 def _diag_split(b_dq, b_x, b_col, b_q, b_k, b_G, b_Dqk, b_dAkk, b_Dkk, G_first, G_last, SPAN: tl.constexpr,
                 PRECISION: tl.constexpr):
-    """Add the diagonal block's terms to the three accumulators on tensor cores and scale them.
+    """Add the diagonal block's terms to the three accumulators as block products and scale them.
 
     The accumulators hold the off-diagonal sums before their outer factors; the diagonal's
     inner factors reach ``exp(span)``, exact while ``span <= SPAN``. The clamp at ``SPAN``
@@ -240,7 +245,7 @@ def _intra_bwd_tc_kernel(
     i_c, i_k = i_ck // NK, i_ck % NK  # the K tiles of one chunk run side by side: they share its dA in L2
     if EXACT_DIAG:
         if tl.load(flags + i_ck * HV + i_hv) == 0:
-            return  # the first launch's tensor-core diagonal was exact
+            return  # the first launch's block-product diagonal was exact
     i_h = i_hv // (HV // H)  # GVA: the q/k head this value head reads
     bos, eos = _chunk_span(cu, chunk_seq, chunk_bos, i_c)
     c0 = i_k * BK
@@ -358,7 +363,7 @@ def intra_chunk_matrices_bwd(
     Args:
         q, k: ``[B, T, H, K]``; G: ``[B, T, HV, K]`` float32 in-chunk cumulative log decay;
             beta: ``[B, T, HV]``; dA_kk, dA_qk: ``[B, T, HV, C]`` (``C = chunk_size``, a power of two
-            and at least 16: a tensor-core block is 16 x 16).
+            and at least 16: a block is 16 x 16).
 
     ``dq_acc``, ``dk_acc``, ``dG_acc``: float32 ``[B, T, HV, K]`` tensors (all or none) that ``dq``,
     ``dk`` (per value head) and ``dG`` are added into (and returned); ``per_value_head``: ``dq`` and
@@ -395,7 +400,7 @@ def intra_chunk_matrices_bwd(
         flags = torch.empty(meta.NC * NK, HV, dtype=torch.int32, device=q.device)
         inputs = (q.contiguous(), k.contiguous(), G.contiguous(), beta.contiguous(), dA_kk.contiguous(),
                   dA_qk.contiguous())
-        # every program on tensor cores, then the programs the first launch flagged, again, with their
+        # every program with block-product diagonals, then the programs the first launch flagged, again, with their
         # strong sub-chunks' diagonals exact (the others read their flag and exit: typical gates never pay)
         for exact in (False, True):
             _intra_bwd_tc_kernel[(meta.NC * NK, HV)](

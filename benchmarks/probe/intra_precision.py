@@ -1,0 +1,162 @@
+"""The intra-chunk backward's product precision: its time, and what it does to the gradients' accuracy.
+
+    python benchmarks/probe/intra_precision.py      (H100; B=8, T=4096, H=16, K=V=128, bf16)
+
+``fast.backward_intra`` runs its block products in ``tf32x3`` for bf16 inputs (three tf32 passes,
+near float32) because one pass left the gate parameters' gradients at 2.5e-2 against float64.
+For each candidate precision (``tf32x3``, ``tf32``, ``bf16x3``, ``bf16x6``, ``ieee``; a candidate this
+Triton does not know is reported and skipped) and launch shape this prints:
+
+1. the intra backward alone (``triton.testing.do_bench`` median) and its outputs' distance from
+   the current setting's;
+2. a whole ``chunk_kda`` training step (forward + backward);
+3. the relative RMS error of every gradient against the float64 reference, on the inputs of
+   ``tests/test_fast_gpu.py::test_gradients_bf16`` (two packed sequences of 700 and 1348 tokens),
+   for no gate, the softplus gate and the lower-bound gate; flash-linear-attention's errors on
+   the same inputs beside them when ``fla`` imports.
+"""
+
+import json
+import os
+import sys
+
+import torch
+import triton
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from bwd_stages import make_inputs  # noqa: E402
+from kda_explained import fast  # noqa: E402
+from kda_explained.fast import backward_intra as fbi  # noqa: E402
+from kda_explained.fast._meta import seq_meta  # noqa: E402
+from kda_explained.fast.prepare import chunk_local_cumsum  # noqa: E402
+
+PRECISIONS = ["tf32x3", "tf32", "bf16x3", "bf16x6", "ieee"]
+LAUNCHES = [(64, 4, 1), (32, 4, 1), (64, 8, 1), (32, 2, 1)]
+GATES = ["none", "softplus", "lower_bound"]
+
+
+def rel_rms(a, b):
+    a, b = a.double(), b.double()
+    return float(((a - b).pow(2).mean() / b.pow(2).mean().clamp_min(1e-30)).sqrt())
+
+
+def grad_problem(gate: str):
+    """The inputs of test_gradients_bf16 (same seeds): leaves, options, output and state cotangents."""
+    from test_fast_gpu import draw
+
+    dev = "cuda"
+    lengths = [700, 1348]
+    args, kw = draw(1, sum(lengths), 2, 4, seed=17, lengths=lengths)
+    opts = {}
+    if gate != "none":
+        gen = torch.Generator(device=dev).manual_seed(17)
+        args = (*args[:3], (2.0 * torch.randn(args[3].shape, generator=gen, device=dev)).bfloat16(), args[4])
+        opts = dict(use_gate_in_kernel=True, A_log=0.5 * torch.randn(4, generator=gen, device=dev),
+                    dt_bias=torch.randn(4, 128, generator=gen, device=dev))
+        if gate == "lower_bound":
+            opts["lower_bound"] = -5.0
+    values = dict(zip(("q", "k", "v", "g", "beta"), args), initial_state=kw["initial_state"],
+                  **{n: opts.pop(n) for n in ("A_log", "dt_bias") if n in opts})
+    gen = torch.Generator(device=dev).manual_seed(18)
+    do = torch.randn(args[2].shape, generator=gen, device=dev, dtype=torch.float64)
+    dS = torch.randn(kw["initial_state"].shape, generator=gen, device=dev, dtype=torch.float64)
+    return values, opts, kw["cu_seqlens"], do, dS
+
+
+def grads(fn, values, opts, cu, do, dS, dtype=None):
+    leaves = {n: (x.detach().to(dtype) if dtype else x.detach().clone()).requires_grad_(True)
+              for n, x in values.items()}
+    o, S = fn(**leaves, cu_seqlens=cu, **opts)
+    torch.autograd.backward((o, S), (do.to(o.dtype), dS.to(S.dtype)))
+    return {n: x.grad for n, x in leaves.items()}
+
+
+def fast_fn(**kw):
+    return fast.chunk_kda(**kw, output_final_state=True)
+
+
+def fla_fn(**kw):
+    from fla.ops.kda import chunk_kda
+
+    kw = dict(kw)
+    if "dt_bias" in kw:
+        kw["dt_bias"] = kw["dt_bias"].reshape(-1)
+    return chunk_kda(**kw, output_final_state=True)
+
+
+def main() -> None:
+    from test_fast_gpu import reference
+
+    dev, C = "cuda", 64
+    B, T, H, D = 8, 4096, 16, 128
+    q, k, v, g, beta, S0, do, dSf = make_inputs(B, T, H, D, dev)
+    meta = seq_meta(B, T, C, None, q.device)
+    G, beta32 = chunk_local_cumsum(g, C, None, beta=beta, meta=meta)
+    gen = torch.Generator(device=dev).manual_seed(5)
+    dA_kk = 0.1 * torch.randn(B, T, H, C, device=dev, generator=gen)
+    dA_qk = 0.1 * torch.randn(B, T, H, C, device=dev, generator=gen)
+    scale = D ** -0.5
+    default_prec, default_launch = dict(fbi.INTRA_BWD_PRECISION), fbi.INTRA_BWD_LAUNCH
+    ref = fbi.intra_chunk_matrices_bwd(q, k, G, beta32, scale, dA_kk, dA_qk, C, None, meta=meta)
+    results = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "intra": [], "step": [],
+               "accuracy": []}
+
+    # the step's inputs
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g, beta, S0)]
+
+    def step():
+        o, S = fast.chunk_kda(*leaves[:5], initial_state=leaves[5], output_final_state=True)
+        torch.autograd.backward((o, S), (do, dSf))
+
+    problems = {gate: grad_problem(gate) for gate in GATES}
+    refs = {}
+    for gate, (values, opts, cu, do64, dS64) in problems.items():
+        refs[gate] = grads(lambda **kw: reference(**kw, **{}), values, opts, cu, do64, dS64, torch.float64)
+    try:
+        for gate, (values, opts, cu, do64, dS64) in problems.items():
+            got = grads(fla_fn, values, opts, cu, do64, dS64)
+            errs = {n: rel_rms(got[n], refs[gate][n]) for n in got if got[n] is not None}
+            results["accuracy"].append(dict(impl="fla", gate=gate, errors=errs))
+            print(f"fla   {gate:12s} " + " ".join(f"d{n} {e:.2e}" for n, e in errs.items()), flush=True)
+    except Exception as e:  # noqa: BLE001 - fla is optional here
+        print(f"fla accuracy skipped: {type(e).__name__}: {e}")
+
+    for prec in PRECISIONS:
+        fbi.INTRA_BWD_PRECISION = {"tf32": prec, "ieee": "ieee"}
+        for launch in LAUNCHES:
+            fbi.INTRA_BWD_LAUNCH = launch
+            try:
+                out = fbi.intra_chunk_matrices_bwd(q, k, G, beta32, scale, dA_kk, dA_qk, C, None, meta=meta)
+                torch.cuda.synchronize()
+            except Exception as e:  # noqa: BLE001 - a precision this Triton lacks
+                print(f"{prec} {launch}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                break
+            diff = {n: rel_rms(a, b) for n, a, b in zip(("dq", "dk", "dG", "dbeta"), out, ref)}
+            ms = triton.testing.do_bench(
+                lambda: fbi.intra_chunk_matrices_bwd(q, k, G, beta32, scale, dA_kk, dA_qk, C, None, meta=meta),
+                warmup=5, rep=100, return_mode="median")
+            results["intra"].append(dict(precision=prec, launch=launch, ms=ms, diff_from_default=diff))
+            print(f"intra {prec:7s} {str(launch):14s} {ms:7.3f} ms   vs default: "
+                  + " ".join(f"{n} {d:.1e}" for n, d in diff.items()), flush=True)
+        else:
+            fbi.INTRA_BWD_LAUNCH = default_launch
+            ms = triton.testing.do_bench(step, warmup=3, rep=50, return_mode="median")
+            results["step"].append(dict(precision=prec, ms=ms))
+            print(f"step  {prec:7s} {ms:7.3f} ms", flush=True)
+            for gate, (values, opts, cu, do64, dS64) in problems.items():
+                got = grads(fast_fn, values, opts, cu, do64, dS64)
+                errs = {n: rel_rms(got[n], refs[gate][n]) for n in got}
+                results["accuracy"].append(dict(impl=f"fast {prec}", gate=gate, errors=errs))
+                print(f"fast {prec:7s} {gate:12s} " + " ".join(f"d{n} {e:.2e}" for n, e in errs.items()), flush=True)
+    fbi.INTRA_BWD_PRECISION, fbi.INTRA_BWD_LAUNCH = default_prec, default_launch
+    out_dir = os.environ.get("OUT", os.path.join(ROOT, "benchmarks", "results"))
+    with open(os.path.join(out_dir, "intra_precision.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
