@@ -217,6 +217,35 @@ def test_stage_chunk_output(p, C):
 @pin(*AWKWARD)
 @few
 @given(p=problems, C=chunk_16)
+def test_stage_state_passing_output(p, C):
+    """Stages 5 and 6 in one kernel == state_passing then chunk_output (h and v_new never stored)."""
+    r = reference_stages(p, C)
+    o, S = fast.state_passing_output(f32(r.kg), f32(r.W), f32(r.U), f32(r.G), f32(r.qg), f32(r.A_qk), f32(r.S0),
+                                     C, r.cu)
+    assert o.dtype == torch.float32
+    assert_close(o, r.o, F32, "o")
+    assert_close(S, r.S, F32, "final state")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_chunk_kda_state_output_fused_equals_two_kernels(dtype, monkeypatch):
+    """The default forward (stages 5 and 6 fused) against the two kernels, on the same inputs."""
+    from kda_explained.fast import chunk as fast_chunk
+
+    args, kw = inputs(make_problem(B=2, T=45, H=2, HV=4, K=32, V=24, seed=9), dtype)
+    o, S = fast.chunk_kda(*args, **kw, output_final_state=True, chunk_size=16)
+    monkeypatch.setattr(fast_chunk, "FUSED_STATE_OUTPUT", False)
+    o2, S2 = fast.chunk_kda(*args, **kw, output_final_state=True, chunk_size=16)
+    assert o.dtype == o2.dtype == dtype
+    # float32: the same products in another order; bf16 (interpreter): the two kernels also round h
+    # to bf16 between them, the fused one keeps it in float32
+    assert_close(o, o2, 1e-5 if dtype == torch.float32 else 1e-2, "o")
+    assert_close(S, S2, 1e-6, "final state")
+
+
+@pin(*AWKWARD)
+@few
+@given(p=problems, C=chunk_16)
 def test_stage_state_passing_bwd_recurrence(p, C):
     """The backward's reverse-time state pass (issue 5) == the chunked recurrence of the same name."""
     from kda_explained.chunked.backward_inter import state_passing_bwd_recurrence as reference_recurrence

@@ -100,6 +100,7 @@ def check_chunk_kda(args, kw, bound: float, chunk_size: int = 64, **opts):
     assert o.dtype == args[2].dtype and S.dtype == torch.float32
     assert_close(o, o_ref, bound, "o")
     assert_close(S, S_ref, bound, "final state")
+    return o, S
 
 
 # ==============================================================================================
@@ -133,6 +134,9 @@ def test_stages_match_chunked(C):
     assert_close(v_new_f, v_new, F32, "v_new")
     assert_close(S_f, S, F32, "final state")
     assert_close(fast.chunk_output(f32(qg), f32(h), f32(v_new), f32(A_qk), C), o, F32, "o")
+    o_f, S_f = fast.state_passing_output(f32(kg), f32(W), f32(U), f32(G), f32(qg), f32(A_qk), f32(S0), C)
+    assert_close(o_f, o, F32, "o (stages 5 and 6 fused)")
+    assert_close(S_f, S, F32, "final state (stages 5 and 6 fused)")
 
 
 # ==============================================================================================
@@ -158,6 +162,20 @@ def test_many_heads_short_sequences():
 def test_packed_batch():
     args, kw = draw(1, sum(VARLEN), 8, 8, seed=4, lengths=VARLEN)
     check_chunk_kda(args, kw, LOW)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K, V", [(128, 128), (96, 160)])
+def test_state_output_fused_equals_two_kernels(K, V, monkeypatch):
+    # stages 5 and 6 in one kernel (forced, whatever the grid) against the two kernels: a packed
+    # batch with GVA, bf16; both against the float64 reference and against each other
+    args, kw = draw(1, sum(VARLEN), 2, 4, K, V, seed=12, lengths=VARLEN, gate="lowerbound")
+    monkeypatch.setattr(fast_chunk, "output_fused", lambda *a: True)
+    o, S = check_chunk_kda(args, kw, LOW)
+    monkeypatch.setattr(fast_chunk, "FUSED_STATE_OUTPUT", False)
+    o2, S2 = check_chunk_kda(args, kw, LOW)
+    assert_close(o, o2, 5e-3, "o: fused against two kernels")  # the same bf16 operands, sums in another order
+    assert_close(S, S2, 1e-6, "final state: fused against two kernels")
 
 
 @pytest.mark.gpu

@@ -24,7 +24,7 @@ from ._meta import _OFFSETS, host_offsets, interpreting, seq_meta
 from .local import chunk_local_factors, intermediate_dtype
 from .output import chunk_output
 from .prepare import chunk_local_cumsum, l2norm
-from .state import state_passing
+from .state import output_fused, state_passing, state_passing_output
 
 __all__ = ["chunk_kda", "chunk_kda_fwd", "FAST_CHUNK_SIZES", "MAX_HEAD_DIM", "check_fast_inputs"]
 
@@ -32,6 +32,12 @@ __all__ = ["chunk_kda", "chunk_kda_fwd", "FAST_CHUNK_SIZES", "MAX_HEAD_DIM", "ch
 FAST_CHUNK_SIZES = (16, 32, 64)
 #: Largest K and V; a state tile ``[K, BV]`` and the ``[BT, K]`` tiles live in registers.
 MAX_HEAD_DIM = 256
+
+#: Stages 5 and 6 as one kernel (:func:`~kda_explained.fast.state.state_passing_output`) where the
+#: grid is large enough (:func:`~kda_explained.fast.state.output_fused`): the chunk states ``h`` and
+#: pseudo-values ``v_new`` never go to memory. ``False``: always the two kernels, with ``h`` and
+#: ``v_new`` written and read back (as ``return_intermediate_states`` always runs).
+FUSED_STATE_OUTPUT = True
 
 # Arguments of fla.ops.kda.chunk_kda that change nothing here, accepted so code can switch imports.
 _FLA_NO_OPS = {"safe_gate", "disable_recompute", "cu_seqlens_cpu", "use_graph", "max_num_seqs"}
@@ -78,8 +84,9 @@ def chunk_kda_fwd(
     """The stages on validated inputs; returns ``o`` (``v``'s dtype), the final state, the chunk states
     and, with ``keep_for_backward``, ``(A_qk, M, G)`` (else ``None``).
 
-    The chunk states ``h`` are float32 with ``float32_chunk_states``, else in the
-    intermediate dtype (all stage 6 needs). ``A_qk`` and ``M = (I + A_kk)^{-1}`` (float32) are
+    The chunk states ``h`` are float32 with ``float32_chunk_states``; otherwise stages 5 and 6 may run
+    as one kernel (``FUSED_STATE_OUTPUT``, large grids) and ``h`` is ``None`` (never in memory), or, with the
+    two kernels, in the intermediate dtype (all stage 6 needs). ``A_qk`` and ``M = (I + A_kk)^{-1}`` (float32) are
     what the backward would otherwise recompute with the whole keys' and queries' passes
     (:func:`kda_explained.fast.backward.core_backward`'s ``factors``); ``G`` is stage 1's output.
     """
@@ -94,12 +101,18 @@ def chunk_kda_fwd(
     )  # 1.                                                                              [B, T, HV, K]
     f = chunk_local_factors(q, k, v, G, beta32, scale, C, cu_seqlens, store_m=keep_for_backward, meta=meta)  # 2.-4.
     A_qk, W, U, qg, kg = f[:5]
+    kept = (A_qk, f.M, G) if keep_for_backward else None
+    if FUSED_STATE_OUTPUT and not float32_chunk_states and output_fused(meta.N * W.shape[2], v.shape[3], q.device):
+        # 5. + 6. in one kernel: h, v_new stay on chip
+        o, S = state_passing_output(kg, W, U, G, qg, A_qk, initial_state, C, cu_seqlens, out_dtype=v.dtype,
+                                    state_v_first=state_v_first, meta=meta)
+        return o, S, None, kept
     h_dtype = torch.float32 if float32_chunk_states else intermediate_dtype(q.dtype)
     h, v_new, S = state_passing(kg, W, U, G, initial_state, C, cu_seqlens, state_v_first=state_v_first,
                                 h_dtype=h_dtype, meta=meta)  # 5.                       h: [NC, HV, K, V]
     o = chunk_output(qg, h, v_new, A_qk, C, cu_seqlens, out_dtype=v.dtype, state_v_first=state_v_first,
                      meta=meta)  # 6.
-    return o, S, h, ((A_qk, f.M, G) if keep_for_backward else None)
+    return o, S, h, kept
 
 
 def _options_in_pytorch(q, k, g, beta, A_log, dt_bias, initial_state, opts):

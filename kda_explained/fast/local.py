@@ -81,6 +81,9 @@ LOCAL_STAGES = 2
 #: Precision of the UT transform's products: float32 inputs get "ieee"; for bf16/fp16 inputs
 #: "tf32" measured 0.03 ms faster than "ieee" at the same output error (3.07e-3, H100).
 UT_PRECISION = {"ieee": "ieee", "tf32": "tf32"}
+#: Precision of the other block products (``A``'s blocks, ``M`` into the keys and values), by the
+#: inputs' ``dot_precision``.
+LOCAL_PRECISION = {"ieee": "ieee", "tf32": "tf32"}
 #: Which passes the launcher runs (all, but the benchmarks time each alone).
 _PASSES = ("keys", "queries")
 
@@ -504,7 +507,7 @@ def chunk_local_factors(
         flags = torch.empty(meta.NC, HV, dtype=torch.int32, device=dev)
         inputs = (q.contiguous(), k.contiguous(), v.contiguous(), G.contiguous(), beta.contiguous().float())
         consts = dict(H=H, HV=HV, K=K, V=V, BT=chunk_size, BC=BC, BV=min(64, max(16, triton.next_power_of_2(V))),
-                      SPAN=SAFE_SPAN, PRECISION=dot_precision(q.dtype),
+                      SPAN=SAFE_SPAN, PRECISION=LOCAL_PRECISION[dot_precision(q.dtype)],
                       UT_PREC=UT_PRECISION[dot_precision(q.dtype)])
         tables = (flags, meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale))
         grid = (meta.NC, HV)
