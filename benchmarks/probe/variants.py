@@ -41,6 +41,8 @@ VARIANTS = {
     "two_kernels": [(fc, "FUSED_STATE_OUTPUT", False)],
     "local_ieee": [(fl, "LOCAL_PRECISION", {"ieee": "ieee", "tf32": "ieee"})],
     "state_warps8": [(fs, "STATE_WARPS", 8)],
+    "fused_all": [(fc, "output_fused", lambda *a: True)],
+    "fused_all_bv32": [(fc, "output_fused", lambda *a: True), (fs, "STATE_BV", 32)],
     "ut_bwd_ieee": [(fb, "UT_BWD_PRECISION", "ieee")],
     "intra_128_4": [(fbi, "INTRA_BWD_LAUNCH", (128, 4, 1))],
     "intra_128_8": [(fbi, "INTRA_BWD_LAUNCH", (128, 8, 1))],
