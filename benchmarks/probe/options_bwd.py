@@ -6,7 +6,8 @@ The step is ``benchmarks/gpu_train_bench.py``'s with ``use_qk_l2norm_in_kernel``
 ``use_gate_in_kernel`` (``A_log``, ``dt_bias``, ``lower_bound=-5``) and
 ``use_beta_sigmoid_in_kernel``; every input, ``A_log`` and ``dt_bias`` included, requires grad. It is
 timed with ``fast.chunk.TRITON_OPTIONS_BACKWARD`` on (the options' backward in
-:mod:`kda_explained.fast.backward_options`) and off (PyTorch autograd around the Triton core).
+:mod:`kda_explained.fast.backward_options`) and off (PyTorch autograd around the Triton core), and
+flash-linear-attention's ``chunk_kda`` with the same options beside them (``safe_gate`` off and on).
 """
 
 import os
@@ -55,6 +56,25 @@ def main() -> None:
         print(f"B={B} T={T} H={H} D={D} options' backward in {'Triton ' if on else 'PyTorch'}: {ms:.3f} ms, "
               f"peak {peak:.3f} GB", flush=True)
     fast_chunk.TRITON_OPTIONS_BACKWARD = default
+    try:
+        from fla.ops.kda import chunk_kda as fla_kda
+    except ImportError as exc:
+        print(f"fla not importable ({exc!r})")
+        return
+    for safe_gate in (False, True):  # fla's bounded-gate path needs safe_gate=True for lower_bound's sigmoid gate
+
+        def fla_step():
+            for x in xs:
+                x.grad = None
+            o, S = fla_kda(q, k, v, g, beta, initial_state=S0, output_final_state=True,
+                           use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias,
+                           lower_bound=-5.0, use_beta_sigmoid_in_kernel=True, safe_gate=safe_gate)
+            ((o.float() * do).sum() + (S * dS).sum()).backward()
+
+        fla_step()
+        torch.cuda.synchronize()
+        ms = triton.testing.do_bench(fla_step, warmup=5, rep=200, return_mode="median")
+        print(f"B={B} T={T} H={H} D={D} fla chunk_kda, same options, safe_gate={safe_gate}: {ms:.3f} ms", flush=True)
 
 
 if __name__ == "__main__":

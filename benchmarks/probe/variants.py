@@ -11,7 +11,8 @@ fusions), applied for its measurement and restored after. For each variant this 
 - a training step (``chunk_kda`` forward + backward, ``benchmarks/gpu_train_bench.py``'s step) at
   its two shapes;
 
-and flash-linear-attention's ``chunk_kda`` once per shape beside them. Writes ``variants.json``.
+and flash-linear-attention's ``chunk_kda`` once per shape beside them (with ``--fla-safe-gate`` also
+its ``safe_gate=True`` path, for gates bounded in ``[-5, 0)`` as the benchmark's are). Writes ``variants.json``.
 What each variant changed and measured goes to the kernel page (docs/kernels.md).
 """
 
@@ -82,7 +83,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--fwd", nargs="*", default=["default", "two_kernels"])
     ap.add_argument("--train", nargs="*", default=["default"])
+    ap.add_argument("--train-shapes", nargs="*", default=None, help="training shapes by name (default: both)")
     ap.add_argument("--fwd-shapes", nargs="*", default=None, help="prefill shapes by name (default: all four)")
+    ap.add_argument("--fla-safe-gate", action="store_true",
+                    help="also time fla with safe_gate=True (its faster path for gates bounded in [-5, 0), "
+                         "which the benchmark's lower-bound gates are)")
     ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(ROOT, "benchmarks", "results")))
     args = ap.parse_args()
     try:
@@ -115,6 +120,11 @@ def main() -> None:
                 row["fla_ms"] = bench(lambda: fla_kda(q, k, v, g, beta, cu_seqlens=cu))
                 if shp is PREFILL[0]:
                     row["fla_err"] = rel_rms_error(fla_kda(*sl)[0], ref)
+                if args.fla_safe_gate:
+                    fla_kda(q, k, v, g, beta, cu_seqlens=cu, safe_gate=True)
+                    row["fla_safe_gate_ms"] = bench(lambda: fla_kda(q, k, v, g, beta, cu_seqlens=cu, safe_gate=True))
+                    if shp is PREFILL[0]:
+                        row["fla_safe_gate_err"] = rel_rms_error(fla_kda(*sl, safe_gate=True)[0], ref)
             for name in args.fwd:
                 with variant(name):
                     o = fast.chunk_kda(q, k, v, g, beta, cu_seqlens=cu)[0]
@@ -133,6 +143,8 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     for shp in TRAIN_SHAPES if args.train else []:
+        if args.train_shapes is not None and shp["name"] not in args.train_shapes:
+            continue
         xs = leaves(shp["B"], shp["T"], shp["H"], shp["D"], "cuda", torch.bfloat16)
         gen = torch.Generator(device="cuda").manual_seed(1)
         do = torch.randn(xs[2].shape, device="cuda", generator=gen)
@@ -142,6 +154,10 @@ def main() -> None:
             st = step_fn(fla_kda, xs, do, dS)
             st()
             row["fla_ms"] = bench(st, 400)
+            if args.fla_safe_gate:
+                st = step_fn(lambda *a, **kw: fla_kda(*a, **kw, safe_gate=True), xs, do, dS)
+                st()
+                row["fla_safe_gate_ms"] = bench(st, 400)
         for name in args.train:
             with variant(name):
                 st = step_fn(fast.chunk_kda, xs, do, dS)
