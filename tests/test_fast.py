@@ -227,6 +227,35 @@ def test_stage_state_passing_output(p, C):
     assert_close(S, r.S, F32, "final state")
 
 
+@pytest.mark.parametrize("segments", [2, 3])
+@pytest.mark.parametrize("p, C", AWKWARD + ((make_problem(T=150, H=1, HV=2, K=16, V=24, initial_state=True,
+                                                          cu_seqlens=[0, 70, 70, 150], seed=11), 16),))
+def test_stage_state_passing_output_segmented(p, C, segments):
+    """Stages 5 and 6 on segments of every sequence, side by side == the chunked stages."""
+    r = reference_stages(p, C)
+    o, S = fast.state_passing_output_segmented(f32(r.kg), f32(r.W), f32(r.U), f32(r.G), f32(r.qg), f32(r.A_qk),
+                                               f32(r.S0), C, r.cu, segments=segments)
+    assert_close(o, r.o, F32, "o")
+    assert_close(S, r.S, F32, "final state")
+
+
+@pytest.mark.parametrize("state_v_first", [False, True], ids=["kv", "vk"])
+def test_chunk_kda_segmented_state_pass_equals_one_pass(state_v_first, monkeypatch):
+    """chunk_kda with its sequences cut into segments (forced) against the one-pass state kernel:
+    a packed batch with an empty sequence, GVA, an initial state, both state layouts."""
+    from kda_explained.fast import chunk as fast_chunk
+
+    p = make_problem(T=150, H=1, HV=2, K=16, V=24, cu_seqlens=[0, 70, 70, 150], initial_state=True, seed=11)
+    args, kw = inputs(p)
+    if state_v_first:
+        kw["initial_state"] = kw["initial_state"].transpose(-1, -2).contiguous()
+    o, S = fast.chunk_kda(*args, **kw, output_final_state=True, chunk_size=16, state_v_first=state_v_first)
+    monkeypatch.setattr(fast_chunk, "state_segments", lambda *a: 3)
+    o2, S2 = fast.chunk_kda(*args, **kw, output_final_state=True, chunk_size=16, state_v_first=state_v_first)
+    assert_close(o2, o, 1e-5, "o")
+    assert_close(S2, S, 1e-5, "final state")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_chunk_kda_state_output_fused_equals_two_kernels(dtype, monkeypatch):
     """The default forward (stages 5 and 6 fused) against the two kernels, on the same inputs."""

@@ -152,6 +152,22 @@ def test_long_sequence():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("segments", [3, 16])
+def test_segmented_state_pass_equals_one_pass(segments, monkeypatch):
+    # one long sequence and a packed batch, cut into segments that run side by side (forced) against
+    # the one-pass state kernel and the float64 reference
+    for lengths in (None, [9000, 0, 300, 20000]):
+        T = 30000 if lengths is None else sum(lengths)
+        args, kw = draw(1, T, 2, 4, seed=13, lengths=lengths, gate="slow")
+        monkeypatch.setattr(fast_chunk, "state_segments", lambda *a: 1)
+        o1, S1 = check_chunk_kda(args, kw, LOW)
+        monkeypatch.setattr(fast_chunk, "state_segments", lambda *a: segments)
+        o, S = check_chunk_kda(args, kw, LOW)
+        assert_close(o, o1, 5e-3, "o: segments against one pass")
+        assert_close(S, S1, 1e-4, "final state: segments against one pass")
+
+
+@pytest.mark.gpu
 def test_many_heads_short_sequences():
     # B * H = 1536 programs per chunk, two chunks each
     args, kw = draw(96, 128, 16, 16, seed=3)

@@ -14,7 +14,7 @@ from .chunk import FAST_CHUNK_SIZES, MAX_HEAD_DIM, chunk_kda
 from .local import chunk_local_factors, chunk_wy_factors
 from .output import chunk_output
 from .prepare import chunk_local_cumsum, l2norm
-from .state import state_passing, state_passing_output
+from .state import state_passing, state_passing_output, state_passing_output_segmented
 
 __all__ = [
     "kda",
@@ -25,6 +25,7 @@ __all__ = [
     "chunk_wy_factors",
     "state_passing",
     "state_passing_output",
+    "state_passing_output_segmented",
     "chunk_output",
     "l2norm",
     "FAST_CHUNK_SIZES",

@@ -25,7 +25,8 @@ from typing import List, Optional
 
 import torch
 
-__all__ = ["SeqMeta", "seq_meta", "packed_offsets", "host_offsets", "device_offsets", "dot_precision", "interpreting"]
+__all__ = ["SeqMeta", "seq_meta", "packed_offsets", "max_chunks", "host_offsets", "device_offsets", "dot_precision",
+           "interpreting"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,12 @@ def device_offsets(cu_seqlens, device) -> torch.Tensor:
     if key not in entry.tables:
         entry.tables[key] = torch.tensor(entry.values, dtype=torch.int32, device=device)
     return entry.tables[key]
+
+
+def max_chunks(B: int, T: int, chunk_size: int, cu_seqlens) -> int:
+    """Chunks in the longest sequence (host values: no device read once the offsets are cached)."""
+    o = packed_offsets(B, T, cu_seqlens)
+    return max(((e - b + chunk_size - 1) // chunk_size for b, e in zip(o[:-1], o[1:])), default=0)
 
 
 def host_offsets(cu_seqlens) -> Optional[List[int]]:

@@ -21,15 +21,17 @@ state transposed) through strides alone: the registers keep ``[K, BV]``.
 
 from __future__ import annotations
 
+import functools
+
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._meta import SeqMeta, dot_precision, interpreting, seq_meta
+from ._meta import SeqMeta, _build_seq_meta, dot_precision, interpreting, max_chunks, packed_offsets, seq_meta
 
-__all__ = ["state_passing", "state_passing_output", "output_fused"]
+__all__ = ["state_passing", "state_passing_output", "state_passing_output_segmented", "output_fused", "state_segments"]
 
 #: Software-pipelining depth of the chunk loop (loads of chunk i + 1 overlap the math of chunk i).
 STATE_STAGES = 2
@@ -40,6 +42,32 @@ STATE_LOW_PRECISION_DOTS = True  # H100: chunk_kda 5.31 -> 4.93 ms, error unchan
 #: leaves SMs idle: one long sequence has only HV * V / BV programs to spread over the GPU).
 STATE_WARPS = 4
 STATE_BV = None
+#: Split long sequences into segments when the state pass's grid would leave SMs idle
+#: (:func:`state_segments`); ``SEGMENT_PROGRAMS_PER_SM``: how many programs per SM the first
+#: pass over the segments should have (it sets the number of segments).
+STATE_SEGMENTS = True
+SEGMENT_PROGRAMS_PER_SM = 2
+#: Shortest segment, in chunks: below it the passes' extra work outweighs the parallelism.
+SEGMENT_MIN_CHUNKS = 8
+
+
+@triton.jit
+def _pseudo_values(b_S, b_W, b_U, LOWP: tl.constexpr, PRECISION: tl.constexpr):
+    """``v_new = U - W S`` for one chunk, ``[BT, BV]`` float32 (``b_U`` float32, ``b_W`` as stored)."""
+    if LOWP:  # bf16/fp16 intermediates: the state rounded to their dtype for the product
+        return b_U - tl.dot(b_W, b_S.to(b_W.dtype))
+    else:
+        return b_U - tl.dot(b_W.to(tl.float32), b_S, input_precision=PRECISION)
+
+
+@triton.jit
+def _next_state(b_S, b_kg, b_v, b_Glast, LOWP: tl.constexpr, PRECISION: tl.constexpr):
+    """``S = Diag(Gamma_C) S + kg^T v_new``: the state leaving the chunk (``b_Glast``: ``G`` at its last token)."""
+    if LOWP:
+        b_dS = tl.dot(tl.trans(b_kg), b_v.to(b_kg.dtype))
+    else:
+        b_dS = tl.dot(tl.trans(b_kg.to(tl.float32)), b_v, input_precision=PRECISION)
+    return b_S * tl.exp(b_Glast)[:, None] + b_dS
 
 
 @triton.jit
@@ -103,10 +131,7 @@ def _state_passing_kernel(
         # v_new = U - W S
         b_W = tl.load(W + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0)
         b_U = tl.load(U + ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], mask=m_tv, other=0).to(tl.float32)
-        if LOWP:
-            b_v = b_U - tl.dot(b_W, b_S.to(W.dtype.element_ty))  # [BT, BV]
-        else:
-            b_v = b_U - tl.dot(b_W.to(tl.float32), b_S, input_precision=PRECISION)  # [BT, BV]
+        b_v = _pseudo_values(b_S, b_W, b_U, LOWP, PRECISION)  # [BT, BV]
         if OUTPUT:  # o = qg S + A_qk v_new (stage 6), with S still the state entering the chunk
             b_qg = tl.load(qg + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0)
             b_A = tl.load(A_qk + ((t0 + o_t[:, None]) * HV + i_hv) * BT + o_t[None, :],
@@ -126,13 +151,63 @@ def _state_passing_kernel(
         t_last = tl.minimum(t0 + BT, eos) - 1
         b_Glast = tl.load(G + (t_last * HV + i_hv) * K + o_k, mask=m_k, other=0)  # [BK]
         b_kg = tl.load(kg + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0)
-        if LOWP:
-            b_dS = tl.dot(tl.trans(b_kg), b_v.to(kg.dtype.element_ty))
-        else:
-            b_dS = tl.dot(tl.trans(b_kg.to(tl.float32)), b_v, input_precision=PRECISION)
-        b_S = b_S * tl.exp(b_Glast)[:, None] + b_dS
+        b_S = _next_state(b_S, b_kg, b_v, b_Glast, LOWP, PRECISION)
 
     tl.store(ht + (i_n * HV + i_hv) * K * V + o_S, b_S, mask=m_kv)
+
+
+@triton.jit
+def _segment_kernel(
+    # pointers
+    kg,  # [TT, HV, K]
+    W,  # [TT, HV, K]
+    U,  # [TT, HV, V]
+    G,  # [TT, HV, K] float32 (read at each chunk's last token)
+    ends,  # [NSEG, HV, K, V + K] float32 out: [S_loc | P] of each segment
+    cu,  # [NSEG + 1] segment offsets
+    # sizes
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    # meta-parameters
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PRECISION: tl.constexpr,
+    LOWP: tl.constexpr,
+):
+    """Pass 1 of the segmented state pass: one segment, one value head, ``BV`` columns of the
+    extended state ``[K, V + K]``, which enters the segment as ``[0 | I]`` and leaves it as ``[S_loc | P]``.
+
+    Each chunk maps the state affinely, ``S -> (Diag(Gamma_C) - kg^T W) S + kg^T U``; columns
+    ``< V`` run that map from zero (``S_loc``: what the segment writes), columns ``>= V`` run its
+    linear part on the identity (``P``: how the segment transforms the state it is given, ``U``
+    read as zero there). Then the state leaving the segment is ``P S_in + S_loc``.
+    """
+    i_v, i_n, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos = tl.load(cu + i_n).to(tl.int64)
+    eos = tl.load(cu + i_n + 1).to(tl.int64)
+    VS: tl.constexpr = V + K
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)  # extended column index: value column, or V + j for P's column j
+    o_t = tl.arange(0, BT)
+    m_k = o_k < K
+    m_u = o_v < V  # columns that read U
+    b_S = tl.where(o_v[None, :] - V == o_k[:, None], 1.0, 0.0)  # [0 | I]
+    for i_t in range(0, tl.cdiv(eos - bos, BT)):
+        t0 = bos + i_t * BT
+        m_t = t0 + o_t < eos
+        m_tk = m_t[:, None] & m_k[None, :]
+        b_W = tl.load(W + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0)
+        b_U = tl.load(U + ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], mask=m_t[:, None] & m_u[None, :],
+                      other=0).to(tl.float32)
+        b_v = _pseudo_values(b_S, b_W, b_U, LOWP, PRECISION)
+        t_last = tl.minimum(t0 + BT, eos) - 1
+        b_Glast = tl.load(G + (t_last * HV + i_hv) * K + o_k, mask=m_k, other=0)
+        b_kg = tl.load(kg + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0)
+        b_S = _next_state(b_S, b_kg, b_v, b_Glast, LOWP, PRECISION)
+    tl.store(ends + ((i_n * HV + i_hv) * K + o_k[:, None]) * VS + o_v[None, :], b_S,
+             mask=m_k[:, None] & (o_v < VS)[None, :])
 
 
 def state_value_tile(sequences_x_heads: int, V: int, device) -> int:
@@ -240,3 +315,97 @@ def state_passing_output(
     o = torch.empty(B, T, HV, V, dtype=out_dtype or torch.float32, device=kg.device)
     _launch(kg, W, U, G, initial_state, ht, ht, ht, (qg, A_qk, o), chunk_size, state_v_first, meta)
     return o, ht
+
+
+def state_segments(sequences_x_heads: int, V: int, chunks: int, device) -> int:
+    """Segments per sequence for the state pass: 1 while the grid at 64 value columns a program
+    fills the SMs, else enough for ``SEGMENT_PROGRAMS_PER_SM`` programs per SM in the first pass
+    (``[K, V + K]`` columns), each at least ``SEGMENT_MIN_CHUNKS`` chunks long."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    programs = sequences_x_heads * triton.cdiv(V, 64)
+    if not STATE_SEGMENTS or programs >= sms:
+        return 1
+    wanted = triton.cdiv(SEGMENT_PROGRAMS_PER_SM * sms, programs)
+    return max(1, min(wanted, chunks // SEGMENT_MIN_CHUNKS))
+
+
+@functools.lru_cache(maxsize=64)
+def _segment_tables(offsets: Tuple[int, ...], chunk_size: int, segment_chunks: int, device: str):
+    """The segments of every sequence (``segment_chunks`` chunks each, the last one shorter; an
+    empty sequence gets one empty segment), as a packed batch of its own: its chunk tables, the
+    index of each sequence's first and last segment, and for pass 2 the segments that hand their
+    state on, step by step."""
+    cu, first, last = [0], [], []
+    length = segment_chunks * chunk_size
+    for n in range(len(offsets) - 1):
+        bos, eos = offsets[n], offsets[n + 1]
+        first.append(len(cu) - 1)
+        cu.extend(range(bos + length, eos, length))
+        cu.append(eos)
+        last.append(len(cu) - 2)
+    steps = []
+    for step in range(max(lst - fst for fst, lst in zip(first, last)) if first else 0):
+        cur = [fst + step for fst, lst in zip(first, last) if fst + step < lst]
+        steps.append(torch.tensor(cur, dtype=torch.long, device=device))
+    meta = _build_seq_meta(cu, chunk_size, device)
+    idx = functools.partial(torch.tensor, dtype=torch.long, device=device)
+    return meta, idx(first), idx(last), steps
+
+
+def state_passing_output_segmented(
+    kg: torch.Tensor,
+    W: torch.Tensor,
+    U: torch.Tensor,
+    G: torch.Tensor,
+    qg: torch.Tensor,
+    A_qk: torch.Tensor,
+    initial_state: Optional[torch.Tensor],
+    chunk_size: int,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    *,
+    segments: int,
+    out_dtype: Optional[torch.dtype] = None,
+    state_v_first: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`state_passing_output` with every sequence cut into ``segments`` pieces that run side by side.
+
+    The state pass is sequential along a sequence; one long sequence gives the GPU only
+    ``HV * V / BV`` programs (32 at ``HV = 16``, ``V = 128`` on 132 SMs). Each chunk maps the
+    state affinely, so a segment of chunks does too: ``S_out = P S_in + S_loc``. Three passes:
+
+    1. every segment at once (:func:`_segment_kernel`): ``S_loc`` (the state it would leave from
+       zero) and ``P`` (``K x K``: the same chunks run on the identity), as ``K`` more state columns;
+    2. segment after segment, one small product each: ``S_in`` of every segment;
+    3. every segment at once again, from its ``S_in``: the output (:func:`state_passing_output`).
+
+    Pass 1 does ``(V + K) / V`` times the state pass's products and pass 3 repeats it, but all of
+    it in parallel; the outputs equal the unsegmented pass's up to rounding.
+    """
+    B, T, HV, K = kg.shape
+    V = U.shape[3]
+    offsets = tuple(packed_offsets(B, T, cu_seqlens))
+    seg_chunks = max(1, triton.cdiv(max_chunks(B, T, chunk_size, cu_seqlens), segments))
+    meta, first, last, steps = _segment_tables(offsets, chunk_size, seg_chunks, str(kg.device))
+    # 1. [S_loc | P] of every segment
+    VS = V + K
+    BV = min(64, triton.next_power_of_2(VS))
+    ends = torch.empty(meta.N, HV, K, VS, dtype=torch.float32, device=kg.device)
+    _segment_kernel[(triton.cdiv(VS, BV), meta.N, HV)](
+        kg.contiguous(), W.contiguous(), U.contiguous(), G.contiguous(), ends, meta.cu,
+        HV=HV, K=K, V=V, BT=chunk_size, BK=max(16, triton.next_power_of_2(K)), BV=BV,
+        PRECISION=dot_precision(W.dtype),
+        LOWP=STATE_LOW_PRECISION_DOTS and W.dtype in (torch.bfloat16, torch.float16) and not interpreting(),
+        num_warps=STATE_WARPS if K > 64 else 4, num_stages=STATE_STAGES if K <= 128 else 1,
+    )
+    # 2. the state entering each segment: S_in[s + 1] = P[s] S_in[s] + S_loc[s]
+    S_in = torch.empty(meta.N, HV, K, V, dtype=torch.float32, device=kg.device)
+    if initial_state is None:
+        S_in[first] = 0.0
+    else:
+        S_in[first] = (initial_state.transpose(-1, -2) if state_v_first else initial_state).float()
+    for cur in steps:
+        S_in[cur + 1] = torch.matmul(ends[cur, :, :, V:], S_in[cur]) + ends[cur, :, :, :V]
+    # 3. the output (and each segment's final state) from the entering states
+    o, S_out = state_passing_output(kg, W, U, G, qg, A_qk, S_in, chunk_size, out_dtype=out_dtype, meta=meta)
+    S = S_out[last]
+    return o, (S.transpose(-1, -2).contiguous() if state_v_first else S)
