@@ -44,8 +44,11 @@ STATE_WARPS = 4
 STATE_BV = None
 #: Split long sequences into segments when the state pass's grid would leave SMs idle
 #: (:func:`state_segments`); ``SEGMENT_PROGRAMS_PER_SM``: how many programs per SM the first
-#: pass over the segments should have (it sets the number of segments).
-STATE_SEGMENTS = True
+#: pass over the segments should have (it sets the number of segments). Off: on the H100 at
+#: T=65536, H=16 the forward took 5.52 ms with segments (9 a sequence; 5.71 with 5, 5.79 with 17,
+#: 6.91 with 33) against 5.09 without (``benchmarks/probe/variants.py``): the first pass, on
+#: ``V + K`` columns, costs more than the parallelism returns. Correct (tested), kept for study.
+STATE_SEGMENTS = False
 SEGMENT_PROGRAMS_PER_SM = 2
 #: Shortest segment, in chunks: below it the passes' extra work outweighs the parallelism.
 SEGMENT_MIN_CHUNKS = 8
