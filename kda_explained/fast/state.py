@@ -14,15 +14,23 @@ does no ``exp`` but one ``[K]`` vector per chunk and reads ``G`` only at each
 chunk's last token.
 
 Value columns are independent in all three lines, which is what lets the
-``V`` axis split across programs. ``STATE_V_FIRST`` reads and writes the
-initial, final and chunk states as ``[V, K]`` (serving engines that store the
-state transposed) through strides alone: the registers keep ``[K, BV]``.
+``V`` axis split across programs.
+
+:func:`state_passing_output` runs stage 6 (the output) inside the same loop, while
+each chunk's entering state and ``v_new`` are in registers, so neither goes to
+memory; :func:`~kda_explained.fast.chunk.chunk_kda` uses it where the grid is large
+enough (:func:`output_fused`). :func:`state_passing_output_segmented` cuts long
+sequences into segments that run side by side and chains their states afterwards
+(measured slower on the H100, off by default: ``STATE_SEGMENTS``).
+
+``STATE_V_FIRST`` reads and writes the initial, final and chunk states as ``[V, K]``
+(serving engines that store the state transposed) through strides alone: the
+registers keep ``[K, BV]``.
 """
 
 from __future__ import annotations
 
 import functools
-
 from typing import Optional, Tuple
 
 import torch
@@ -376,7 +384,7 @@ def state_passing_output_segmented(
     ``HV * V / BV`` programs (32 at ``HV = 16``, ``V = 128`` on 132 SMs). Each chunk maps the
     state affinely, so a segment of chunks does too: ``S_out = P S_in + S_loc``. Three passes:
 
-    1. every segment at once (:func:`_segment_kernel`): ``S_loc`` (the state it would leave from
+    1. every segment at once (``_segment_kernel``): ``S_loc`` (the state it would leave from
        zero) and ``P`` (``K x K``: the same chunks run on the identity), as ``K`` more state columns;
     2. segment after segment, one small product each: ``S_in`` of every segment;
     3. every segment at once again, from its ``S_in``: the output (:func:`state_passing_output`).
