@@ -12,7 +12,7 @@ fusions), applied for its measurement and restored after. For each variant this 
   its two shapes;
 
 and flash-linear-attention's ``chunk_kda`` once per shape beside them (with ``--fla-safe-gate`` also
-its ``safe_gate=True`` path, for gates bounded in ``[-5, 0)`` as the benchmark's are). Writes ``variants.json``.
+its ``safe_gate=True`` path, for gates bounded in ``[-5, 0)`` as the benchmark's are). Writes ``variants.json`` (``--json``: another name).
 What each variant changed and measured goes to the kernel page (docs/kernels.md).
 """
 
@@ -92,6 +92,7 @@ def main() -> None:
     ap.add_argument("--fla-safe-gate", action="store_true",
                     help="also time fla with safe_gate=True (its faster path for gates bounded in [-5, 0), "
                          "which the benchmark's lower-bound gates are)")
+    ap.add_argument("--json", default="variants.json", help="file name of the results in --out")
     ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(ROOT, "benchmarks", "results")))
     args = ap.parse_args()
     try:
@@ -174,7 +175,7 @@ def main() -> None:
         res["train"].append(row)
         del xs
         torch.cuda.empty_cache()
-    with open(os.path.join(args.out, "variants.json"), "w") as f:
+    with open(os.path.join(args.out, args.json), "w") as f:
         json.dump(res, f, indent=1)
 
 
