@@ -523,7 +523,7 @@ def test_kda_backward_out_dtype_and_kept_G(p, C):
     do = torch.randn(args[2].shape, generator=gen).to(DEVICE)
     ref = kda_backward(*args, do, None, chunk_size=C, **kw)
     A_qk, M, G = chunk_kda_fwd(*args, scale=p.shape[4] ** -0.5, chunk_size=C, keep_for_backward=True, **kw)[3]
-    ours = kda_backward(*args[:3], G, args[4], do, None, chunk_size=C, factors=(A_qk, M), G=G,
+    ours = kda_backward(*args[:3], None, args[4], do, None, chunk_size=C, factors=(A_qk, M), G=G,
                         out_dtype=torch.bfloat16, **kw)
     gva = p.shape[3] != p.shape[2]
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta"), ours, ref):
@@ -535,6 +535,8 @@ def test_kda_backward_out_dtype_and_kept_G(p, C):
             z = torch.zeros(*args[0].shape[:2], p.shape[3], C, device=DEVICE)
             intra_chunk_matrices_bwd(args[0], args[1], G, args[4].float(), 1.0, z, z, C, kw["cu_seqlens"],
                                      out_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="g: expected the gate"):
+        kda_backward(*args[:3], None, args[4], do, None, chunk_size=C, **kw)
 
 
 #: Gates at and past the strength the tensor-core diagonal of ``chunk_local_factors`` takes: a

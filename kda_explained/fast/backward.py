@@ -1101,7 +1101,7 @@ def kda_backward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    g: torch.Tensor,
+    g: Optional[torch.Tensor],
     beta: torch.Tensor,
     do: torch.Tensor,
     dS_final: Optional[torch.Tensor] = None,
@@ -1122,13 +1122,17 @@ def kda_backward(
     stage is a Triton kernel. The backward of :func:`~kda_explained.fast.chunk.chunk_kda`.
     ``factors``: ``(A_qk, M)`` as the forward kept them (:func:`~kda_explained.fast.chunk.chunk_kda_fwd`'s
     ``keep_for_backward``), see :func:`core_backward`; ``G``: stage 1's output as the forward kept
-    it (then stage 1 is not recomputed); ``out_dtype``: ``dq``, ``dk`` and ``dv`` in that dtype, written
+    it (then stage 1 is not recomputed, and ``g`` may be ``None``: the backward never reads it);
+    ``out_dtype``: ``dq``, ``dk`` and ``dv`` in that dtype, written
     by their last kernels (:func:`core_backward`).
     """
     from .prepare import chunk_local_cumsum
 
-    scale, cu_seqlens, C, meta = checked_backward_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens,
-                                                         chunk_size)
+    if g is None and G is None:
+        raise ValueError("g: expected the gate (or its in-chunk cumsum as G=), got None for both")
+    # the checks read g's shape and dtype; G (float32, the same shape) stands in for it when g is not given
+    scale, cu_seqlens, C, meta = checked_backward_inputs(q, k, v, G if g is None else g, beta, scale, initial_state,
+                                                         cu_seqlens, chunk_size)
     if G is None:
         G, beta32 = chunk_local_cumsum(g, C, cu_seqlens, beta=beta, meta=meta)  # 1. (recomputed)
     else:

@@ -224,7 +224,7 @@ class _ChunkKDACoreFunction(torch.autograd.Function):
         q, k, v, G, beta, S0, A_qk, M = ctx.saved_tensors
         opts = ctx.opts
         # dq, dk, dv written in the inputs' dtype by their last kernels (q, k, v share one dtype)
-        dq, dk, dv, dg, dbeta, dS0 = kda_backward(q, k, v, G, beta, do, dS, scale=opts["scale"], initial_state=S0,
+        dq, dk, dv, dg, dbeta, dS0 = kda_backward(q, k, v, None, beta, do, dS, scale=opts["scale"], initial_state=S0,
                                                   cu_seqlens=opts["cu_seqlens"], chunk_size=opts["chunk_size"],
                                                   factors=(A_qk, M), G=G, out_dtype=intermediate_dtype(q.dtype))
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(ctx.g_dtype), dbeta.to(beta.dtype),
