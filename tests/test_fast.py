@@ -122,6 +122,19 @@ def assert_close(a: torch.Tensor, ref: torch.Tensor, bound: float, what: str = "
     assert err <= bound, f"{what}: relative RMS error {err:.3e} > {bound:.0e}"
 
 
+def randn_like_f64(seed: int):
+    """A function drawing float64 standard normals shaped like its argument (gradients to feed a
+    backward stage), from one generator seeded with ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    return lambda x: torch.randn(x.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+
+
+def assert_each_close(names, ours, refs, bound: float = F32) -> None:
+    """``assert_close`` on each pair of ``ours`` and ``refs``, named by ``names`` (extra entries ignored)."""
+    for name, a, b in zip(names, ours, refs):
+        assert_close(a, b, bound, name)
+
+
 def first_chunks(p: Problem, C: int):
     """``[(n, i)]``: the index ``i`` in ``h [NC, ...]`` of the first chunk of each non-empty sequence ``n``."""
     out, i = [], 0
@@ -281,10 +294,7 @@ def test_stage_state_passing_bwd_recurrence(p, C):
     from kda_explained.fast.backward import state_passing_bwd_recurrence
 
     r = reference_stages(p, C)
-    gen = torch.Generator().manual_seed(3)
-
-    def rand(x):
-        return torch.randn(x.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    rand = randn_like_f64(3)
 
     dh, dv_new, dS_final = rand(r.h), rand(r.v_new), rand(r.S)
     ref = reference_recurrence(r.kg, r.W, r.G, r.h, dh, dv_new, dS_final, C, r.cu)
@@ -319,13 +329,11 @@ def test_stage_state_passing_bwd_recurrence_fused(p, C):
     ref = reference_recurrence(r.kg, r.W, r.G, r.h, dh, dv_new, dS_final, C, r.cu)
     ours = state_passing_bwd_recurrence(f32(r.kg), f32(r.W), f32(r.G), f32(r.h), None, None, f32(dS_final), C, r.cu,
                                         output=(f32(r.qg), f32(r.A_qk), f32(do)))
-    for name, a, b in zip(("dS_out", "dv_tot", "dS0"), ours, ref):
-        assert_close(a, b, F32, name)
+    assert_each_close(("dS_out", "dv_tot", "dS0"), ours, ref)
     dq, dh0, dv0, dG, dA = chunk_output_bwd(f32(r.q), f32(r.h), f32(r.v_new), f32(r.G), f32(r.A_qk), r.scale,
                                             f32(do), C, r.cu, state_grads=False)
     assert dh0 is None and dv0 is None
-    for name, a, b in zip(("dq", "dG", "dA_qk"), (dq, dG, dA), (dq_ref, dG_ref, dA_ref)):
-        assert_close(a, b, F32, name)
+    assert_each_close(("dq", "dG", "dA_qk"), (dq, dG, dA), (dq_ref, dG_ref, dA_ref))
     with pytest.raises(ValueError, match="output"):
         state_passing_bwd_recurrence(f32(r.kg), f32(r.W), f32(r.G), f32(r.h), f32(dh), None, None, C, r.cu,
                                      output=(f32(r.qg), f32(r.A_qk), f32(do)))
@@ -357,10 +365,7 @@ def test_stage_state_passing_bwd(p, C):
     from kda_explained.fast.backward import state_passing_bwd
 
     r = reference_stages(p, C)
-    gen = torch.Generator().manual_seed(5)
-
-    def rand(x):
-        return torch.randn(x.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    rand = randn_like_f64(5)
 
     dh, dv_new, dS_final = rand(r.h), rand(r.v_new), rand(r.S)
     ref = reference_bwd(r.k, r.W, r.U, r.G, r.S0, r.h, r.v_new, dh, dv_new, dS_final, C, r.cu)
@@ -387,8 +392,7 @@ def test_stage_wy_representation_bwd(p, C):
     dU = torch.randn(r.U.shape, generator=gen, dtype=torch.float64).to(DEVICE)
     ref = reference_bwd(r.k, r.v, r.G, r.beta, r.M, dW, dU, C, r.cu)
     ours = wy_representation_bwd(f32(r.k), f32(r.v), f32(r.G), f32(r.beta), f32(r.M), f32(dW), f32(dU), C, r.cu)
-    for name, a, b in zip(("dk", "dv", "dG", "dbeta", "dM"), ours, ref):
-        assert_close(a, b, F32, name)
+    assert_each_close(("dk", "dv", "dG", "dbeta", "dM"), ours, ref)
 
 
 @pin(*AWKWARD)
@@ -403,10 +407,7 @@ def test_stage_state_wy_bwd(p, C):
     from kda_explained.fast.backward import state_wy_bwd
 
     r = reference_stages(p, C)
-    gen = torch.Generator().manual_seed(7)
-
-    def rand(x):
-        return torch.randn(x.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    rand = randn_like_f64(7)
 
     dh, dv_new, dS_final = rand(r.h), rand(r.v_new), rand(r.S)
     dS_out, dv_tot, _ = state_passing_bwd_recurrence(r.kg, r.W, r.G, r.h, dh, dv_new, dS_final, C, r.cu)
@@ -417,15 +418,13 @@ def test_stage_state_wy_bwd(p, C):
             r.cu)
     ours = state_wy_bwd(*args, dG_acc=f32(dG0).clone())
     assert ours[5] is None and ours[6] is None
-    for name, a, b in zip(("dk", "dv", "dG", "dbeta", "dM"), ours, (dk1 + dk2, dv, dG0 + dG1 + dG2, dbeta, dM)):
-        assert_close(a, b, F32, name)
+    assert_each_close(("dk", "dv", "dG", "dbeta", "dM"), ours, (dk1 + dk2, dv, dG0 + dG1 + dG2, dbeta, dM))
     # with the output stage's backward too (its dq, dA_qk and dG terms)
     do = rand(r.o)
     dq3, _, _, dG3, dA3 = chunk_output_bwd(r.q, r.h, r.v_new, r.G, r.A_qk, r.scale, do, C, r.cu)
     ours = state_wy_bwd(*args, output=(f32(r.q), f32(do), r.scale))
-    for name, a, b in zip(("dk", "dv", "dG", "dbeta", "dM", "dq", "dA_qk"), ours,
-                          (dk1 + dk2, dv, dG1 + dG2 + dG3, dbeta, dM, dq3, dA3)):
-        assert_close(a, b, F32, name)
+    assert_each_close(("dk", "dv", "dG", "dbeta", "dM", "dq", "dA_qk"), ours,
+                      (dk1 + dk2, dv, dG1 + dG2 + dG3, dbeta, dM, dq3, dA3))
 
 
 @pin(*AWKWARD)
@@ -456,8 +455,7 @@ def test_stage_intra_chunk_matrices_bwd(p, C):
     ref = reference_bwd(r.q, r.k, r.G, r.beta, r.scale, dA_kk, dA_qk, C, r.cu)
     ours = intra_chunk_matrices_bwd(f32(r.q), f32(r.k), f32(r.G), f32(r.beta), r.scale, f32(dA_kk), f32(dA_qk), C,
                                     r.cu)
-    for name, a, b in zip(("dq", "dk", "dG", "dbeta"), ours, ref):
-        assert_close(a, b, F32, name)
+    assert_each_close(("dq", "dk", "dG", "dbeta"), ours, ref)
 
 
 @pin(*AWKWARD)
