@@ -244,6 +244,15 @@ def output_fused(sequences_x_heads: int, V: int, device) -> bool:
     return sequences_x_heads * triton.cdiv(V, 64) >= 1.5 * sms
 
 
+def _chunk_loop_options(W: torch.Tensor, K: int) -> dict:
+    """Launch options shared by the kernels that walk a sequence's chunks with a ``[K, BV]`` state."""
+    return dict(
+        BK=max(16, triton.next_power_of_2(K)), PRECISION=dot_precision(W.dtype),
+        LOWP=STATE_LOW_PRECISION_DOTS and W.dtype in (torch.bfloat16, torch.float16) and not interpreting(),
+        num_warps=STATE_WARPS if K > 64 else 4, num_stages=STATE_STAGES if K <= 128 else 1,
+    )
+
+
 def _launch(kg, W, U, G, initial_state, h, v_new, ht, output, chunk_size, state_v_first, meta):
     """Run the state kernel: ``output = (qg, A_qk, o)`` fuses stage 6 (``h``, ``v_new`` unused then)."""
     HV, K, V = kg.shape[2], kg.shape[3], U.shape[3]
@@ -254,11 +263,8 @@ def _launch(kg, W, U, G, initial_state, h, v_new, ht, output, chunk_size, state_
             kg.contiguous(), W.contiguous(), U.contiguous(), G.contiguous(),
             initial_state.contiguous() if initial_state is not None else ht, h, v_new, ht,
             qg.contiguous(), A_qk.contiguous(), o, meta.cu, meta.chunk_off,
-            HV=HV, K=K, V=V, BT=chunk_size, BK=max(16, triton.next_power_of_2(K)), BV=BV,
-            HAS_H0=initial_state is not None, STATE_V_FIRST=state_v_first, PRECISION=dot_precision(W.dtype),
-            LOWP=STATE_LOW_PRECISION_DOTS and W.dtype in (torch.bfloat16, torch.float16) and not interpreting(),
-            OUTPUT=output is not None,
-            num_warps=STATE_WARPS if K > 64 else 4, num_stages=STATE_STAGES if K <= 128 else 1,
+            HV=HV, K=K, V=V, BT=chunk_size, BV=BV, HAS_H0=initial_state is not None, STATE_V_FIRST=state_v_first,
+            OUTPUT=output is not None, **_chunk_loop_options(W, K),
         )
 
 
@@ -354,13 +360,10 @@ def _segment_tables(offsets: Tuple[int, ...], chunk_size: int, segment_chunks: i
         cu.extend(range(bos + length, eos, length))
         cu.append(eos)
         last.append(len(cu) - 2)
-    steps = []
-    for step in range(max(lst - fst for fst, lst in zip(first, last)) if first else 0):
-        cur = [fst + step for fst, lst in zip(first, last) if fst + step < lst]
-        steps.append(torch.tensor(cur, dtype=torch.long, device=device))
-    meta = _build_seq_meta(cu, chunk_size, device)
     idx = functools.partial(torch.tensor, dtype=torch.long, device=device)
-    return meta, idx(first), idx(last), steps
+    steps = [idx([fst + step for fst, lst in zip(first, last) if fst + step < lst])
+             for step in range(max((lst - fst for fst, lst in zip(first, last)), default=0))]
+    return _build_seq_meta(cu, chunk_size, device), idx(first), idx(last), steps
 
 
 def state_passing_output_segmented(
@@ -403,10 +406,7 @@ def state_passing_output_segmented(
     ends = torch.empty(meta.N, HV, K, VS, dtype=torch.float32, device=kg.device)
     _segment_kernel[(triton.cdiv(VS, BV), meta.N, HV)](
         kg.contiguous(), W.contiguous(), U.contiguous(), G.contiguous(), ends, meta.cu,
-        HV=HV, K=K, V=V, BT=chunk_size, BK=max(16, triton.next_power_of_2(K)), BV=BV,
-        PRECISION=dot_precision(W.dtype),
-        LOWP=STATE_LOW_PRECISION_DOTS and W.dtype in (torch.bfloat16, torch.float16) and not interpreting(),
-        num_warps=STATE_WARPS if K > 64 else 4, num_stages=STATE_STAGES if K <= 128 else 1,
+        HV=HV, K=K, V=V, BT=chunk_size, BV=BV, **_chunk_loop_options(W, K),
     )
     # 2. the state entering each segment: S_in[s + 1] = P[s] S_in[s] + S_loc[s]
     S_in = torch.empty(meta.N, HV, K, V, dtype=torch.float32, device=kg.device)
