@@ -388,14 +388,15 @@ def test_kda_dispatch(T):
     assert_close(S, S_ref, LOW, "final state")
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("backward", ["chunked", "triton", "triton_options"])
-@pytest.mark.parametrize("gate", ["none", "softplus", "lower_bound", "all_options"])
-def test_gradients_bf16(gate, backward, monkeypatch):
-    # "triton": the Triton backward kernels (the default); "chunked": TRITON_BACKWARD = False;
-    # "triton_options": the gate's backward in Triton too (TRITON_OPTIONS_BACKWARD)
-    monkeypatch.setattr(fast_chunk, "TRITON_BACKWARD", backward != "chunked")
-    monkeypatch.setattr(fast_chunk, "TRITON_OPTIONS_BACKWARD", backward == "triton_options")
+def gradient_problem(gate: str):
+    """The inputs of :func:`test_gradients_bf16` (also timed by ``benchmarks/probe/intra_precision.py``):
+    ``(values, opts, cu_seqlens, do, dS)``, two packed sequences of 700 and 1348 tokens in bf16.
+
+    ``values``: the differentiable inputs by name (``A_log``, ``dt_bias`` with a gate); ``opts``: the
+    other options of ``chunk_kda``; ``do``, ``dS``: float64 gradients reaching the output and final state.
+    ``gate``: ``"none"`` (``g`` given), ``"softplus"``, ``"lower_bound"`` (-5) or ``"all_options"``
+    (the lower-bound gate, the in-kernel L2 norm of ``q``, ``k`` and the beta sigmoid).
+    """
     lengths = [700, 1348]
     args, kw = draw(1, sum(lengths), 2, 4, seed=17, lengths=lengths)
     opts = {}
@@ -410,14 +411,26 @@ def test_gradients_bf16(gate, backward, monkeypatch):
             opts.update(use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True)
     values = dict(zip(("q", "k", "v", "g", "beta"), args), initial_state=kw["initial_state"],
                   **{n: opts.pop(n) for n in ("A_log", "dt_bias") if n in opts})
-    leaves = {n: x.detach().clone().requires_grad_(True) for n, x in values.items()}
-    leaves64 = {n: x.detach().double().requires_grad_(True) for n, x in values.items()}
     gen = torch.Generator(device=DEVICE).manual_seed(18)
     do = torch.randn(args[2].shape, generator=gen, device=DEVICE, dtype=torch.float64)
     dS = torch.randn(kw["initial_state"].shape, generator=gen, device=DEVICE, dtype=torch.float64)
-    o, S = fast.chunk_kda(**leaves, cu_seqlens=kw["cu_seqlens"], **opts, output_final_state=True)
+    return values, opts, kw["cu_seqlens"], do, dS
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backward", ["chunked", "triton", "triton_options"])
+@pytest.mark.parametrize("gate", ["none", "softplus", "lower_bound", "all_options"])
+def test_gradients_bf16(gate, backward, monkeypatch):
+    # "triton": the Triton backward kernels (the default); "chunked": TRITON_BACKWARD = False;
+    # "triton_options": the gate's backward in Triton too (TRITON_OPTIONS_BACKWARD)
+    monkeypatch.setattr(fast_chunk, "TRITON_BACKWARD", backward != "chunked")
+    monkeypatch.setattr(fast_chunk, "TRITON_OPTIONS_BACKWARD", backward == "triton_options")
+    values, opts, cu, do, dS = gradient_problem(gate)
+    leaves = {n: x.detach().clone().requires_grad_(True) for n, x in values.items()}
+    leaves64 = {n: x.detach().double().requires_grad_(True) for n, x in values.items()}
+    o, S = fast.chunk_kda(**leaves, cu_seqlens=cu, **opts, output_final_state=True)
     torch.autograd.backward((o, S), (do.to(o.dtype), dS.float()))
-    o_ref, S_ref = reference(**leaves64, cu_seqlens=kw["cu_seqlens"], **opts)
+    o_ref, S_ref = reference(**leaves64, cu_seqlens=cu, **opts)
     torch.autograd.backward((o_ref, S_ref), (do, dS))
     for n in leaves:
         assert leaves[n].grad is not None, f"d{n} is missing"

@@ -11,8 +11,8 @@ Triton does not know is reported and skipped) and launch shape this prints:
    the current setting's;
 2. a whole ``chunk_kda`` training step (forward + backward);
 3. the relative RMS error of every gradient against the float64 reference, on the inputs of
-   ``tests/test_fast_gpu.py::test_gradients_bf16`` (two packed sequences of 700 and 1348 tokens),
-   for no gate, the softplus gate and the lower-bound gate; flash-linear-attention's errors on
+   ``tests/test_fast_gpu.py::test_gradients_bf16`` (its ``gradient_problem``: two packed sequences
+   of 700 and 1348 tokens), for no gate, the softplus gate and the lower-bound gate; flash-linear-attention's errors on
    the same inputs beside them when ``fla`` imports.
 """
 
@@ -44,29 +44,6 @@ def rel_rms(a, b):
     return float(((a - b).pow(2).mean() / b.pow(2).mean().clamp_min(1e-30)).sqrt())
 
 
-def grad_problem(gate: str):
-    """The inputs of test_gradients_bf16 (same seeds): leaves, options, output and state cotangents."""
-    from test_fast_gpu import draw
-
-    dev = "cuda"
-    lengths = [700, 1348]
-    args, kw = draw(1, sum(lengths), 2, 4, seed=17, lengths=lengths)
-    opts = {}
-    if gate != "none":
-        gen = torch.Generator(device=dev).manual_seed(17)
-        args = (*args[:3], (2.0 * torch.randn(args[3].shape, generator=gen, device=dev)).bfloat16(), args[4])
-        opts = dict(use_gate_in_kernel=True, A_log=0.5 * torch.randn(4, generator=gen, device=dev),
-                    dt_bias=torch.randn(4, 128, generator=gen, device=dev))
-        if gate == "lower_bound":
-            opts["lower_bound"] = -5.0
-    values = dict(zip(("q", "k", "v", "g", "beta"), args), initial_state=kw["initial_state"],
-                  **{n: opts.pop(n) for n in ("A_log", "dt_bias") if n in opts})
-    gen = torch.Generator(device=dev).manual_seed(18)
-    do = torch.randn(args[2].shape, generator=gen, device=dev, dtype=torch.float64)
-    dS = torch.randn(kw["initial_state"].shape, generator=gen, device=dev, dtype=torch.float64)
-    return values, opts, kw["cu_seqlens"], do, dS
-
-
 def grads(fn, values, opts, cu, do, dS, dtype=None):
     leaves = {n: (x.detach().to(dtype) if dtype else x.detach().clone()).requires_grad_(True)
               for n, x in values.items()}
@@ -89,7 +66,7 @@ def fla_fn(**kw):
 
 
 def main() -> None:
-    from test_fast_gpu import reference
+    from test_fast_gpu import gradient_problem, reference
 
     dev, C = "cuda", 64
     B, T, H, D = 8, 4096, 16, 128
@@ -112,10 +89,10 @@ def main() -> None:
         o, S = fast.chunk_kda(*leaves[:5], initial_state=leaves[5], output_final_state=True)
         torch.autograd.backward((o, S), (do, dSf))
 
-    problems = {gate: grad_problem(gate) for gate in GATES}
+    problems = {gate: gradient_problem(gate) for gate in GATES}
     refs = {}
     for gate, (values, opts, cu, do64, dS64) in problems.items():
-        refs[gate] = grads(lambda **kw: reference(**kw, **{}), values, opts, cu, do64, dS64, torch.float64)
+        refs[gate] = grads(reference, values, opts, cu, do64, dS64, torch.float64)
     try:
         for gate, (values, opts, cu, do64, dS64) in problems.items():
             got = grads(fla_fn, values, opts, cu, do64, dS64)
