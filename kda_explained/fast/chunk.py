@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ..validation import check_chunk_size, check_gate_params, check_kda_inputs
-from ._meta import _OFFSETS, host_offsets, interpreting, max_chunks, seq_meta
+from ._meta import _OFFSETS, host_offsets, interpreting, seq_meta
 from .local import chunk_local_factors, intermediate_dtype
 from .output import chunk_output
 from .prepare import chunk_local_cumsum, l2norm
@@ -103,7 +103,7 @@ def chunk_kda_fwd(
     A_qk, W, U, qg, kg = f[:5]
     kept = (A_qk, f.M, G) if keep_for_backward else None
     segments = 1 if float32_chunk_states else state_segments(
-        meta.N * W.shape[2], v.shape[3], max_chunks(q.shape[0], q.shape[1], C, cu_seqlens), q.device)
+        meta.N * W.shape[2], v.shape[3], q.shape[0], q.shape[1], C, cu_seqlens, q.device)
     if segments > 1:  # 5. + 6. on segments of the sequences, side by side: the SMs would idle otherwise
         o, S = state_passing_output_segmented(kg, W, U, G, qg, A_qk, initial_state, C, cu_seqlens,
                                               segments=segments, out_dtype=v.dtype, state_v_first=state_v_first)

@@ -334,16 +334,19 @@ def state_passing_output(
     return o, ht
 
 
-def state_segments(sequences_x_heads: int, V: int, chunks: int, device) -> int:
-    """Segments per sequence for the state pass: 1 while the grid at 64 value columns a program
-    fills the SMs, else enough for ``SEGMENT_PROGRAMS_PER_SM`` programs per SM in the first pass
-    (``[K, V + K]`` columns), each at least ``SEGMENT_MIN_CHUNKS`` chunks long."""
+def state_segments(sequences_x_heads: int, V: int, B: int, T: int, chunk_size: int, cu_seqlens, device) -> int:
+    """Segments per sequence for the state pass: 1 while ``STATE_SEGMENTS`` is off or the grid at
+    64 value columns a program fills the SMs, else enough for ``SEGMENT_PROGRAMS_PER_SM`` programs
+    per SM in the first pass (``[K, V + K]`` columns), each at least ``SEGMENT_MIN_CHUNKS`` chunks
+    of the longest sequence long."""
+    if not STATE_SEGMENTS:
+        return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     programs = sequences_x_heads * triton.cdiv(V, 64)
-    if not STATE_SEGMENTS or programs >= sms:
+    if programs >= sms:
         return 1
     wanted = triton.cdiv(SEGMENT_PROGRAMS_PER_SM * sms, programs)
-    return max(1, min(wanted, chunks // SEGMENT_MIN_CHUNKS))
+    return max(1, min(wanted, max_chunks(B, T, chunk_size, cu_seqlens) // SEGMENT_MIN_CHUNKS))
 
 
 @functools.lru_cache(maxsize=64)
