@@ -193,6 +193,37 @@ def test_stage_chunk_local_factors(p, C):
     assert_close(f.kg, r.kg, F32, "kg")
 
 
+def chunk_end_rows(G: torch.Tensor, C: int, cu: Optional[torch.Tensor]) -> torch.Tensor:
+    """``G [B, T, HV, K]`` at each chunk's last token, ``[NC, HV, K]`` (chunks numbered sequence by sequence)."""
+    B, T = G.shape[:2]
+    offsets = [b * T for b in range(B + 1)] if cu is None else [int(x) for x in cu]
+    ends = [min(bos + C, eos) - 1 for b0, eos in zip(offsets[:-1], offsets[1:]) for bos in range(b0, eos, C)]
+    return G.reshape(B * T, *G.shape[2:])[ends]
+
+
+@pin(*[(p, C) for p, C in AWKWARD if C <= fast.local.ONE_PASS_MAX_CHUNK])
+@few
+@given(p=problems, C=st.sampled_from([16, 32]))
+@pytest.mark.parametrize("cumulative", [False, True], ids=["g", "G"])
+def test_stage_chunk_local_factors_one_pass(p, C, cumulative):
+    """Stages 1-4 in one pass (short chunks) == chunk_local_cumsum, intra_chunk_matrices, ut_transform,
+    wy_representation and decayed_operands; G at the chunk ends == the cumsum's rows there. From the
+    per-token g (the kernel sums it), or from G (the gate options' path)."""
+    r = reference_stages(p, C)
+    f = fast.chunk_local_factors_one_pass(f32(r.q), f32(r.k), f32(r.v), f32(r.G if cumulative else r.g),
+                                          f32(r.beta), r.scale, C, r.cu, cumulative=cumulative, store_akk=True)
+    assert f.M is None and f.G_end.dtype == torch.float32
+    for name, ours, ref in (("A_kk", f.A_kk, r.A_kk), ("A_qk", f.A_qk, r.A_qk), ("W", f.W, r.W), ("U", f.U, r.U),
+                            ("qg", f.qg, r.qg), ("kg", f.kg, r.kg), ("G_end", f.G_end, chunk_end_rows(r.G, C, r.cu))):
+        assert_close(ours, ref, F32, name)
+
+
+def test_one_pass_rejects_long_chunks():
+    r = reference_stages(AWKWARD[0][0], 16)
+    with pytest.raises(ValueError, match="chunk_size: expected 16 or 32"):
+        fast.chunk_local_factors_one_pass(f32(r.q), f32(r.k), f32(r.v), f32(r.g), f32(r.beta), r.scale, 64)
+
+
 @pin(*AWKWARD)
 @few
 @given(p=problems, C=chunk_16)
@@ -262,11 +293,35 @@ def test_chunk_kda_segmented_state_pass_equals_one_pass(state_v_first, monkeypat
     args, kw = inputs(p)
     if state_v_first:
         kw["initial_state"] = kw["initial_state"].transpose(-1, -2).contiguous()
-    o, S = fast.chunk_kda(*args, **kw, output_final_state=True, chunk_size=16, state_v_first=state_v_first)
+    # 64-token chunks: shorter ones take the one-pass path, whose state pass is never segmented
+    o, S = fast.chunk_kda(*args, **kw, output_final_state=True, chunk_size=64, state_v_first=state_v_first)
     monkeypatch.setattr(fast_chunk, "state_segments", lambda *a: 3)
-    o2, S2 = fast.chunk_kda(*args, **kw, output_final_state=True, chunk_size=16, state_v_first=state_v_first)
+    o2, S2 = fast.chunk_kda(*args, **kw, output_final_state=True, chunk_size=64, state_v_first=state_v_first)
     assert_close(o2, o, 1e-5, "o")
     assert_close(S2, S, 1e-5, "final state")
+
+
+def test_chunk_kda_default_chunk_size(monkeypatch):
+    """chunk_size=None: the inference forward takes forward_chunk_size's choice, training takes 64."""
+    seen = []
+    inner = fast_chunk.chunk_kda_fwd
+
+    def spy(*a, **kw):
+        seen.append(kw["chunk_size"])
+        return inner(*a, **kw)
+
+    monkeypatch.setattr(fast_chunk, "chunk_kda_fwd", spy)
+    args, kw = inputs(make_problem(B=2, T=45, H=2, HV=4, K=32, V=24, initial_state=True, seed=3))
+    o, S = fast.chunk_kda(*args, **kw, output_final_state=True)  # the CPU counts as one SM: short chunks
+    o64, S64 = fast.chunk_kda(*args, **kw, output_final_state=True, chunk_size=64)
+    assert seen == [fast_chunk.SHORT_CHUNK, 64]
+    assert_close(o, o64, 1e-5, "o")
+    assert_close(S, S64, 1e-5, "final state")
+    q = args[0].clone().requires_grad_()
+    fast.chunk_kda(q, *args[1:], **kw)[0].sum().backward()
+    assert seen[-1] == 64 and q.grad is not None
+    monkeypatch.setattr(fast_chunk, "SHORT_CHUNK", None)
+    assert fast_chunk.forward_chunk_size(1000, 128, torch.device("cpu")) == 64
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
@@ -565,14 +620,19 @@ def extreme_gate(kind: str, shape, seed: int = 0) -> torch.Tensor:
 EXTREME_PROBLEM = make_problem(T=40, H=1, HV=2, K=80, V=16, cu_seqlens=[0, 19, 40], initial_state=True, seed=13)
 
 
-@pytest.mark.parametrize("C", [16, 64])
+@pytest.mark.parametrize("C, one_pass", [(16, False), (64, False), (16, True), (32, True)],
+                         ids=["16", "64", "16-one-pass", "32-one-pass"])
 @pytest.mark.parametrize("gate", EXTREME_GATES)
-def test_stage_chunk_local_factors_extreme_gates(gate, C):
+def test_stage_chunk_local_factors_extreme_gates(gate, C, one_pass):
     (q, k, v, _, beta), kw = inputs(EXTREME_PROBLEM, torch.float64)
     cu, scale = kw["cu_seqlens"], EXTREME_PROBLEM.shape[4] ** -0.5
-    G = chunked.chunk_local_cumsum(extreme_gate(gate, beta.shape + (q.shape[-1],)), C, cu)
+    g = extreme_gate(gate, beta.shape + (q.shape[-1],))
+    G = chunked.chunk_local_cumsum(g, C, cu)
     A_kk, A_qk = chunked.intra_chunk_matrices(q, k, G, beta, scale, C, cu)
-    f = fast.chunk_local_factors(f32(q), f32(k), f32(v), f32(G), f32(beta), scale, C, cu, store_akk=True)
+    if one_pass:  # the exact diagonal from G made in registers
+        f = fast.chunk_local_factors_one_pass(f32(q), f32(k), f32(v), f32(g), f32(beta), scale, C, cu, store_akk=True)
+    else:
+        f = fast.chunk_local_factors(f32(q), f32(k), f32(v), f32(G), f32(beta), scale, C, cu, store_akk=True)
     assert_close(f.A_kk, A_kk, F32, "A_kk")
     assert_close(f.A_qk, A_qk, F32, "A_qk")
     M = chunked.ut_transform(A_kk, C, cu)

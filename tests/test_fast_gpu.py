@@ -137,6 +137,14 @@ def test_stages_match_chunked(C):
     o_f, S_f = fast.state_passing_output(f32(kg), f32(W), f32(U), f32(G), f32(qg), f32(A_qk), f32(S0), C)
     assert_close(o_f, o, F32, "o (stages 5 and 6 fused)")
     assert_close(S_f, S, F32, "final state (stages 5 and 6 fused)")
+    if C <= fast.local.ONE_PASS_MAX_CHUNK:  # stages 1-4 in one pass, then 5 + 6 reading G at the chunk ends
+        f = fast.chunk_local_factors_one_pass(f32(q), f32(k), f32(v), f32(g), f32(beta), scale, C, store_akk=True)
+        for name, ours, ref in (("A_kk", f.A_kk, A_kk), ("A_qk", f.A_qk, A_qk), ("W", f.W, W), ("U", f.U, U),
+                                ("qg", f.qg, qg), ("kg", f.kg, kg)):
+            assert_close(ours, ref, F32, f"{name} (one pass)")
+        o_f, S_f = fast.state_passing_output(f.kg, f.W, f.U, f.G_end, f.qg, f.A_qk, f32(S0), C)
+        assert_close(o_f, o, F32, "o (one pass, G at the chunk ends)")
+        assert_close(S_f, S, F32, "final state (one pass, G at the chunk ends)")
 
 
 # ==============================================================================================
@@ -239,6 +247,35 @@ def test_strong_gates_stay_finite():
     g_mixed = torch.zeros_like(x)
     g_mixed[..., 1::2] = -20.0  # past intra's tensor-core limit: the exact diagonal kernel takes every block
     check_chunk_kda((q, k, v, g_mixed, beta), kw, LOW)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("C", [16, 32])
+def test_short_chunks_one_pass(C):
+    # the inference forward's short chunks (stages 1-4 in one pass) at real sizes: a packed batch with
+    # GVA, the gate options (G made by stage 1's kernel), gates at and past the tensor-core diagonal's limit
+    args, kw = draw(1, sum(VARLEN), 4, 8, seed=4, lengths=VARLEN)
+    check_chunk_kda(args, kw, LOW, chunk_size=C)
+    for name in ("softplus_gate+l2norm+neg_sigmoid+v_first", "lower_bound_gate"):
+        args_o, kw_o, opts = options(name, args, kw, HV=8, K=128)
+        check_chunk_kda(args_o, kw_o, LOW, chunk_size=C, **opts)
+    q, k, v, g, beta = args
+    g_mixed = torch.zeros_like(g)
+    g_mixed[..., 1::2] = -20.0
+    for g_strong in (torch.full_like(g, -5.0), g_mixed):
+        check_chunk_kda((q, k, v, g_strong, beta), kw, LOW, chunk_size=C)
+
+
+@pytest.mark.gpu
+def test_default_chunk_size():
+    # chunk_size=None: short chunks where the state pass fills the GPU, 64 where one sequence leaves it idle
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert fast_chunk.forward_chunk_size(sms * 2, 128, torch.device(DEVICE)) == fast_chunk.SHORT_CHUNK
+    assert fast_chunk.forward_chunk_size(16, 128, torch.device(DEVICE)) == 64
+    args, kw = draw(8, 1024, 16, 16, seed=5)
+    o, S = check_chunk_kda(args, kw, LOW, chunk_size=None)
+    o64, S64 = check_chunk_kda(args, kw, LOW, chunk_size=64)
+    assert_close(o, o64, 5e-3, "o: default chunk size against 64")
 
 
 def options(name: str, args, kw, HV: int, K: int):

@@ -1,7 +1,10 @@
 """flash-linear-attention's chunk_kda forward, kernel by kernel (torch.profiler), beside ours.
 
-    python benchmarks/probe/fla_profile.py
+    python benchmarks/probe/fla_profile.py [B T H D] [--chunk-sizes 64 32 16]
+
+Ours is profiled at each chunk size given (the forward is exact at 16, 32 and 64).
 """
+import argparse
 import os
 import sys
 
@@ -35,11 +38,16 @@ def kernel_table(fn, label, reps=10):
 
 
 if __name__ == "__main__":
-    q, k, v, g, beta = make_inputs(8, 4096, 16, 128)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("shape", nargs="*", type=int, default=[8, 4096, 16, 128])
+    ap.add_argument("--chunk-sizes", nargs="*", type=int, default=[64])
+    args = ap.parse_args()
+    q, k, v, g, beta = make_inputs(*args.shape)
     with torch.inference_mode():
         try:
             from fla.ops.kda import chunk_kda as fla_chunk_kda
             kernel_table(lambda: fla_chunk_kda(q, k, v, g, beta), "fla chunk_kda")
         except Exception as e:  # noqa: BLE001
             print("fla unavailable:", e)
-        kernel_table(lambda: fast.chunk_kda(q, k, v, g, beta), "fast chunk_kda")
+        for C in args.chunk_sizes:
+            kernel_table(lambda: fast.chunk_kda(q, k, v, g, beta, chunk_size=C), f"fast chunk_kda, chunk_size={C}")

@@ -36,8 +36,35 @@ from kda_explained import chunked, fast  # noqa: E402
 from kda_explained.fast import backward as fb, backward_intra as fbi, chunk as fc, local as fl, state as fs  # noqa: E402
 from kda_explained.testing import rel_rms_error  # noqa: E402
 
+
+
+def _chunk_size(C: int):
+    """``chunk_kda_fwd`` with its chunk size forced to ``C`` (the forward is exact at 16, 32 and 64)."""
+    inner = fc.chunk_kda_fwd
+
+    def fwd(*args, **kwargs):
+        kwargs["chunk_size"] = C
+        return inner(*args, **kwargs)
+
+    return fwd
+
+
 #: name -> [(module, attribute, value)]
 VARIANTS = {
+    "chunk64": [(fc, "SHORT_CHUNK", None)],
+    "short32": [(fc, "SHORT_CHUNK", 32)],
+    "one_pass_bk16": [(fl, "ONE_PASS_LAUNCH", (16, 1))],
+    "one_pass_w2": [(fl, "ONE_PASS_LAUNCH", (32, 2))],
+    "one_pass_bk64": [(fl, "ONE_PASS_LAUNCH", (64, 1))],
+    "one_pass_bk64_w2": [(fl, "ONE_PASS_LAUNCH", (64, 2))],
+    "one_pass_bk128_w4": [(fl, "ONE_PASS_LAUNCH", (128, 4))],
+    "state_bv32": [(fs, "STATE_BV", 32)],
+    "one_pass_stages1": [(fl, "LOCAL_STAGES", 1)],
+    "chunk16": [(fc, "chunk_kda_fwd", _chunk_size(16))],
+    "chunk32": [(fc, "chunk_kda_fwd", _chunk_size(32))],
+    "chunk16_two_kernels": [(fc, "chunk_kda_fwd", _chunk_size(16)), (fc, "FUSED_STATE_OUTPUT", False)],
+    "chunk32_two_kernels": [(fc, "chunk_kda_fwd", _chunk_size(32)), (fc, "FUSED_STATE_OUTPUT", False)],
+    "chunk16_fused_all": [(fc, "chunk_kda_fwd", _chunk_size(16)), (fc, "output_fused", lambda *a: True)],
     "default": [],
     "two_kernels": [(fc, "FUSED_STATE_OUTPUT", False)],
     "local_ieee": [(fl, "LOCAL_PRECISION", {"ieee": "ieee", "tf32": "ieee"})],

@@ -11,7 +11,7 @@ On a machine without a GPU the kernels run under the Triton interpreter when
 
 from .api import RECURRENT_MAX_LEN, fused_recurrent_kda, kda
 from .chunk import FAST_CHUNK_SIZES, MAX_HEAD_DIM, chunk_kda
-from .local import chunk_local_factors, chunk_wy_factors
+from .local import chunk_local_factors, chunk_local_factors_one_pass, chunk_wy_factors
 from .output import chunk_output
 from .prepare import chunk_local_cumsum, l2norm
 from .state import state_passing, state_passing_output, state_passing_output_segmented
@@ -22,6 +22,7 @@ __all__ = [
     "fused_recurrent_kda",
     "chunk_local_cumsum",
     "chunk_local_factors",
+    "chunk_local_factors_one_pass",
     "chunk_wy_factors",
     "state_passing",
     "state_passing_output",

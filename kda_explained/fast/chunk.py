@@ -11,6 +11,14 @@ Stages 2-4 (intra-chunk matrices, UT transform, WY factors) run as one kernel,
 since ``A_kk`` and ``M`` are only needed to make ``W`` and ``U``; the tests check
 its outputs against the three chunked stages of those names. Intermediates
 travel in the input dtype for bf16/fp16 inputs, in float32 otherwise.
+
+The inference forward on a batch that fills the GPU takes chunks of 16 tokens
+(``chunk_size=None``, :func:`forward_chunk_size`): stages 1-4 then run as one pass
+(:func:`~kda_explained.fast.local.chunk_local_factors_one_pass`) and stages 5 and 6
+as one kernel::
+
+    A_qk, W, U, qg, kg, G_end = chunk_local_factors_one_pass(q, k, v, g, beta)  # 1.-4.
+    o, S = state_passing_output(kg, W, U, G_end, qg, A_qk, S0)                  # 5. + 6.
 """
 
 from __future__ import annotations
@@ -18,15 +26,16 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import triton
 
 from ..validation import check_chunk_size, check_gate_params, check_kda_inputs
 from ._meta import _OFFSETS, host_offsets, interpreting, seq_meta
-from .local import chunk_local_factors, intermediate_dtype
+from .local import ONE_PASS_MAX_CHUNK, chunk_local_factors, chunk_local_factors_one_pass, intermediate_dtype
 from .output import chunk_output
 from .prepare import chunk_local_cumsum, l2norm
 from .state import output_fused, state_passing, state_passing_output, state_passing_output_segmented, state_segments
 
-__all__ = ["chunk_kda", "chunk_kda_fwd", "FAST_CHUNK_SIZES", "MAX_HEAD_DIM", "check_fast_inputs"]
+__all__ = ["chunk_kda", "chunk_kda_fwd", "forward_chunk_size", "FAST_CHUNK_SIZES", "MAX_HEAD_DIM", "check_fast_inputs"]
 
 #: Chunk sizes the kernels take (multiples of the 16-token sub-chunk).
 FAST_CHUNK_SIZES = (16, 32, 64)
@@ -38,6 +47,15 @@ MAX_HEAD_DIM = 256
 #: pseudo-values ``v_new`` never go to memory. ``False``: always the two kernels, with ``h`` and
 #: ``v_new`` written and read back (as ``return_intermediate_states`` always runs).
 FUSED_STATE_OUTPUT = True
+
+#: The inference forward's chunk size where the caller leaves it to the layer (``chunk_size=None``):
+#: ``SHORT_CHUNK`` tokens (stages 1-4 in one pass, :func:`~kda_explained.fast.local.chunk_local_factors_one_pass`)
+#: where the state pass has at least ``SHORT_CHUNK_MIN_PROGRAMS_PER_SM`` programs per SM at 64 value
+#: columns, else 64: shorter chunks double the sequential steps of the state pass, which one long
+#: sequence cannot spread over the GPU. ``None``: always 64. Training always takes 64 (the
+#: backward keeps the 64-token chunks' ``A_qk`` and ``M``).
+SHORT_CHUNK = 16
+SHORT_CHUNK_MIN_PROGRAMS_PER_SM = 1.0
 
 # Arguments of fla.ops.kda.chunk_kda that change nothing here, accepted so code can switch imports.
 _FLA_NO_OPS = {"safe_gate", "disable_recompute", "cu_seqlens_cpu", "use_graph", "max_num_seqs"}
@@ -75,6 +93,17 @@ def check_fast_inputs(q, k, v, g, beta, *, scale, initial_state, cu_seqlens, sta
     return p, cu_seqlens
 
 
+def forward_chunk_size(sequences_x_heads: int, V: int, device) -> int:
+    """The inference forward's chunk size: ``SHORT_CHUNK`` where the state pass's grid (one program per
+    sequence, value head and 64 value columns) holds ``SHORT_CHUNK_MIN_PROGRAMS_PER_SM`` programs per
+    SM, else 64 (see ``SHORT_CHUNK``)."""
+    if SHORT_CHUNK is None:
+        return 64
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    programs = sequences_x_heads * triton.cdiv(V, 64)
+    return SHORT_CHUNK if programs >= SHORT_CHUNK_MIN_PROGRAMS_PER_SM * sms else 64
+
+
 def chunk_kda_fwd(
     q, k, v, g, beta, *, scale: float, initial_state, cu_seqlens, chunk_size: int = 64,
     use_qk_l2norm_in_kernel: bool = False, use_gate_in_kernel: bool = False, A_log=None, dt_bias=None,
@@ -94,21 +123,38 @@ def chunk_kda_fwd(
     meta = seq_meta(q.shape[0], q.shape[1], C, cu_seqlens, q.device)  # the chunk tables, built once
     if use_qk_l2norm_in_kernel:
         q, k = l2norm(q), l2norm(k)
-    G, beta32 = chunk_local_cumsum(
-        g, C, cu_seqlens, beta=beta, use_gate_in_kernel=use_gate_in_kernel, A_log=A_log, dt_bias=dt_bias,
-        lower_bound=lower_bound, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
-        allow_neg_eigval=allow_neg_eigval, meta=meta,
-    )  # 1.                                                                              [B, T, HV, K]
-    f = chunk_local_factors(q, k, v, G, beta32, scale, C, cu_seqlens, store_m=keep_for_backward, meta=meta)  # 2.-4.
-    A_qk, W, U, qg, kg = f[:5]
-    kept = (A_qk, f.M, G) if keep_for_backward else None
-    segments = 1 if float32_chunk_states else state_segments(
-        meta.N * W.shape[2], v.shape[3], q.shape[0], q.shape[1], C, cu_seqlens, q.device)
+    gate_options = use_gate_in_kernel or use_beta_sigmoid_in_kernel
+    if C <= ONE_PASS_MAX_CHUNK and not keep_for_backward:
+        # 1.-4. in one pass over short chunks: G made on the fly (by stage 1's kernel only for the
+        # gate options), kept only at the chunk ends
+        if gate_options:
+            G, beta = chunk_local_cumsum(
+                g, C, cu_seqlens, beta=beta, use_gate_in_kernel=use_gate_in_kernel, A_log=A_log, dt_bias=dt_bias,
+                lower_bound=lower_bound, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
+                allow_neg_eigval=allow_neg_eigval, meta=meta,
+            )
+        f = chunk_local_factors_one_pass(q, k, v, G if gate_options else g, beta, scale, C, cu_seqlens,
+                                         cumulative=gate_options, meta=meta)
+        A_qk, W, U, qg, kg = f[:5]
+        G, kept, segments = f.G_end, None, 1  # [NC, HV, K]: the rows the state pass reads
+    else:
+        G, beta32 = chunk_local_cumsum(
+            g, C, cu_seqlens, beta=beta, use_gate_in_kernel=use_gate_in_kernel, A_log=A_log, dt_bias=dt_bias,
+            lower_bound=lower_bound, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
+            allow_neg_eigval=allow_neg_eigval, meta=meta,
+        )  # 1.                                                                              [B, T, HV, K]
+        f = chunk_local_factors(q, k, v, G, beta32, scale, C, cu_seqlens, store_m=keep_for_backward,
+                                meta=meta)  # 2.-4.
+        A_qk, W, U, qg, kg = f[:5]
+        kept = (A_qk, f.M, G) if keep_for_backward else None
+        segments = 1 if float32_chunk_states else state_segments(
+            meta.N * W.shape[2], v.shape[3], q.shape[0], q.shape[1], C, cu_seqlens, q.device)
     if segments > 1:  # 5. + 6. on segments of the sequences, side by side: the SMs would idle otherwise
         o, S = state_passing_output_segmented(kg, W, U, G, qg, A_qk, initial_state, C, cu_seqlens,
                                               segments=segments, out_dtype=v.dtype, state_v_first=state_v_first)
         return o, S, None, kept
-    if FUSED_STATE_OUTPUT and not float32_chunk_states and output_fused(meta.N * W.shape[2], v.shape[3], q.device):
+    fuse = output_fused(meta.N * W.shape[2], v.shape[3], q.device) or C <= ONE_PASS_MAX_CHUNK
+    if FUSED_STATE_OUTPUT and not float32_chunk_states and fuse:
         # 5. + 6. in one kernel: h, v_new stay on chip
         o, S = state_passing_output(kg, W, U, G, qg, A_qk, initial_state, C, cu_seqlens, out_dtype=v.dtype,
                                     state_v_first=state_v_first, meta=meta)
@@ -304,7 +350,7 @@ def chunk_kda(
     cu_seqlens: Optional[torch.Tensor] = None,
     A_log: Optional[torch.Tensor] = None,
     dt_bias: Optional[torch.Tensor] = None,
-    chunk_size: int = 64,
+    chunk_size: Optional[int] = None,
     **kwargs,
 ):
     """KDA prefill through the Triton chunk kernels; a drop-in for ``fla.ops.kda.chunk_kda``.
@@ -325,7 +371,10 @@ def chunk_kda(
         state_v_first: states are ``[V, K]`` instead of ``[K, V]``.
         cu_seqlens: ``[N + 1]`` offsets of a packed batch (``B == 1``).
         A_log: ``[HV]``; dt_bias: ``[HV * K]`` or ``[HV, K]``.
-        chunk_size: 16, 32 or 64 (default).
+        chunk_size: 16, 32 or 64; default (``None``) chosen per call: 64 for training and for
+            ``return_intermediate_states``, and for the inference forward 32 where the batch
+            fills the GPU, 64 where it does not (:func:`forward_chunk_size`). The result is the same
+            function at every chunk size (up to rounding).
 
     Returns:
         ``(o, final_state)``, or ``(o, final_state, h)`` with ``return_intermediate_states``.
@@ -338,7 +387,8 @@ def chunk_kda(
         raise ValueError("cp_context: context parallelism is not supported, got a context")
     p, cu_seqlens = check_fast_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                                       cu_seqlens=cu_seqlens, state_v_first=state_v_first)
-    chunk_size = check_chunk_size(chunk_size, FAST_CHUNK_SIZES)
+    if chunk_size is not None:
+        chunk_size = check_chunk_size(chunk_size, FAST_CHUNK_SIZES)
     if use_gate_in_kernel:
         check_gate_params(p.HV, p.K, A_log, dt_bias, lower_bound, require_A_log=True)
     opts = dict(scale=p.scale, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
@@ -352,6 +402,9 @@ def chunk_kda(
 
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, g, beta, A_log, dt_bias, initial_state))
+    if chunk_size is None:
+        inference = not (needs_grad or return_intermediate_states)
+        opts["chunk_size"] = forward_chunk_size(p.N * p.HV, p.V, q.device) if inference else 64
     if return_intermediate_states:
         if needs_grad:
             raise ValueError("return_intermediate_states: inference only (use torch.inference_mode()), "

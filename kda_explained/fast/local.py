@@ -55,6 +55,13 @@ as ``[BC, BC]`` products in full float32: ``M`` feeds every later stage.
 Intermediates are stored in the input dtype for bf16/fp16 inputs (the products
 that read them run in that dtype, as flash-linear-attention's do) and in float32
 for float32 inputs.
+
+**Short chunks in one pass.** :func:`chunk_local_factors_one_pass` does all of the
+above, and stage 1, for chunks of 16 or 32 tokens (the inference forward's choice
+where the batch fills the GPU): with at most three blocks each of ``A_kk`` and
+``A_qk`` one program holds both, so ``q``, ``k``, ``v`` and ``g`` are read once; ``G``
+is summed from ``g`` on the fly (``_gate_block``) and only its row at each chunk's
+last token is written, ``G_end``, which is all the state pass reads of it.
 """
 
 from __future__ import annotations
@@ -68,7 +75,8 @@ import triton.language as tl
 from ._grad import chunk_span
 from ._meta import SeqMeta, dot_precision, interpreting, seq_meta
 
-__all__ = ["chunk_local_factors", "chunk_wy_factors", "LocalFactors", "SAFE_SPAN", "intermediate_dtype"]
+__all__ = ["chunk_local_factors", "chunk_local_factors_one_pass", "chunk_wy_factors", "LocalFactors", "SAFE_SPAN",
+           "intermediate_dtype"]
 
 #: Largest in-sub-chunk decay span ``G_ref - G_r`` the tensor-core diagonal takes.
 SAFE_SPAN = 80.0
@@ -91,18 +99,22 @@ _PASSES = ("keys", "queries")
 @triton.jit
 def _load_block(x, t0, eos, stride_t, c0, NCOL: tl.constexpr, BC: tl.constexpr, BX: tl.constexpr):
     """``[BC, BX]`` float32: tokens ``t0 ..`` (rows ``stride_t`` apart), columns ``c0 ..``; zeros outside."""
-    o_t = t0 + tl.arange(0, BC)
+    o_r = tl.arange(0, BC)
     o_c = c0 + tl.arange(0, BX)
-    m = (o_t < eos)[:, None] & (o_c < NCOL)[None, :]
-    return tl.load(x + o_t[:, None] * stride_t + o_c[None, :], mask=m, other=0).to(tl.float32)
+    m = (o_r < (eos - t0).to(tl.int32))[:, None]
+    if NCOL % BX != 0:
+        m = m & (o_c < NCOL)[None, :]
+    return tl.load(x + (t0 + o_r[:, None]) * stride_t + o_c[None, :], mask=m, other=0).to(tl.float32)
 
 
 @triton.jit
 def _store_block(x, b, t0, eos, stride_t, c0, NCOL: tl.constexpr, BC: tl.constexpr, BX: tl.constexpr):
-    o_t = t0 + tl.arange(0, BC)
+    o_r = tl.arange(0, BC)
     o_c = c0 + tl.arange(0, BX)
-    m = (o_t < eos)[:, None] & (o_c < NCOL)[None, :]
-    tl.store(x + o_t[:, None] * stride_t + o_c[None, :], b.to(x.dtype.element_ty), mask=m)
+    m = (o_r < (eos - t0).to(tl.int32))[:, None]
+    if NCOL % BX != 0:
+        m = m & (o_c < NCOL)[None, :]
+    tl.store(x + (t0 + o_r[:, None]) * stride_t + o_c[None, :], b.to(x.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -196,12 +208,12 @@ def _finish(A, w, ti, tj, eos, BC: tl.constexpr, DIAG: tl.constexpr, STRICT: tl.
 
 
 @triton.jit
-def _unit_lower_inverse4(A0, A1, A2, A3, BC: tl.constexpr):
-    """``(I + A)^{-1}`` of four strictly lower ``[BC, BC]`` blocks, by forward substitution.
+def _unit_lower_inverse4(A0, A1, A2, A3, BC: tl.constexpr, NS: tl.constexpr):
+    """``(I + A)^{-1}`` of the first ``NS`` of four strictly lower ``[BC, BC]`` blocks, by forward substitution.
 
     Row ``i`` of the inverse ``D`` is ``e_i - sum_{c<i} A_ic D_c``. The four blocks are
     independent, so one loop of ``BC - 1`` steps serves them all (four reductions in
-    flight per step instead of one).
+    flight per step instead of one). Blocks past ``NS`` come back as the identity.
     """
     o_i = tl.arange(0, BC)
     eye = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
@@ -210,10 +222,43 @@ def _unit_lower_inverse4(A0, A1, A2, A3, BC: tl.constexpr):
         row = o_i[:, None] == i
         # sum_{c<i} A_ic D_c: row i of A against D (rows c >= i of D meet zeros of A)
         D0 = tl.where(row, D0 - tl.sum(tl.sum(tl.where(row, A0, 0.0), axis=0)[:, None] * D0, axis=0)[None, :], D0)
-        D1 = tl.where(row, D1 - tl.sum(tl.sum(tl.where(row, A1, 0.0), axis=0)[:, None] * D1, axis=0)[None, :], D1)
-        D2 = tl.where(row, D2 - tl.sum(tl.sum(tl.where(row, A2, 0.0), axis=0)[:, None] * D2, axis=0)[None, :], D2)
-        D3 = tl.where(row, D3 - tl.sum(tl.sum(tl.where(row, A3, 0.0), axis=0)[:, None] * D3, axis=0)[None, :], D3)
+        if NS > 1:
+            D1 = tl.where(row, D1 - tl.sum(tl.sum(tl.where(row, A1, 0.0), axis=0)[:, None] * D1, axis=0)[None, :], D1)
+        if NS > 2:
+            D2 = tl.where(row, D2 - tl.sum(tl.sum(tl.where(row, A2, 0.0), axis=0)[:, None] * D2, axis=0)[None, :], D2)
+        if NS > 3:
+            D3 = tl.where(row, D3 - tl.sum(tl.sum(tl.where(row, A3, 0.0), axis=0)[:, None] * D3, axis=0)[None, :], D3)
     return D0, D1, D2, D3
+
+
+@triton.jit
+def _u_factors(v_h, U_h, t0, eos, SV, w0, w1, w2, w3, M00, M10, M11, M20, M21, M22, M30, M31, M32, M33,
+               V: tl.constexpr, NS: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+    """``U = M Diag(beta) V`` for the ``NS`` sub-chunks from token ``t0``, tile by tile of ``V``
+    (``w_i``: the sub-chunks' ``beta`` rows; blocks past ``NS`` are not read)."""
+    t1, t2, t3 = t0 + BC, t0 + 2 * BC, t0 + 3 * BC
+    for i_v in range(0, tl.cdiv(V, BV)):
+        c0 = i_v * BV
+        vb0 = _load_block(v_h, t0, eos, SV, c0, V, BC, BV) * w0
+        _store_block(U_h, tl.dot(M00, vb0, input_precision=PRECISION), t0, eos, SV, c0, V, BC, BV)
+        if NS > 1:
+            vb1 = _load_block(v_h, t1, eos, SV, c0, V, BC, BV) * w1
+            b_U = tl.dot(M10, vb0, input_precision=PRECISION)
+            b_U = tl.dot(M11, vb1, b_U, input_precision=PRECISION)
+            _store_block(U_h, b_U, t1, eos, SV, c0, V, BC, BV)
+        if NS > 2:
+            vb2 = _load_block(v_h, t2, eos, SV, c0, V, BC, BV) * w2
+            b_U = tl.dot(M20, vb0, input_precision=PRECISION)
+            b_U = tl.dot(M21, vb1, b_U, input_precision=PRECISION)
+            b_U = tl.dot(M22, vb2, b_U, input_precision=PRECISION)
+            _store_block(U_h, b_U, t2, eos, SV, c0, V, BC, BV)
+        if NS > 3:
+            vb3 = _load_block(v_h, t3, eos, SV, c0, V, BC, BV) * w3
+            b_U = tl.dot(M30, vb0, input_precision=PRECISION)
+            b_U = tl.dot(M31, vb1, b_U, input_precision=PRECISION)
+            b_U = tl.dot(M32, vb2, b_U, input_precision=PRECISION)
+            b_U = tl.dot(M33, vb3, b_U, input_precision=PRECISION)
+            _store_block(U_h, b_U, t3, eos, SV, c0, V, BC, BV)
 
 
 @triton.jit
@@ -358,7 +403,7 @@ def _chunk_local_kernel(
 
     if not QK:
         # ==== 2. M = (I + A_kk)^{-1} by blocks: M_ij = -D_i sum_{j <= c < i} A_ic M_cj, in full float32
-        M00, M11, M22, M33 = _unit_lower_inverse4(A00, A11, A22, A33, BC)
+        M00, M11, M22, M33 = _unit_lower_inverse4(A00, A11, A22, A33, BC, NS)
         M10 = -tl.dot(M11, tl.dot(A10, M00, input_precision=UT_PREC), input_precision=UT_PREC)
         M21 = -tl.dot(M22, tl.dot(A21, M11, input_precision=UT_PREC), input_precision=UT_PREC)
         M20 = -tl.dot(M22, tl.dot(A20, M00, input_precision=UT_PREC) + tl.dot(A21, M10, input_precision=UT_PREC),
@@ -412,29 +457,188 @@ def _chunk_local_kernel(
                 b_W = tl.dot(M33, kb3, b_W, input_precision=PRECISION)
                 _store_block(W_h, b_W, t3, eos, SG, c0, K, BC, BK)
                 _store_block(kg_h, k3 * tl.exp(tl.minimum(G_last - G3, 0.0)), t3, eos, SG, c0, K, BC, BK)
-        v_h, U_h, SV = v + i_hv * V, U + i_hv * V, HV * V
-        for i_v in range(0, tl.cdiv(V, BV)):
-            c0 = i_v * BV
-            vb0 = _load_block(v_h, t0, eos, SV, c0, V, BC, BV) * w0
-            _store_block(U_h, tl.dot(M00, vb0, input_precision=PRECISION), t0, eos, SV, c0, V, BC, BV)
-            if NS > 1:
-                vb1 = _load_block(v_h, t1, eos, SV, c0, V, BC, BV) * w1
-                b_U = tl.dot(M10, vb0, input_precision=PRECISION)
-                b_U = tl.dot(M11, vb1, b_U, input_precision=PRECISION)
-                _store_block(U_h, b_U, t1, eos, SV, c0, V, BC, BV)
-            if NS > 2:
-                vb2 = _load_block(v_h, t2, eos, SV, c0, V, BC, BV) * w2
-                b_U = tl.dot(M20, vb0, input_precision=PRECISION)
-                b_U = tl.dot(M21, vb1, b_U, input_precision=PRECISION)
-                b_U = tl.dot(M22, vb2, b_U, input_precision=PRECISION)
-                _store_block(U_h, b_U, t2, eos, SV, c0, V, BC, BV)
-            if NS > 3:
-                vb3 = _load_block(v_h, t3, eos, SV, c0, V, BC, BV) * w3
-                b_U = tl.dot(M30, vb0, input_precision=PRECISION)
-                b_U = tl.dot(M31, vb1, b_U, input_precision=PRECISION)
-                b_U = tl.dot(M32, vb2, b_U, input_precision=PRECISION)
-                b_U = tl.dot(M33, vb3, b_U, input_precision=PRECISION)
-                _store_block(U_h, b_U, t3, eos, SV, c0, V, BC, BV)
+        _u_factors(v + i_hv * V, U + i_hv * V, t0, eos, HV * V, w0, w1, w2, w3, M00, M10, M11, M20, M21, M22, M30,
+                   M31, M32, M33, V, NS, BC, BV, PRECISION)
+
+
+@triton.jit
+def _gate_block(g_h, ti, eos, SG, c0, carry, K: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                CUMSUM: tl.constexpr):
+    """``G`` on the sub-chunk starting at token ``ti`` (``[BC, BK]``), ``G_ref`` (``G`` at ``ti``) and
+    ``G_end`` (``G`` at its last real token), both ``[BK]``.
+
+    With ``CUMSUM`` the pointer holds the per-token log decay ``g`` and ``G`` is its running sum on
+    from ``carry`` (``G`` where the previous sub-chunk ended, 0 at the chunk's start): stage 1 done
+    on the fly. Otherwise it holds ``G`` already. A sub-chunk of padding gets
+    ``G_ref = G_end = carry`` either way (span 0, and ``carry`` passes on unchanged).
+    """
+    o_k = c0 + tl.arange(0, BK)
+    m_k = o_k < K
+    real = ti + 0 * o_k < eos  # the sub-chunk has a first real token
+    if CUMSUM:
+        b_g = _load_block(g_h, ti, eos, SG, c0, K, BC, BK)  # zeros past eos: padding decays nothing
+        G_i = carry[None, :] + tl.cumsum(b_g, axis=0)
+        G_ref = carry + tl.load(g_h + ti * SG + o_k, mask=m_k & real, other=0).to(tl.float32)
+        G_end = carry + tl.sum(b_g, axis=0)
+    else:
+        G_i = _load_block(g_h, ti, eos, SG, c0, K, BC, BK)
+        t_end = tl.minimum(ti + BC, eos) - 1
+        G_ref = tl.where(real, tl.load(g_h + ti * SG + o_k, mask=m_k & real, other=0), carry)
+        G_end = tl.where(real, tl.load(g_h + t_end * SG + o_k, mask=m_k & real, other=0), carry)
+    return G_i, G_ref, G_end
+
+
+@triton.jit
+def _diag_exact_pair(Ak, Aq, k_i, q_i, G_i, BC: tl.constexpr):
+    """One ``K`` tile's share of a diagonal block of ``A_kk`` and of ``A_qk`` without the reference
+    split, from the sub-chunk's ``k, q, G`` in registers: column ``j`` at a time, every exponent
+    ``G_r - G_j`` masked to ``-inf`` *before* the ``exp`` where ``j > r`` (never positive)."""
+    o_i = tl.arange(0, BC)
+    for jj in range(0, BC):
+        sel = (o_i == jj)[:, None]
+        k_j = tl.sum(tl.where(sel, k_i, 0.0), axis=0)  # row jj, [BK]
+        G_j = tl.sum(tl.where(sel, G_i, 0.0), axis=0)
+        E = tl.exp(tl.where((o_i >= jj)[:, None], G_i - G_j[None, :], float("-inf"))) * k_j[None, :]
+        col = o_i[None, :] == jj
+        Ak = tl.where(col, Ak + tl.sum(k_i * E, axis=1)[:, None], Ak)
+        Aq = tl.where(col, Aq + tl.sum(q_i * E, axis=1)[:, None], Aq)
+    return Ak, Aq
+
+
+@triton.jit
+def _one_pass_kernel(
+    # pointers
+    q,  # [TT, H, K]
+    k,  # [TT, H, K]
+    v,  # [TT, HV, V]
+    g,  # [TT, HV, K] per-token log decay (CUMSUM), or stage 1's in-chunk cumulative G (float32)
+    beta,  # [TT, HV]
+    A_qk,  # [TT, HV, BT] out
+    A_kk,  # [TT, HV, BT] float32 out (STORE_AKK)
+    W,  # [TT, HV, K] out
+    U,  # [TT, HV, V] out
+    qg,  # [TT, HV, K] out: scale * q * exp(G)
+    kg,  # [TT, HV, K] out: k * exp(G_last - G)
+    G_end,  # [NC, HV, K] float32 out: G at each chunk's last token (all the state pass reads of G)
+    flags,  # [NC, HV] int32: 1 where a sub-chunk's span exceeds SPAN (first launch writes, EXACT_DIAG reads)
+    cu,
+    chunk_seq,
+    chunk_bos,
+    # scalars
+    scale,
+    # sizes
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    # meta-parameters
+    BT: tl.constexpr,  # 16 or 32: one or two sub-chunks
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    SPAN: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UT_PREC: tl.constexpr,
+    CUMSUM: tl.constexpr,
+    EXACT_DIAG: tl.constexpr,
+    STORE_AKK: tl.constexpr,
+):
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    if EXACT_DIAG:
+        if tl.load(flags + i_c * HV + i_hv) == 0:
+            return
+    NS: tl.constexpr = BT // BC
+    DIAG: tl.constexpr = not EXACT_DIAG
+    i_h = i_hv // (HV // H)
+    i_n = tl.load(chunk_seq + i_c)
+    bos = tl.load(chunk_bos + i_c).to(tl.int64)
+    eos = tl.load(cu + i_n + 1).to(tl.int64)
+    q_h, k_h, SK = q + i_h * K, k + i_h * K, H * K
+    g_h, SG = g + i_hv * K, HV * K
+    qg_h, kg_h = qg + i_hv * K, kg + i_hv * K
+    t0, t1 = bos, bos + BC
+    o_i = tl.arange(0, BC)
+
+    # ==== 1. the blocks of A_kk and A_qk, summed over tiles of K. Both share their right
+    # operand k_j exp(G_ref - G_j) and their left decay exp(G_r - G_ref); qg, kg and G_end are
+    # written on the way (G at the chunk's last token is known once a tile's sub-chunks are summed)
+    Z = tl.zeros([BC, BC], dtype=tl.float32)
+    Ak00, Ak10, Ak11, Aq00, Aq10, Aq11 = Z, Z, Z, Z, Z, Z
+    z = tl.zeros([BK], dtype=tl.float32)
+    d0, d1 = z, z  # decay span of each sub-chunk, per channel
+    for i_k in range(0, tl.cdiv(K, BK)):
+        c0 = i_k * BK
+        o_k = c0 + tl.arange(0, BK)
+        G0, Gr0, Ge0 = _gate_block(g_h, t0, eos, SG, c0, z, K, BC, BK, CUMSUM)
+        k0 = _load_block(k_h, t0, eos, SK, c0, K, BC, BK)
+        q0 = _load_block(q_h, t0, eos, SK, c0, K, BC, BK)
+        d0 = tl.maximum(d0, Gr0 - Ge0)
+        e0 = tl.exp(tl.minimum(G0 - Gr0[None, :], 0.0))
+        if DIAG:
+            r0 = k0 * tl.exp(tl.minimum(Gr0[None, :] - G0, SPAN))
+            Ak00 = tl.dot(k0 * e0, tl.trans(r0), Ak00, input_precision=PRECISION)
+            Aq00 = tl.dot(q0 * e0, tl.trans(r0), Aq00, input_precision=PRECISION)
+        else:
+            Ak00, Aq00 = _diag_exact_pair(Ak00, Aq00, k0, q0, G0, BC)
+        G_last = Ge0
+        if NS > 1:
+            G1, Gr1, Ge1 = _gate_block(g_h, t1, eos, SG, c0, Ge0, K, BC, BK, CUMSUM)
+            k1 = _load_block(k_h, t1, eos, SK, c0, K, BC, BK)
+            q1 = _load_block(q_h, t1, eos, SK, c0, K, BC, BK)
+            d1 = tl.maximum(d1, Gr1 - Ge1)
+            e1 = tl.exp(tl.minimum(G1 - Gr1[None, :], 0.0))
+            r10 = k0 * tl.exp(tl.minimum(Gr1[None, :] - G0, 0.0))
+            Ak10 = tl.dot(k1 * e1, tl.trans(r10), Ak10, input_precision=PRECISION)
+            Aq10 = tl.dot(q1 * e1, tl.trans(r10), Aq10, input_precision=PRECISION)
+            if DIAG:
+                r1 = k1 * tl.exp(tl.minimum(Gr1[None, :] - G1, SPAN))
+                Ak11 = tl.dot(k1 * e1, tl.trans(r1), Ak11, input_precision=PRECISION)
+                Aq11 = tl.dot(q1 * e1, tl.trans(r1), Aq11, input_precision=PRECISION)
+            else:
+                Ak11, Aq11 = _diag_exact_pair(Ak11, Aq11, k1, q1, G1, BC)
+            G_last = Ge1
+            _store_block(qg_h, q1 * tl.exp(G1) * scale, t1, eos, SG, c0, K, BC, BK)
+            _store_block(kg_h, k1 * tl.exp(tl.minimum(G_last[None, :] - G1, 0.0)), t1, eos, SG, c0, K, BC, BK)
+        _store_block(qg_h, q0 * tl.exp(G0) * scale, t0, eos, SG, c0, K, BC, BK)
+        _store_block(kg_h, k0 * tl.exp(tl.minimum(G_last[None, :] - G0, 0.0)), t0, eos, SG, c0, K, BC, BK)
+        tl.store(G_end + (i_c * HV + i_hv) * K + o_k, G_last, mask=o_k < K)
+
+    if not EXACT_DIAG:
+        # flag the chunk for the second launch if a sub-chunk's span passed SAFE_SPAN
+        tl.store(flags + i_c * HV + i_hv, (tl.maximum(tl.max(d0, axis=0), tl.max(d1, axis=0)) > SPAN).to(tl.int32))
+
+    # rows times beta and strictly lower (A_kk, Eq. 5), times scale and lower (A_qk); padding zeroed
+    w0 = tl.load(beta + (t0 + o_i) * HV + i_hv, mask=t0 + o_i < eos, other=0).to(tl.float32)[:, None]
+    w1 = tl.load(beta + (t1 + o_i) * HV + i_hv, mask=t1 + o_i < eos, other=0).to(tl.float32)[:, None]
+    Ak00 = _finish(Ak00, w0, t0, t0, eos, BC, True, True)
+    Ak10 = _finish(Ak10, w1, t1, t0, eos, BC, False, True)
+    Ak11 = _finish(Ak11, w1, t1, t1, eos, BC, True, True)
+    Aq00 = _finish(Aq00, scale, t0, t0, eos, BC, True, False)
+    Aq10 = _finish(Aq10, scale, t1, t0, eos, BC, False, False)
+    Aq11 = _finish(Aq11, scale, t1, t1, eos, BC, True, False)
+    _store_lower(A_qk + i_hv * BT, Aq00, Aq10, Aq11, Z, Z, Z, Z, Z, Z, Z, bos, eos, HV * BT, NS, BT, BC)
+    if STORE_AKK:
+        _store_lower(A_kk + i_hv * BT, Ak00, Ak10, Ak11, Z, Z, Z, Z, Z, Z, Z, bos, eos, HV * BT, NS, BT, BC)
+
+    # ==== 2. M = (I + A_kk)^{-1}: the diagonal inverses, and M_10 = -D_1 A_10 D_0
+    M00, M11, M22, M33 = _unit_lower_inverse4(Ak00, Ak11, Z, Z, BC, NS)  # M22, M33: unused identities
+    M10 = -tl.dot(M11, tl.dot(Ak10, M00, input_precision=UT_PREC), input_precision=UT_PREC)
+
+    # ==== 3. W = M Diag(beta)(Gamma * K), tile by tile of K (G made again from g); U = M Diag(beta) V
+    W_h = W + i_hv * K
+    for i_k in range(0, tl.cdiv(K, BK)):
+        c0 = i_k * BK
+        G0, Gr0, Ge0 = _gate_block(g_h, t0, eos, SG, c0, z, K, BC, BK, CUMSUM)
+        kb0 = _load_block(k_h, t0, eos, SK, c0, K, BC, BK) * tl.exp(G0) * w0
+        _store_block(W_h, tl.dot(M00, kb0, input_precision=PRECISION), t0, eos, SG, c0, K, BC, BK)
+        if NS > 1:
+            G1, Gr1, Ge1 = _gate_block(g_h, t1, eos, SG, c0, Ge0, K, BC, BK, CUMSUM)
+            kb1 = _load_block(k_h, t1, eos, SK, c0, K, BC, BK) * tl.exp(G1) * w1
+            b_W = tl.dot(M10, kb0, input_precision=PRECISION)
+            b_W = tl.dot(M11, kb1, b_W, input_precision=PRECISION)
+            _store_block(W_h, b_W, t1, eos, SG, c0, K, BC, BK)
+    _u_factors(v + i_hv * V, U + i_hv * V, t0, eos, HV * V, w0, w1, w1, w1, M00, M10, M11, Z, Z, Z, Z, Z, Z, Z,
+               V, NS, BC, BV, PRECISION)
 
 
 class LocalFactors(NamedTuple):
@@ -447,6 +651,8 @@ class LocalFactors(NamedTuple):
     kg: torch.Tensor  #: ``[B, T, HV, K]``: ``k * exp(G_last - G)``
     A_kk: Optional[torch.Tensor]  #: ``[B, T, HV, C]`` float32, only with ``store_akk``
     M: Optional[torch.Tensor] = None  #: ``[B, T, HV, C]`` float32 ``(I + A_kk)^{-1}``, only with ``store_m``
+    #: ``[NC, HV, K]`` float32: ``G`` at each chunk's last token (:func:`chunk_local_factors_one_pass`)
+    G_end: Optional[torch.Tensor] = None
 
 
 def intermediate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -524,6 +730,80 @@ def chunk_local_factors(
                                           STORE_A=qk or store_akk, STORE_M=store_m and not qk,
                                           num_warps=warps, num_stages=LOCAL_STAGES)
     return LocalFactors(A_qk, W, U, qg, kg, A_kk, M)
+
+
+#: Launch shape of :func:`chunk_local_factors_one_pass`, ``(BK, num_warps)``.
+ONE_PASS_LAUNCH = (32, 1)
+#: Longest chunk the one-pass kernel takes: at 32 tokens its six ``[16, 16]`` blocks of ``A_kk``
+#: and ``A_qk`` fit one program (at 64, twenty blocks spilled: the keys' and queries' passes).
+ONE_PASS_MAX_CHUNK = 32
+
+
+def chunk_local_factors_one_pass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    chunk_size: int,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    *,
+    cumulative: bool = False,
+    store_akk: bool = False,
+    meta: Optional[SeqMeta] = None,
+) -> LocalFactors:
+    """Stages 1-4 for chunks of 16 or 32 tokens in one pass: ``g``, ``q``, ``k``, ``v`` read once.
+
+    What :func:`~kda_explained.fast.prepare.chunk_local_cumsum` and :func:`chunk_local_factors`
+    compute together, for short chunks: a chunk of at most 32 tokens has three ``[16, 16]``
+    blocks each of ``A_kk`` and ``A_qk``, few enough for one program (the keys' and queries'
+    passes exist because 64-token chunks have twenty). The in-chunk cumulative decay ``G`` is
+    made on the fly from ``g`` and never written: the state pass reads ``G`` only at each
+    chunk's last token, returned as ``G_end``.
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, HV, V]``; g: ``[B, T, HV, K]`` per-token log decay
+            (any float dtype), or with ``cumulative`` stage 1's in-chunk cumulative ``G``
+            (float32; what the gate options' path computes); beta: ``[B, T, HV]``.
+        chunk_size: 16 or 32.
+        store_akk: also return ``A_kk`` (float32, for tests).
+
+    Returns:
+        :class:`LocalFactors` with ``A_qk``, ``W``, ``U``, ``qg``, ``kg`` (in
+        :func:`intermediate_dtype` of ``q``), ``G_end: [NC, HV, K]`` float32 and, with
+        ``store_akk``, ``A_kk``; ``M`` is ``None``.
+    """
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    BC = 16
+    if chunk_size not in (16, 32):
+        raise ValueError(f"chunk_size: expected 16 or 32 for the one-pass kernel, got {chunk_size}")
+    meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, q.device)
+    dt = intermediate_dtype(q.dtype)
+    dev = q.device
+    A_qk = torch.empty(B, T, HV, chunk_size, dtype=dt, device=dev)
+    A_kk = torch.empty(B, T, HV, chunk_size, dtype=torch.float32, device=dev) if store_akk else None
+    W = torch.empty(B, T, HV, K, dtype=dt, device=dev)
+    U = torch.empty(B, T, HV, V, dtype=dt, device=dev)
+    qg = torch.empty(B, T, HV, K, dtype=dt, device=dev)
+    kg = torch.empty(B, T, HV, K, dtype=dt, device=dev)
+    G_end = torch.empty(meta.NC, HV, K, dtype=torch.float32, device=dev)
+    if meta.NC > 0:
+        flags = torch.empty(meta.NC, HV, dtype=torch.int32, device=dev)
+        BK, warps = ONE_PASS_LAUNCH
+        for exact in (False, True):  # every chunk, then the flagged ones with exact diagonal blocks
+            _one_pass_kernel[(meta.NC, HV)](
+                q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(),
+                A_qk, A_kk if store_akk else A_qk, W, U, qg, kg, G_end, flags,
+                meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale),
+                H=H, HV=HV, K=K, V=V, BT=chunk_size, BC=BC, BK=min(BK, max(16, triton.next_power_of_2(K))),
+                BV=min(64, max(16, triton.next_power_of_2(V))), SPAN=SAFE_SPAN,
+                PRECISION=LOCAL_PRECISION[dot_precision(q.dtype)], UT_PREC=UT_PRECISION[dot_precision(q.dtype)],
+                CUMSUM=not cumulative, EXACT_DIAG=exact, STORE_AKK=store_akk,
+                num_warps=warps, num_stages=LOCAL_STAGES,
+            )
+    return LocalFactors(A_qk, W, U, qg, kg, A_kk, None, G_end)
 
 
 @triton.jit

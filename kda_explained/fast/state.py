@@ -87,7 +87,7 @@ def _state_passing_kernel(
     kg,  # [TT, HV, K] decayed keys k * exp(G_last - G)
     W,  # [TT, HV, K]
     U,  # [TT, HV, V]
-    G,  # [TT, HV, K] float32 (read at each chunk's last token)
+    G,  # [TT, HV, K] float32 (read at each chunk's last token), or [NC, HV, K] those rows alone (G_ENDS)
     h0,  # [N, HV, K, V] initial states (or [V, K] each with STATE_V_FIRST)
     h,  # [NC, HV, K, V] out: state entering each chunk (float32, or W's dtype); not with OUTPUT
     v_new,  # [TT, HV, V] out, W's dtype; not with OUTPUT
@@ -110,6 +110,7 @@ def _state_passing_kernel(
     PRECISION: tl.constexpr,
     LOWP: tl.constexpr,
     OUTPUT: tl.constexpr,  # stage 6 in the same loop: o written, h and v_new never leave the registers
+    G_ENDS: tl.constexpr,
 ):
     i_v, i_n, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(cu + i_n).to(tl.int64)
@@ -134,17 +135,19 @@ def _state_passing_kernel(
     n_chunks = tl.cdiv(eos - bos, BT)
     for i_t in range(0, n_chunks):
         t0 = bos + i_t * BT
-        m_t = t0 + o_t < eos
+        m_t = o_t < (eos - t0).to(tl.int32)  # an int32 compare (int64 ones cost registers: spills)
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
+        o_tk = ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :]
+        o_tv = ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
         if not OUTPUT:  # h[chunk] = S, for the output kernel
             tl.store(h + ((c0 + i_t) * HV + i_hv) * K * V + o_S, b_S.to(h.dtype.element_ty), mask=m_kv)
         # v_new = U - W S
-        b_W = tl.load(W + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0)
-        b_U = tl.load(U + ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], mask=m_tv, other=0).to(tl.float32)
+        b_W = tl.load(W + o_tk, mask=m_tk, other=0)
+        b_U = tl.load(U + o_tv, mask=m_tv, other=0).to(tl.float32)
         b_v = _pseudo_values(b_S, b_W, b_U, LOWP, PRECISION)  # [BT, BV]
         if OUTPUT:  # o = qg S + A_qk v_new (stage 6), with S still the state entering the chunk
-            b_qg = tl.load(qg + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0)
+            b_qg = tl.load(qg + o_tk, mask=m_tk, other=0)
             b_A = tl.load(A_qk + ((t0 + o_t[:, None]) * HV + i_hv) * BT + o_t[None, :],
                           mask=m_t[:, None] & m_t[None, :], other=0)
             if LOWP:  # operands rounded as the output kernel reads them from memory: identical sums
@@ -153,15 +156,16 @@ def _state_passing_kernel(
             else:
                 b_o = tl.dot(b_qg.to(tl.float32), b_S, input_precision=PRECISION)
                 b_o = tl.dot(b_A.to(tl.float32), b_v, b_o, input_precision=PRECISION)
-            tl.store(o + ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], b_o.to(o.dtype.element_ty),
-                     mask=m_tv)
+            tl.store(o + o_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
         else:
-            tl.store(v_new + ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], b_v.to(v_new.dtype.element_ty),
-                     mask=m_tv)
+            tl.store(v_new + o_tv, b_v.to(v_new.dtype.element_ty), mask=m_tv)
         # S = Diag(Gamma_C) S + kg^T v_new
-        t_last = tl.minimum(t0 + BT, eos) - 1
-        b_Glast = tl.load(G + (t_last * HV + i_hv) * K + o_k, mask=m_k, other=0)  # [BK]
-        b_kg = tl.load(kg + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0)
+        if G_ENDS:
+            b_Glast = tl.load(G + ((c0 + i_t) * HV + i_hv) * K + o_k, mask=m_k, other=0)  # [BK]
+        else:
+            t_last = tl.minimum(t0 + BT, eos) - 1
+            b_Glast = tl.load(G + (t_last * HV + i_hv) * K + o_k, mask=m_k, other=0)
+        b_kg = tl.load(kg + o_tk, mask=m_tk, other=0)
         b_S = _next_state(b_S, b_kg, b_v, b_Glast, LOWP, PRECISION)
 
     tl.store(ht + (i_n * HV + i_hv) * K * V + o_S, b_S, mask=m_kv)
@@ -256,6 +260,9 @@ def _chunk_loop_options(W: torch.Tensor, K: int) -> dict:
 def _launch(kg, W, U, G, initial_state, h, v_new, ht, output, chunk_size, state_v_first, meta):
     """Run the state kernel: ``output = (qg, A_qk, o)`` fuses stage 6 (``h``, ``v_new`` unused then)."""
     HV, K, V = kg.shape[2], kg.shape[3], U.shape[3]
+    if G.dim() == 3 and G.shape != (meta.NC, HV, K):
+        raise ValueError(f"G: expected [B, T, HV, K] or, at chunk ends, [NC, HV, K] = {(meta.NC, HV, K)}, "
+                         f"got {tuple(G.shape)}")
     qg, A_qk, o = output if output is not None else (ht, ht, ht)  # unread placeholders without OUTPUT
     BV = STATE_BV or state_value_tile(meta.N * HV, V, kg.device)
     if meta.N > 0:
@@ -264,7 +271,7 @@ def _launch(kg, W, U, G, initial_state, h, v_new, ht, output, chunk_size, state_
             initial_state.contiguous() if initial_state is not None else ht, h, v_new, ht,
             qg.contiguous(), A_qk.contiguous(), o, meta.cu, meta.chunk_off,
             HV=HV, K=K, V=V, BT=chunk_size, BV=BV, HAS_H0=initial_state is not None, STATE_V_FIRST=state_v_first,
-            OUTPUT=output is not None, **_chunk_loop_options(W, K),
+            OUTPUT=output is not None, G_ENDS=G.dim() == 3, **_chunk_loop_options(W, K),
         )
 
 
@@ -284,7 +291,10 @@ def state_passing(
     """``h: [NC, HV, K, V]``, ``v_new: [B, T, HV, V]``, ``final_state: [N, HV, K, V]`` float32.
 
     ``kg = k * exp(G_last - G)`` (``[B, T, HV, K]``) are the decayed keys of
-    :func:`~kda_explained.fast.local.chunk_local_factors`; ``v_new`` has ``W``'s dtype and
+    :func:`~kda_explained.fast.local.chunk_local_factors`. ``G`` is the in-chunk cumulative
+    decay ``[B, T, HV, K]`` float32, or only its row at each chunk's last token, ``[NC, HV, K]``
+    (the ``G_end`` of :func:`~kda_explained.fast.local.chunk_local_factors_one_pass`): the kernel
+    reads nothing else of it. ``v_new`` has ``W``'s dtype and
     ``h`` has ``h_dtype`` (default float32). With ``state_v_first``, ``initial_state``,
     ``h`` and the final state are ``[..., V, K]``.
     """
@@ -322,7 +332,8 @@ def state_passing_output(
     :func:`~kda_explained.fast.chunk.chunk_kda_fwd` keeps it), but each chunk's output is formed
     while its entering state and pseudo-values are still in registers: ``h`` and ``v_new`` never go
     to memory. Each program also reads its chunk's ``qg`` and ``A_qk``, which the separate output
-    kernel reads once per value tile as well.
+    kernel reads once per value tile as well. ``G`` as in :func:`state_passing` (whole, or its rows
+    at the chunk ends).
     """
     B, T, HV, K = kg.shape
     V = U.shape[3]
