@@ -59,6 +59,8 @@ VARIANTS = {
     "one_pass_bk64_w2": [(fl, "ONE_PASS_LAUNCH", (64, 2))],
     "one_pass_bk128_w4": [(fl, "ONE_PASS_LAUNCH", (128, 4))],
     "state_bv32": [(fs, "STATE_BV", 32)],
+    "state_bv128_w8": [(fs, "STATE_BV", 128), (fs, "STATE_WARPS", 8)],
+    "state_stages2": [(fs, "STATE_STAGES_LOWP", 2)],
     "one_pass_stages1": [(fl, "LOCAL_STAGES", 1)],
     "chunk16": [(fc, "chunk_kda_fwd", _chunk_size(16))],
     "chunk32": [(fc, "chunk_kda_fwd", _chunk_size(32))],

@@ -41,8 +41,14 @@ from ._meta import SeqMeta, _build_seq_meta, dot_precision, interpreting, max_ch
 
 __all__ = ["state_passing", "state_passing_output", "state_passing_output_segmented", "output_fused", "state_segments"]
 
-#: Software-pipelining depth of the chunk loop (loads of chunk i + 1 overlap the math of chunk i).
+#: Software-pipelining depth of the chunk loop (loads of the next chunks overlap the math of this
+#: one): ``STATE_STAGES_LOWP`` for bf16/fp16 intermediates, ``STATE_STAGES`` for float32 ones (their
+#: buffers are twice as large: at 3 stages and 64-token chunks the fused kernel needs 288 KB of
+#: shared memory, more than an H100 has). H100, bf16 (``benchmarks/probe/variants.py``), 3 stages
+#: against 2: B=8, T=4096, H=16 1.230 vs 1.365 ms; T=8192, H=96 2.061 vs 2.333; T=65536 4.643 vs
+#: 5.109; varlen 1.416 vs 1.624.
 STATE_STAGES = 2
+STATE_STAGES_LOWP = 3
 #: For bf16/fp16 intermediates, feed the two products in that dtype instead of float32 operands in
 #: tf32 (the state itself stays float32 in registers).
 STATE_LOW_PRECISION_DOTS = True  # H100: chunk_kda 5.31 -> 4.93 ms, error unchanged (docs: kernel notes)
@@ -253,7 +259,8 @@ def _chunk_loop_options(W: torch.Tensor, K: int) -> dict:
     return dict(
         BK=max(16, triton.next_power_of_2(K)), PRECISION=dot_precision(W.dtype),
         LOWP=STATE_LOW_PRECISION_DOTS and W.dtype in (torch.bfloat16, torch.float16) and not interpreting(),
-        num_warps=STATE_WARPS if K > 64 else 4, num_stages=STATE_STAGES if K <= 128 else 1,
+        num_warps=STATE_WARPS if K > 64 else 4,
+        num_stages=1 if K > 128 else STATE_STAGES_LOWP if W.dtype in (torch.bfloat16, torch.float16) else STATE_STAGES,
     )
 
 
