@@ -51,9 +51,12 @@ FUSED_STATE_OUTPUT = True
 #: The inference forward's chunk size where the caller leaves it to the layer (``chunk_size=None``):
 #: ``SHORT_CHUNK`` tokens (stages 1-4 in one pass, :func:`~kda_explained.fast.local.chunk_local_factors_one_pass`)
 #: where the state pass has at least ``SHORT_CHUNK_MIN_PROGRAMS_PER_SM`` programs per SM at 64 value
-#: columns, else 64: shorter chunks double the sequential steps of the state pass, which one long
+#: columns, else 64: shorter chunks multiply the sequential steps of the state pass, which one long
 #: sequence cannot spread over the GPU. ``None``: always 64. Training always takes 64 (the
-#: backward keeps the 64-token chunks' ``A_qk`` and ``M``).
+#: backward keeps the 64-token chunks' ``A_qk`` and ``M``). H100, bf16, one pass at 16 / 32 against
+#: the 64-token pipeline: B=8, T=4096, H=16 1.366 / 1.483 vs 1.848 ms; T=8192, H=96 2.331 / 2.372 vs
+#: 2.977 (``benchmarks/probe/variants.py``); T=65536, H=16, with the kernels of before the one
+#: pass, 8.96 / 6.11 vs 5.07.
 SHORT_CHUNK = 16
 SHORT_CHUNK_MIN_PROGRAMS_PER_SM = 1.0
 
@@ -372,9 +375,9 @@ def chunk_kda(
         cu_seqlens: ``[N + 1]`` offsets of a packed batch (``B == 1``).
         A_log: ``[HV]``; dt_bias: ``[HV * K]`` or ``[HV, K]``.
         chunk_size: 16, 32 or 64; default (``None``) chosen per call: 64 for training and for
-            ``return_intermediate_states``, and for the inference forward 32 where the batch
-            fills the GPU, 64 where it does not (:func:`forward_chunk_size`). The result is the same
-            function at every chunk size (up to rounding).
+            ``return_intermediate_states``, and for the inference forward 16 (``SHORT_CHUNK``)
+            where the batch fills the GPU, 64 where it does not (:func:`forward_chunk_size`). The
+            result is the same function at every chunk size (up to rounding).
 
     Returns:
         ``(o, final_state)``, or ``(o, final_state, h)`` with ``return_intermediate_states``.
