@@ -3,8 +3,11 @@
 # the gpu-marked tests, the accuracy check of every kernel, the per-stage timings, and the
 # benchmark against flash-linear-attention, writing into ${OUT:-benchmarks/results}.
 #
-#   bash scripts/gpu_session.sh [tests|check|stages|bench|train|sweep|bwd|decode|profile|options ...]
-#   (default: tests check stages bench)
+#   bash scripts/gpu_session.sh [tests|tests-fwd|tests-bwd|check|stages|bench|train|sweep|bwd|decode|profile|
+#                                fwdprof|options ...]   (default: tests check stages bench)
+#
+# `tests` takes > 6 minutes on an H100, more than one device call holds beside other steps:
+# `tests-fwd` and `tests-bwd` split it in two (together the same tests).
 #
 # Needs a CUDA GPU with torch and triton. flash-linear-attention is taken from .whl/ when
 # present (../shared/tools/fla-wheels.sh fetches the fla-core wheel there), as on the lent
@@ -32,6 +35,10 @@ for step in "${steps[@]}"; do
     echo "== $step"
     case "$step" in
         tests)  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fast_gpu.py tests/test_layers.py ;;
+        tests-fwd) python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fast_gpu.py \
+                       -k "not gradients and not long_sequence and not segmented" ;;
+        tests-bwd) python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fast_gpu.py tests/test_layers.py \
+                       -k "gradients or long_sequence or segmented or test_layers" ;;
         check)  python3 benchmarks/gpu_check.py ;;
         stages) python3 benchmarks/gpu_stages.py --out "$out" ;;
         bench)  python3 benchmarks/gpu_bench.py --out "$out" ;;
@@ -40,7 +47,9 @@ for step in "${steps[@]}"; do
         bwd)    python3 benchmarks/probe/bwd_stages.py ;;
         decode) python3 benchmarks/gpu_decode.py --quick --out "$out" ;;
         profile) python3 benchmarks/probe/train_profile.py ;;
+        fwdprof) python3 benchmarks/probe/fla_profile.py --chunk-sizes 16 32 64 ;;
         options) python3 benchmarks/probe/options_bwd.py ;;
-        *) echo "unknown step: $step (tests, check, stages, bench, train, sweep, bwd, decode, profile, options)"; exit 2 ;;
+        *) echo "unknown step: $step (tests, tests-fwd, tests-bwd, check, stages, bench, train, sweep, bwd, decode," \
+                "profile, fwdprof, options)"; exit 2 ;;
     esac
 done
