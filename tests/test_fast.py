@@ -218,6 +218,23 @@ def test_stage_chunk_local_factors_one_pass(p, C, cumulative):
         assert_close(ours, ref, F32, name)
 
 
+def test_state_pass_takes_G_whole_or_at_chunk_ends():
+    """The state kernels read G whole ([B, T, HV, K]) or only at the chunk ends ([NC, HV, K]): the same
+    result; a [NC, HV, K] of the wrong chunk count is refused by name."""
+    p, C = AWKWARD[3]
+    r = reference_stages(p, C)
+    ends = chunk_end_rows(r.G, C, r.cu)
+    args = (f32(r.kg), f32(r.W), f32(r.U))
+    o1, S1 = fast.state_passing_output(*args, f32(r.G), f32(r.qg), f32(r.A_qk), f32(r.S0), C, r.cu)
+    o2, S2 = fast.state_passing_output(*args, f32(ends), f32(r.qg), f32(r.A_qk), f32(r.S0), C, r.cu)
+    assert torch.equal(o1, o2) and torch.equal(S1, S2)
+    h1, v1, _ = fast.state_passing(*args, f32(r.G), f32(r.S0), C, r.cu)
+    h2, v2, _ = fast.state_passing(*args, f32(ends), f32(r.S0), C, r.cu)
+    assert torch.equal(h1, h2) and torch.equal(v1, v2)
+    with pytest.raises(ValueError, match=r"G: expected \[B, T, HV, K\] or, at chunk ends, \[NC, HV, K\]"):
+        fast.state_passing(*args, f32(ends[1:]), f32(r.S0), C, r.cu)
+
+
 def test_one_pass_rejects_long_chunks():
     r = reference_stages(AWKWARD[0][0], 16)
     with pytest.raises(ValueError, match="chunk_size: expected 16 or 32"):
