@@ -26,7 +26,7 @@ from typing import List, Optional
 import torch
 
 __all__ = ["SeqMeta", "seq_meta", "packed_offsets", "max_chunks", "host_offsets", "device_offsets", "dot_precision",
-           "interpreting"]
+           "interpreting", "sm_count"]
 
 
 @dataclass(frozen=True)
@@ -158,3 +158,9 @@ def interpreting() -> bool:
     matmul), so kernels keep their float32 operands there.
     """
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of ``device`` (1 off the GPU): what the launch rules size grids against."""
+    device = torch.device(device)
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1

@@ -29,7 +29,7 @@ import torch
 import triton
 
 from ..validation import check_chunk_size, check_gate_params, check_kda_inputs
-from ._meta import _OFFSETS, host_offsets, interpreting, seq_meta
+from ._meta import _OFFSETS, host_offsets, interpreting, seq_meta, sm_count
 from .local import ONE_PASS_MAX_CHUNK, chunk_local_factors, chunk_local_factors_one_pass, intermediate_dtype
 from .output import chunk_output
 from .prepare import chunk_local_cumsum, l2norm
@@ -102,7 +102,7 @@ def forward_chunk_size(sequences_x_heads: int, V: int, device) -> int:
     SM, else 64 (see ``SHORT_CHUNK``)."""
     if SHORT_CHUNK is None:
         return 64
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    sms = sm_count(device)
     programs = sequences_x_heads * triton.cdiv(V, 64)
     return SHORT_CHUNK if programs >= SHORT_CHUNK_MIN_PROGRAMS_PER_SM * sms else 64
 
@@ -126,32 +126,26 @@ def chunk_kda_fwd(
     meta = seq_meta(q.shape[0], q.shape[1], C, cu_seqlens, q.device)  # the chunk tables, built once
     if use_qk_l2norm_in_kernel:
         q, k = l2norm(q), l2norm(k)
+    # short chunks: stages 1-4 in one pass that sums G from g itself and keeps it only at the chunk
+    # ends; stage 1's kernel still runs first for the gate options (or for 64-token chunks)
+    one_pass = C <= ONE_PASS_MAX_CHUNK and not keep_for_backward
     gate_options = use_gate_in_kernel or use_beta_sigmoid_in_kernel
-    if C <= ONE_PASS_MAX_CHUNK and not keep_for_backward:
-        # 1.-4. in one pass over short chunks: G made on the fly (by stage 1's kernel only for the
-        # gate options), kept only at the chunk ends
-        if gate_options:
-            G, beta = chunk_local_cumsum(
-                g, C, cu_seqlens, beta=beta, use_gate_in_kernel=use_gate_in_kernel, A_log=A_log, dt_bias=dt_bias,
-                lower_bound=lower_bound, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
-                allow_neg_eigval=allow_neg_eigval, meta=meta,
-            )
-        f = chunk_local_factors_one_pass(q, k, v, G if gate_options else g, beta, scale, C, cu_seqlens,
-                                         cumulative=gate_options, meta=meta)
-        A_qk, W, U, qg, kg = f[:5]
-        G, kept, segments = f.G_end, None, 1  # [NC, HV, K]: the rows the state pass reads
-    else:
-        G, beta32 = chunk_local_cumsum(
+    if not one_pass or gate_options:
+        G, beta = chunk_local_cumsum(
             g, C, cu_seqlens, beta=beta, use_gate_in_kernel=use_gate_in_kernel, A_log=A_log, dt_bias=dt_bias,
             lower_bound=lower_bound, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
             allow_neg_eigval=allow_neg_eigval, meta=meta,
-        )  # 1.                                                                              [B, T, HV, K]
-        f = chunk_local_factors(q, k, v, G, beta32, scale, C, cu_seqlens, store_m=keep_for_backward,
-                                meta=meta)  # 2.-4.
-        A_qk, W, U, qg, kg = f[:5]
-        kept = (A_qk, f.M, G) if keep_for_backward else None
-        segments = 1 if float32_chunk_states else state_segments(
-            meta.N * W.shape[2], v.shape[3], q.shape[0], q.shape[1], C, cu_seqlens, q.device)
+        )  # 1.                                                                   [B, T, HV, K], beta float32
+    if one_pass:  # 1.-4.
+        f = chunk_local_factors_one_pass(q, k, v, G if gate_options else g, beta, scale, C, cu_seqlens,
+                                         cumulative=gate_options, meta=meta)
+        G = f.G_end  # [NC, HV, K]: the rows of G the state pass reads
+    else:  # 2.-4.
+        f = chunk_local_factors(q, k, v, G, beta, scale, C, cu_seqlens, store_m=keep_for_backward, meta=meta)
+    A_qk, W, U, qg, kg = f[:5]
+    kept = (A_qk, f.M, G) if keep_for_backward else None
+    segments = 1 if float32_chunk_states or one_pass else state_segments(
+        meta.N * W.shape[2], v.shape[3], q.shape[0], q.shape[1], C, cu_seqlens, q.device)
     if segments > 1:  # 5. + 6. on segments of the sequences, side by side: the SMs would idle otherwise
         o, S = state_passing_output_segmented(kg, W, U, G, qg, A_qk, initial_state, C, cu_seqlens,
                                               segments=segments, out_dtype=v.dtype, state_v_first=state_v_first)

@@ -37,7 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._meta import SeqMeta, _build_seq_meta, dot_precision, interpreting, max_chunks, packed_offsets, seq_meta
+from ._meta import (SeqMeta, _build_seq_meta, dot_precision, interpreting, max_chunks, packed_offsets, seq_meta,
+                    sm_count)
 
 __all__ = ["state_passing", "state_passing_output", "state_passing_output_segmented", "output_fused", "state_segments"]
 
@@ -233,7 +234,7 @@ def _segment_kernel(
 
 def state_value_tile(sequences_x_heads: int, V: int, device) -> int:
     """64 value columns per program, halved (down to 16) while that leaves SMs without a program."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    sms = sm_count(device)
     BV = min(64, max(16, triton.next_power_of_2(V)))
     while BV > 16 and sequences_x_heads * triton.cdiv(V, BV) < sms:
         BV //= 2
@@ -250,7 +251,7 @@ def output_fused(sequences_x_heads: int, V: int, device) -> bool:
     1.98 vs 2.00 on the varlen batch (768), but 3.03 vs 2.98 at T=8192, H=96 (192) and 5.94 vs 5.10
     at T=65536, H=16 (where the value tile shrinks to 16 to fill the SMs).
     """
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    sms = sm_count(device)
     return sequences_x_heads * triton.cdiv(V, 64) >= 1.5 * sms
 
 
@@ -359,7 +360,7 @@ def state_segments(sequences_x_heads: int, V: int, B: int, T: int, chunk_size: i
     of the longest sequence long."""
     if not STATE_SEGMENTS:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    sms = sm_count(device)
     programs = sequences_x_heads * triton.cdiv(V, 64)
     if programs >= sms:
         return 1
