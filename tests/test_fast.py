@@ -218,6 +218,60 @@ def test_stage_chunk_local_factors_one_pass(p, C, cumulative):
         assert_close(ours, ref, F32, name)
 
 
+def in_chunk_one_hot(v: torch.Tensor, C: int, cu: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[B, T, HV, C]``: row ``t`` is ``e_j`` for token ``t`` at position ``j`` of its chunk (``wy_representation``
+    of these values gives ``U = M Diag(beta) I``: the factor ``Mb`` itself, in the same row layout)."""
+    B, T, HV = v.shape[:3]
+    offsets = [b * T for b in range(B + 1)] if cu is None else [int(x) for x in cu]
+    pos = torch.zeros(B * T, dtype=torch.long)
+    for bos, eos in zip(offsets[:-1], offsets[1:]):
+        pos[bos:eos] = torch.arange(eos - bos) % C
+    eye = torch.nn.functional.one_hot(pos, C).to(v.dtype).reshape(B, T, 1, C)
+    return eye.expand(B, T, HV, C).contiguous()
+
+
+@pin(*[(p, C) for p, C in AWKWARD if C <= fast.local.ONE_PASS_MAX_CHUNK])
+@few
+@given(p=problems, C=chunk_16)
+def test_one_pass_fold(p, C):
+    """The UT transform left to the state pass: the one pass with ``fold`` 1 / 2 returns
+    ``Mb = M Diag(beta)`` (and ``kG = Gamma * K`` in place of ``W``) == the chunked stages, and the fused
+    state pass fed ``Mb``, ``v`` (and ``kG``) gives the chunked stages' output and final state."""
+    r = reference_stages(p, C)
+    _, Mb = chunked.wy_representation(r.k, in_chunk_one_hot(r.v, C, r.cu), r.G, r.beta, r.M, C, r.cu)
+    for fold in (1, 2):
+        f = fast.chunk_local_factors_one_pass(f32(r.q), f32(r.k), f32(r.v), f32(r.g), f32(r.beta), r.scale, C, r.cu,
+                                              fold=fold)
+        assert f.U is None and f.Mb.dtype == torch.float32
+        assert_close(f.Mb, Mb, F32, f"Mb (fold {fold})")
+        if fold == 1:
+            assert f.kG is None
+            assert_close(f.W, r.W, F32, "W")
+        else:
+            assert f.W is None
+            k_hv = r.k.repeat_interleave(r.G.shape[2] // r.k.shape[2], 2)  # GVA: each key head serves HV / H
+            assert_close(f.kG, k_hv * torch.exp(r.G), F32, "kG")
+        o, S = fast.state_passing_output(f.kg, f.W, None, f.G_end, f.qg, f.A_qk, f32(r.S0), C, r.cu, Mb=f.Mb,
+                                         v=f32(r.v), kG=f.kG)
+        assert_close(o, r.o, F32, f"o (fold {fold})")
+        assert_close(S, r.S, F32, f"final state (fold {fold})")
+
+
+def test_state_pass_wy_operands_checked():
+    """The fused state pass takes (W, U), or Mb with v and one of W / kG: other mixes refused by name."""
+    p, C = AWKWARD[1]
+    r = reference_stages(p, C)
+    f = fast.chunk_local_factors_one_pass(f32(r.q), f32(r.k), f32(r.v), f32(r.g), f32(r.beta), r.scale, C, fold=2)
+    args = (f.kg, f.G_end, f.qg, f.A_qk, f32(r.S0), C)
+    for kw, match in ((dict(W=None, U=None), "W, U: both required"),
+                      (dict(W=f32(r.W), U=f32(r.U), v=f32(r.v)), "v, kG: only with Mb"),
+                      (dict(W=None, U=f32(r.U), Mb=f.Mb, v=f32(r.v), kG=f.kG), "v, U: with Mb give the values v"),
+                      (dict(W=f32(r.W), U=None, Mb=f.Mb, v=f32(r.v), kG=f.kG), "W, kG: with Mb give exactly one")):
+        W, U = kw.pop("W"), kw.pop("U")
+        with pytest.raises(ValueError, match=match):
+            fast.state_passing_output(args[0], W, U, *args[1:], **kw)
+
+
 def test_state_pass_takes_G_whole_or_at_chunk_ends():
     """The state kernels read G whole ([B, T, HV, K]) or only at the chunk ends ([NC, HV, K]): the same
     result; a [NC, HV, K] of the wrong chunk count is refused by name."""

@@ -145,6 +145,12 @@ def test_stages_match_chunked(C):
         o_f, S_f = fast.state_passing_output(f.kg, f.W, f.U, f.G_end, f.qg, f.A_qk, f32(S0), C)
         assert_close(o_f, o, F32, "o (one pass, G at the chunk ends)")
         assert_close(S_f, S, F32, "final state (one pass, G at the chunk ends)")
+        for fold in (1, 2):  # the UT transform left to the state pass: Mb = M Diag(beta) (and kG = Gamma K)
+            f = fast.chunk_local_factors_one_pass(f32(q), f32(k), f32(v), f32(g), f32(beta), scale, C, fold=fold)
+            o_f, S_f = fast.state_passing_output(f.kg, f.W, None, f.G_end, f.qg, f.A_qk, f32(S0), C, Mb=f.Mb,
+                                                 v=f32(v), kG=f.kG)
+            assert_close(o_f, o, F32, f"o (one pass, fold {fold})")
+            assert_close(S_f, S, F32, f"final state (one pass, fold {fold})")
 
 
 # ==============================================================================================
@@ -264,6 +270,21 @@ def test_short_chunks_one_pass(C):
     g_mixed[..., 1::2] = -20.0
     for g_strong in (torch.full_like(g, -5.0), g_mixed):
         check_chunk_kda((q, k, v, g_strong, beta), kw, LOW, chunk_size=C)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fold", [0, 1])
+def test_one_pass_fold(fold, monkeypatch):
+    # ONE_PASS_FOLD: how much of the UT transform the fused state pass applies itself (the default, 2,
+    # runs in every test above); 0 and 1 on the packed GVA batch, and with gates past the diagonal's limit
+    monkeypatch.setattr(fast_chunk, "ONE_PASS_FOLD", fold)
+    args, kw = draw(1, sum(VARLEN), 4, 8, seed=4, lengths=VARLEN)
+    o, _ = check_chunk_kda(args, kw, LOW, chunk_size=16)
+    monkeypatch.setattr(fast_chunk, "ONE_PASS_FOLD", 2)
+    o2, _ = check_chunk_kda(args, kw, LOW, chunk_size=16)
+    assert_close(o, o2, 5e-3, f"o: fold {fold} against 2")
+    q, k, v, g, beta = args
+    check_chunk_kda((q, k, v, torch.full_like(g, -5.0), beta), kw, LOW, chunk_size=16)
 
 
 @pytest.mark.gpu

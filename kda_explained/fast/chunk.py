@@ -59,6 +59,10 @@ FUSED_STATE_OUTPUT = True
 #: pass, 8.96 / 6.11 vs 5.07.
 SHORT_CHUNK = 16
 SHORT_CHUNK_MIN_PROGRAMS_PER_SM = 1.0
+#: How much of the WY representation the one pass leaves to the state pass (its ``fold``): 0 none,
+#: 1 ``U = Mb V`` (the one pass never reads ``v``), 2 ``U`` and ``W = Mb kG`` as well (the one pass
+#: writes ``kG`` instead of ``W`` and skips its second sweep over ``k`` and ``g``).
+ONE_PASS_FOLD = 2
 
 # Arguments of fla.ops.kda.chunk_kda that change nothing here, accepted so code can switch imports.
 _FLA_NO_OPS = {"safe_gate", "disable_recompute", "cu_seqlens_cpu", "use_graph", "max_num_seqs"}
@@ -136,24 +140,26 @@ def chunk_kda_fwd(
             lower_bound=lower_bound, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
             allow_neg_eigval=allow_neg_eigval, meta=meta,
         )  # 1.                                                                   [B, T, HV, K], beta float32
+    # 5. and 6. as one kernel where its grid is large enough, and always after the one pass (h, v_new on chip)
+    fuse = FUSED_STATE_OUTPUT and not float32_chunk_states and (
+        one_pass or output_fused(meta.N * v.shape[2], v.shape[3], q.device))
     if one_pass:  # 1.-4.
         f = chunk_local_factors_one_pass(q, k, v, G if gate_options else g, beta, scale, C, cu_seqlens,
-                                         cumulative=gate_options, meta=meta)
+                                         cumulative=gate_options, fold=ONE_PASS_FOLD if fuse else 0, meta=meta)
         G = f.G_end  # [NC, HV, K]: the rows of G the state pass reads
     else:  # 2.-4.
         f = chunk_local_factors(q, k, v, G, beta, scale, C, cu_seqlens, store_m=keep_for_backward, meta=meta)
     A_qk, W, U, qg, kg = f[:5]
+    wy = dict(Mb=f.Mb, v=v if f.Mb is not None else None, kG=f.kG)  # the UT transform left to 5. (fold)
     kept = (A_qk, f.M, G) if keep_for_backward else None
     segments = 1 if float32_chunk_states or one_pass else state_segments(
-        meta.N * W.shape[2], v.shape[3], q.shape[0], q.shape[1], C, cu_seqlens, q.device)
+        meta.N * v.shape[2], v.shape[3], q.shape[0], q.shape[1], C, cu_seqlens, q.device)
     if segments > 1:  # 5. + 6. on segments of the sequences, side by side: the SMs would idle otherwise
         o, S = state_passing_output_segmented(kg, W, U, G, qg, A_qk, initial_state, C, cu_seqlens,
                                               segments=segments, out_dtype=v.dtype, state_v_first=state_v_first)
         return o, S, None, kept
-    fuse = output_fused(meta.N * W.shape[2], v.shape[3], q.device) or C <= ONE_PASS_MAX_CHUNK
-    if FUSED_STATE_OUTPUT and not float32_chunk_states and fuse:
-        # 5. + 6. in one kernel: h, v_new stay on chip
-        o, S = state_passing_output(kg, W, U, G, qg, A_qk, initial_state, C, cu_seqlens, out_dtype=v.dtype,
+    if fuse:  # 5. + 6. in one kernel
+        o, S = state_passing_output(kg, W, U, G, qg, A_qk, initial_state, C, cu_seqlens, **wy, out_dtype=v.dtype,
                                     state_v_first=state_v_first, meta=meta)
         return o, S, None, kept
     h_dtype = torch.float32 if float32_chunk_states else intermediate_dtype(q.dtype)

@@ -516,7 +516,8 @@ def _one_pass_kernel(
     A_qk,  # [TT, HV, BT] out
     A_kk,  # [TT, HV, BT] float32 out (STORE_AKK)
     W,  # [TT, HV, K] out
-    U,  # [TT, HV, V] out
+    U,  # [TT, HV, V] out (FOLD 0)
+    Mb,  # [TT, HV, BT] float32 out: Mb = M Diag(beta) (FOLD 1 and 2)
     qg,  # [TT, HV, K] out: scale * q * exp(G)
     kg,  # [TT, HV, K] out: k * exp(G_last - G)
     G_end,  # [NC, HV, K] float32 out: G at each chunk's last token (all the state pass reads of G)
@@ -542,6 +543,7 @@ def _one_pass_kernel(
     CUMSUM: tl.constexpr,
     EXACT_DIAG: tl.constexpr,
     STORE_AKK: tl.constexpr,
+    FOLD: tl.constexpr,  # 0: W and U; 1: W and Mb (U = Mb v left to the state pass); 2: kG and Mb (W too)
 ):
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     if EXACT_DIAG:
@@ -555,7 +557,7 @@ def _one_pass_kernel(
     eos = tl.load(cu + i_n + 1).to(tl.int64)
     q_h, k_h, SK = q + i_h * K, k + i_h * K, H * K
     g_h, SG = g + i_hv * K, HV * K
-    qg_h, kg_h = qg + i_hv * K, kg + i_hv * K
+    qg_h, kg_h, W_h = qg + i_hv * K, kg + i_hv * K, W + i_hv * K
     t0, t1 = bos, bos + BC
     o_i = tl.arange(0, BC)
 
@@ -597,10 +599,16 @@ def _one_pass_kernel(
             else:
                 Ak11, Aq11 = _diag_exact_pair(Ak11, Aq11, k1, q1, G1, BC)
             G_last = Ge1
-            _store_block(qg_h, q1 * tl.exp(G1) * scale, t1, eos, SG, c0, K, BC, BK)
+            x1 = tl.exp(G1)  # Gamma of the sub-chunk, shared by qg and (FOLD 2) kG
+            _store_block(qg_h, q1 * x1 * scale, t1, eos, SG, c0, K, BC, BK)
             _store_block(kg_h, k1 * tl.exp(tl.minimum(G_last[None, :] - G1, 0.0)), t1, eos, SG, c0, K, BC, BK)
-        _store_block(qg_h, q0 * tl.exp(G0) * scale, t0, eos, SG, c0, K, BC, BK)
+            if FOLD == 2:
+                _store_block(W_h, k1 * x1, t1, eos, SG, c0, K, BC, BK)
+        x0 = tl.exp(G0)
+        _store_block(qg_h, q0 * x0 * scale, t0, eos, SG, c0, K, BC, BK)
         _store_block(kg_h, k0 * tl.exp(tl.minimum(G_last[None, :] - G0, 0.0)), t0, eos, SG, c0, K, BC, BK)
+        if FOLD == 2:  # kG = Gamma * K, W's right factor: the state pass applies Mb to it
+            _store_block(W_h, k0 * x0, t0, eos, SG, c0, K, BC, BK)
         tl.store(G_end + (i_c * HV + i_hv) * K + o_k, G_last, mask=o_k < K)
 
     if not EXACT_DIAG:
@@ -624,8 +632,14 @@ def _one_pass_kernel(
     M00, M11, M22, M33 = _unit_lower_inverse4(Ak00, Ak11, Z, Z, BC, NS)  # M22, M33: unused identities
     M10 = -tl.dot(M11, tl.dot(Ak10, M00, input_precision=UT_PREC), input_precision=UT_PREC)
 
+    if FOLD > 0:  # Mb = M Diag(beta), for the state pass to apply to the values (and, FOLD 2, to kG)
+        b0 = tl.load(beta + (t0 + o_i) * HV + i_hv, mask=t0 + o_i < eos, other=0).to(tl.float32)[None, :]
+        b1 = tl.load(beta + (t1 + o_i) * HV + i_hv, mask=t1 + o_i < eos, other=0).to(tl.float32)[None, :]
+        _store_lower(Mb + i_hv * BT, M00 * b0, M10 * b0, M11 * b1, Z, Z, Z, Z, Z, Z, Z, bos, eos, HV * BT, NS, BT, BC)
+    if FOLD == 2:
+        return
+
     # ==== 3. W = M Diag(beta)(Gamma * K), tile by tile of K (G made again from g); U = M Diag(beta) V
-    W_h = W + i_hv * K
     for i_k in range(0, tl.cdiv(K, BK)):
         c0 = i_k * BK
         G0, Gr0, Ge0 = _gate_block(g_h, t0, eos, SG, c0, z, K, BC, BK, CUMSUM)
@@ -637,8 +651,9 @@ def _one_pass_kernel(
             b_W = tl.dot(M10, kb0, input_precision=PRECISION)
             b_W = tl.dot(M11, kb1, b_W, input_precision=PRECISION)
             _store_block(W_h, b_W, t1, eos, SG, c0, K, BC, BK)
-    _u_factors(v + i_hv * V, U + i_hv * V, t0, eos, HV * V, w0, w1, w1, w1, M00, M10, M11, Z, Z, Z, Z, Z, Z, Z,
-               V, NS, BC, BV, PRECISION)
+    if FOLD == 0:
+        _u_factors(v + i_hv * V, U + i_hv * V, t0, eos, HV * V, w0, w1, w1, w1, M00, M10, M11, Z, Z, Z, Z, Z, Z, Z,
+                   V, NS, BC, BV, PRECISION)
 
 
 class LocalFactors(NamedTuple):
@@ -653,6 +668,11 @@ class LocalFactors(NamedTuple):
     M: Optional[torch.Tensor] = None  #: ``[B, T, HV, C]`` float32 ``(I + A_kk)^{-1}``, only with ``store_m``
     #: ``[NC, HV, K]`` float32: ``G`` at each chunk's last token (:func:`chunk_local_factors_one_pass`)
     G_end: Optional[torch.Tensor] = None
+    #: ``[B, T, HV, C]`` float32 ``Mb = M Diag(beta)``, the UT transform the state pass applies itself
+    #: (:func:`chunk_local_factors_one_pass` with ``fold``; ``U = Mb V`` is then ``None``)
+    Mb: Optional[torch.Tensor] = None
+    #: ``[B, T, HV, K]``: ``Gamma * K``, ``W``'s right factor (``fold=2``; ``W = Mb kG`` is then ``None``)
+    kG: Optional[torch.Tensor] = None
 
 
 def intermediate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -751,6 +771,7 @@ def chunk_local_factors_one_pass(
     *,
     cumulative: bool = False,
     store_akk: bool = False,
+    fold: int = 0,
     meta: Optional[SeqMeta] = None,
 ) -> LocalFactors:
     """Stages 1-4 for chunks of 16 or 32 tokens in one pass: ``g``, ``q``, ``k``, ``v`` read once.
@@ -768,24 +789,33 @@ def chunk_local_factors_one_pass(
             (float32; what the gate options' path computes); beta: ``[B, T, HV]``.
         chunk_size: 16 or 32.
         store_akk: also return ``A_kk`` (float32, for tests).
+        fold: how much of the WY representation is left to the state pass, which applies
+            ``Mb = M Diag(beta)`` (returned, float32) to each chunk itself: 0 none (``W`` and ``U``
+            returned), 1 the values (``U = Mb V`` is not formed: ``v`` is never read here),
+            2 the values and the keys (neither ``U`` nor ``W = Mb kG``: ``kG = Gamma * K`` is
+            returned instead, and the second sweep over ``k`` and ``g`` that ``W`` needs is gone).
 
     Returns:
         :class:`LocalFactors` with ``A_qk``, ``W``, ``U``, ``qg``, ``kg`` (in
         :func:`intermediate_dtype` of ``q``), ``G_end: [NC, HV, K]`` float32 and, with
-        ``store_akk``, ``A_kk``; ``M`` is ``None``.
+        ``store_akk``, ``A_kk``; ``M`` is ``None``. With ``fold``: ``Mb``, and ``U`` is ``None``
+        (and for ``fold=2`` ``kG``, with ``W`` ``None``).
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     BC = 16
     if chunk_size not in (16, 32):
         raise ValueError(f"chunk_size: expected 16 or 32 for the one-pass kernel, got {chunk_size}")
+    if fold not in (0, 1, 2):
+        raise ValueError(f"fold: expected 0, 1 or 2, got {fold!r}")
     meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, q.device)
     dt = intermediate_dtype(q.dtype)
     dev = q.device
     A_qk = torch.empty(B, T, HV, chunk_size, dtype=dt, device=dev)
     A_kk = torch.empty(B, T, HV, chunk_size, dtype=torch.float32, device=dev) if store_akk else None
-    W = torch.empty(B, T, HV, K, dtype=dt, device=dev)
-    U = torch.empty(B, T, HV, V, dtype=dt, device=dev)
+    W = torch.empty(B, T, HV, K, dtype=dt, device=dev)  # kG with fold=2
+    U = torch.empty(B, T, HV, V, dtype=dt, device=dev) if fold == 0 else None
+    Mb = torch.empty(B, T, HV, chunk_size, dtype=torch.float32, device=dev) if fold else None
     qg = torch.empty(B, T, HV, K, dtype=dt, device=dev)
     kg = torch.empty(B, T, HV, K, dtype=dt, device=dev)
     G_end = torch.empty(meta.NC, HV, K, dtype=torch.float32, device=dev)
@@ -795,15 +825,18 @@ def chunk_local_factors_one_pass(
         for exact in (False, True):  # every chunk, then the flagged ones with exact diagonal blocks
             _one_pass_kernel[(meta.NC, HV)](
                 q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(),
-                A_qk, A_kk if store_akk else A_qk, W, U, qg, kg, G_end, flags,
+                A_qk, A_kk if store_akk else A_qk, W, W if U is None else U, A_qk if Mb is None else Mb, qg, kg,
+                G_end, flags,
                 meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale),
                 H=H, HV=HV, K=K, V=V, BT=chunk_size, BC=BC, BK=min(BK, max(16, triton.next_power_of_2(K))),
                 BV=min(64, max(16, triton.next_power_of_2(V))), SPAN=SAFE_SPAN,
                 PRECISION=LOCAL_PRECISION[dot_precision(q.dtype)], UT_PREC=UT_PRECISION[dot_precision(q.dtype)],
-                CUMSUM=not cumulative, EXACT_DIAG=exact, STORE_AKK=store_akk,
+                CUMSUM=not cumulative, EXACT_DIAG=exact, STORE_AKK=store_akk, FOLD=fold,
                 num_warps=warps, num_stages=LOCAL_STAGES,
             )
-    return LocalFactors(A_qk, W, U, qg, kg, A_kk, None, G_end)
+    if fold == 2:
+        return LocalFactors(A_qk, None, None, qg, kg, A_kk, None, G_end, Mb, W)
+    return LocalFactors(A_qk, W, U, qg, kg, A_kk, None, G_end, Mb)
 
 
 @triton.jit

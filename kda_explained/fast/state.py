@@ -92,8 +92,9 @@ def _next_state(b_S, b_kg, b_v, b_Glast, LOWP: tl.constexpr, PRECISION: tl.const
 def _state_passing_kernel(
     # pointers
     kg,  # [TT, HV, K] decayed keys k * exp(G_last - G)
-    W,  # [TT, HV, K]
-    U,  # [TT, HV, V]
+    W,  # [TT, HV, K] (FOLD 0, 1), or kG = Gamma * K (FOLD 2)
+    U,  # [TT, HV, V] (FOLD 0), or the values v (FOLD 1, 2)
+    Mb,  # [TT, HV, BT] float32 Mb = M Diag(beta) (FOLD 1, 2)
     G,  # [TT, HV, K] float32 (read at each chunk's last token), or [NC, HV, K] those rows alone (G_ENDS)
     h0,  # [N, HV, K, V] initial states (or [V, K] each with STATE_V_FIRST)
     h,  # [NC, HV, K, V] out: state entering each chunk (float32, or W's dtype); not with OUTPUT
@@ -118,6 +119,7 @@ def _state_passing_kernel(
     LOWP: tl.constexpr,
     OUTPUT: tl.constexpr,  # stage 6 in the same loop: o written, h and v_new never leave the registers
     G_ENDS: tl.constexpr,
+    FOLD: tl.constexpr,  # 0: W, U given; 1: U = Mb v formed here; 2: v_new = Mb (v - kG S) formed here
 ):
     i_v, i_n, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(cu + i_n).to(tl.int64)
@@ -152,7 +154,15 @@ def _state_passing_kernel(
         # v_new = U - W S
         b_W = tl.load(W + o_tk, mask=m_tk, other=0)
         b_U = tl.load(U + o_tv, mask=m_tv, other=0).to(tl.float32)
-        b_v = _pseudo_values(b_S, b_W, b_U, LOWP, PRECISION)  # [BT, BV]
+        if FOLD == 0:
+            b_v = _pseudo_values(b_S, b_W, b_U, LOWP, PRECISION)  # [BT, BV]
+        else:  # the UT transform applied here: Mb = M Diag(beta) of the chunk, b_U holding v
+            b_Mb = tl.load(Mb + ((t0 + o_t[:, None]) * HV + i_hv) * BT + o_t[None, :],
+                          mask=m_t[:, None] & m_t[None, :], other=0)
+            if FOLD == 1:  # U = Mb v (off the chain from one state to the next), then as above
+                b_v = _pseudo_values(b_S, b_W, tl.dot(b_Mb, b_U, input_precision=PRECISION), LOWP, PRECISION)
+            else:  # W S = Mb (kG S): v_new = Mb (v - kG S)
+                b_v = tl.dot(b_Mb, _pseudo_values(b_S, b_W, b_U, LOWP, PRECISION), input_precision=PRECISION)
         if OUTPUT:  # o = qg S + A_qk v_new (stage 6), with S still the state entering the chunk
             b_qg = tl.load(qg + o_tk, mask=m_tk, other=0)
             b_A = tl.load(A_qk + ((t0 + o_t[:, None]) * HV + i_hv) * BT + o_t[None, :],
@@ -265,8 +275,26 @@ def _chunk_loop_options(W: torch.Tensor, K: int) -> dict:
     )
 
 
-def _launch(kg, W, U, G, initial_state, h, v_new, ht, output, chunk_size, state_v_first, meta):
+def _wy_operands(W, U, Mb, v, kG):
+    """``(FOLD, W-slot, U-slot)`` of the state kernel from the WY factors it is given: ``W, U``
+    (0), or ``Mb`` with the values ``v`` and one of ``W`` (1) or ``kG`` (2); wrong mixes refused by name."""
+    if Mb is None:
+        if W is None or U is None:
+            raise ValueError("W, U: both required unless Mb (with v) is given")
+        if v is not None or kG is not None:
+            raise ValueError("v, kG: only with Mb")
+        return 0, W, U
+    if v is None or U is not None:
+        raise ValueError("v, U: with Mb give the values v (U = Mb v is formed in the kernel), not U")
+    if (W is None) == (kG is None):
+        raise ValueError("W, kG: with Mb give exactly one of W or kG")
+    return (1, W, v) if kG is None else (2, kG, v)
+
+
+def _launch(kg, W, U, G, initial_state, h, v_new, ht, output, chunk_size, state_v_first, meta, Mb=None, v=None,
+            kG=None):
     """Run the state kernel: ``output = (qg, A_qk, o)`` fuses stage 6 (``h``, ``v_new`` unused then)."""
+    fold, W, U = _wy_operands(W, U, Mb, v, kG)
     HV, K, V = kg.shape[2], kg.shape[3], U.shape[3]
     if G.dim() == 3 and G.shape != (meta.NC, HV, K):
         raise ValueError(f"G: expected [B, T, HV, K] or, at chunk ends, [NC, HV, K] = {(meta.NC, HV, K)}, "
@@ -275,11 +303,11 @@ def _launch(kg, W, U, G, initial_state, h, v_new, ht, output, chunk_size, state_
     BV = STATE_BV or state_value_tile(meta.N * HV, V, kg.device)
     if meta.N > 0:
         _state_passing_kernel[(triton.cdiv(V, BV), meta.N, HV)](
-            kg.contiguous(), W.contiguous(), U.contiguous(), G.contiguous(),
+            kg.contiguous(), W.contiguous(), U.contiguous(), ht if Mb is None else Mb.contiguous(), G.contiguous(),
             initial_state.contiguous() if initial_state is not None else ht, h, v_new, ht,
             qg.contiguous(), A_qk.contiguous(), o, meta.cu, meta.chunk_off,
             HV=HV, K=K, V=V, BT=chunk_size, BV=BV, HAS_H0=initial_state is not None, STATE_V_FIRST=state_v_first,
-            OUTPUT=output is not None, G_ENDS=G.dim() == 3, **_chunk_loop_options(W, K),
+            OUTPUT=output is not None, G_ENDS=G.dim() == 3, FOLD=fold, **_chunk_loop_options(W, K),
         )
 
 
@@ -328,6 +356,9 @@ def state_passing_output(
     chunk_size: int,
     cu_seqlens: Optional[torch.Tensor] = None,
     *,
+    Mb: Optional[torch.Tensor] = None,
+    v: Optional[torch.Tensor] = None,
+    kG: Optional[torch.Tensor] = None,
     out_dtype: Optional[torch.dtype] = None,
     state_v_first: bool = False,
     meta: Optional[SeqMeta] = None,
@@ -342,14 +373,20 @@ def state_passing_output(
     to memory. Each program also reads its chunk's ``qg`` and ``A_qk``, which the separate output
     kernel reads once per value tile as well. ``G`` as in :func:`state_passing` (whole, or its rows
     at the chunk ends).
+
+    The kernel can also apply the UT transform itself (the factors of
+    :func:`~kda_explained.fast.local.chunk_local_factors_one_pass` with ``fold``): given
+    ``Mb = M Diag(beta)`` (``[B, T, HV, C]`` float32) and the values ``v`` instead of ``U = Mb v``
+    (pass ``U=None``), it forms ``U`` per chunk; given ``kG = Gamma * K`` as well instead of
+    ``W = Mb kG`` (pass ``W=None``), it forms the pseudo-values as ``v_new = Mb (v - kG S)``.
     """
     B, T, HV, K = kg.shape
-    V = U.shape[3]
+    V = _wy_operands(W, U, Mb, v, kG)[2].shape[3]  # U, or v (checked here: wrong mixes refused by name)
     meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, kg.device)
     state_shape = (HV, V, K) if state_v_first else (HV, K, V)
     ht = torch.empty(meta.N, *state_shape, dtype=torch.float32, device=kg.device)
     o = torch.empty(B, T, HV, V, dtype=out_dtype or torch.float32, device=kg.device)
-    _launch(kg, W, U, G, initial_state, ht, ht, ht, (qg, A_qk, o), chunk_size, state_v_first, meta)
+    _launch(kg, W, U, G, initial_state, ht, ht, ht, (qg, A_qk, o), chunk_size, state_v_first, meta, Mb, v, kG)
     return o, ht
 
 
