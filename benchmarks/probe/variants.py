@@ -74,6 +74,8 @@ VARIANTS = {
     "two_kernels": [(fc, "FUSED_STATE_OUTPUT", False)],
     "local_ieee": [(fl, "LOCAL_PRECISION", {"ieee": "ieee", "tf32": "ieee"})],
     "state_warps8": [(fs, "STATE_WARPS", 8)],
+    "state_bv32_w8": [(fs, "STATE_BV", 32), (fs, "STATE_WARPS", 8)],
+    "state_stages4": [(fs, "STATE_STAGES_LOWP", 4)],
     "state_warps2": [(fs, "STATE_WARPS", 2)],
     "local_bk16": [(fl, "LOCAL_LAUNCH", {"keys": (16, 1), "queries": (16, 1)})],
     "local_stages1": [(fl, "LOCAL_STAGES", 1)],
