@@ -68,6 +68,7 @@ VARIANTS = {
     "chunk32_two_kernels": [(fc, "chunk_kda_fwd", _chunk_size(32)), (fc, "FUSED_STATE_OUTPUT", False)],
     "chunk16_fused_all": [(fc, "chunk_kda_fwd", _chunk_size(16)), (fc, "output_fused", lambda *a: True)],
     "default": [],
+    "chunks_first": [(fl, "HEADS_FIRST", False)],
     "fold0": [(fc, "ONE_PASS_FOLD", 0)],
     "fold1": [(fc, "ONE_PASS_FOLD", 1)],
     "fold2": [(fc, "ONE_PASS_FOLD", 2)],

@@ -92,6 +92,9 @@ UT_PRECISION = {"ieee": "ieee", "tf32": "tf32"}
 #: Precision of the other block products (``A``'s blocks, ``M`` into the keys and values), by the
 #: inputs' ``dot_precision``.
 LOCAL_PRECISION = {"ieee": "ieee", "tf32": "tf32"}
+#: Program order of the local kernels: the heads of one chunk side by side (``True``: programs
+#: running together read whole token rows of q, k, v, g) or a head's chunks side by side.
+HEADS_FIRST = True
 #: Which passes the launcher runs (all, but the benchmarks time each alone).
 _PASSES = ("keys", "queries")
 
@@ -298,8 +301,12 @@ def _chunk_local_kernel(
     EXACT_DIAG: tl.constexpr,  # the second launch: flagged chunks again, with exact diagonal blocks
     STORE_A: tl.constexpr,
     STORE_M: tl.constexpr,
+    HEADS_FIRST: tl.constexpr,  # 1-D grid, the heads of one chunk side by side (else a (chunk, head) grid)
 ):
-    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    if HEADS_FIRST:
+        i_c, i_hv = tl.program_id(0) // HV, tl.program_id(0) % HV
+    else:
+        i_c, i_hv = tl.program_id(0), tl.program_id(1)
     if EXACT_DIAG:
         if tl.load(flags + i_c * HV + i_hv) == 0:
             return  # the first launch's tensor-core diagonal was exact enough
@@ -544,8 +551,12 @@ def _one_pass_kernel(
     EXACT_DIAG: tl.constexpr,
     STORE_AKK: tl.constexpr,
     FOLD: tl.constexpr,  # 0: W and U; 1: W and Mb (U = Mb v left to the state pass); 2: kG and Mb (W too)
+    HEADS_FIRST: tl.constexpr,  # 1-D grid, the heads of one chunk side by side (else a (chunk, head) grid)
 ):
-    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    if HEADS_FIRST:
+        i_c, i_hv = tl.program_id(0) // HV, tl.program_id(0) % HV
+    else:
+        i_c, i_hv = tl.program_id(0), tl.program_id(1)
     if EXACT_DIAG:
         if tl.load(flags + i_c * HV + i_hv) == 0:
             return
@@ -736,7 +747,7 @@ def chunk_local_factors(
                       SPAN=SAFE_SPAN, PRECISION=LOCAL_PRECISION[dot_precision(q.dtype)],
                       UT_PREC=UT_PRECISION[dot_precision(q.dtype)])
         tables = (flags, meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale))
-        grid = (meta.NC, HV)
+        grid = (meta.NC * HV,) if HEADS_FIRST else (meta.NC, HV)
         # the keys' pass (A_kk -> M -> W, U, kg), then the queries' pass (A_qk, qg); each launched
         # twice: every chunk with the tensor-core diagonal, then the chunks the first keys' pass
         # flagged, exactly (the other programs read their flag and exit: typical gates never pay)
@@ -747,7 +758,7 @@ def chunk_local_factors(
             for exact in (False, True):
                 _chunk_local_kernel[grid](*inputs, out, W, U, qg, kg, M if store_m else out, *tables, **consts,
                                           BK=min(BK, max(16, triton.next_power_of_2(K))), QK=qk, EXACT_DIAG=exact,
-                                          STORE_A=qk or store_akk, STORE_M=store_m and not qk,
+                                          STORE_A=qk or store_akk, STORE_M=store_m and not qk, HEADS_FIRST=HEADS_FIRST,
                                           num_warps=warps, num_stages=LOCAL_STAGES)
     return LocalFactors(A_qk, W, U, qg, kg, A_kk, M)
 
@@ -823,7 +834,7 @@ def chunk_local_factors_one_pass(
         flags = torch.empty(meta.NC, HV, dtype=torch.int32, device=dev)
         BK, warps = ONE_PASS_LAUNCH
         for exact in (False, True):  # every chunk, then the flagged ones with exact diagonal blocks
-            _one_pass_kernel[(meta.NC, HV)](
+            _one_pass_kernel[(meta.NC * HV,) if HEADS_FIRST else (meta.NC, HV)](
                 q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(),
                 A_qk, A_kk if store_akk else A_qk, W, W if U is None else U, A_qk if Mb is None else Mb, qg, kg,
                 G_end, flags,
@@ -831,7 +842,7 @@ def chunk_local_factors_one_pass(
                 H=H, HV=HV, K=K, V=V, BT=chunk_size, BC=BC, BK=min(BK, max(16, triton.next_power_of_2(K))),
                 BV=min(64, max(16, triton.next_power_of_2(V))), SPAN=SAFE_SPAN,
                 PRECISION=LOCAL_PRECISION[dot_precision(q.dtype)], UT_PREC=UT_PRECISION[dot_precision(q.dtype)],
-                CUMSUM=not cumulative, EXACT_DIAG=exact, STORE_AKK=store_akk, FOLD=fold,
+                CUMSUM=not cumulative, EXACT_DIAG=exact, STORE_AKK=store_akk, FOLD=fold, HEADS_FIRST=HEADS_FIRST,
                 num_warps=warps, num_stages=LOCAL_STAGES,
             )
     if fold == 2:
