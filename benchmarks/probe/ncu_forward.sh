@@ -19,7 +19,7 @@ with torch.inference_mode():
         fast.chunk_kda(q, k, v, g, beta)
     torch.cuda.synchronize()
 PY
-ncu --clock-control none --kernel-name regex:"one_pass|state|output|cumsum" --launch-skip 0 --launch-count 4 \
+ncu --clock-control none --kernel-name regex:"one_pass|state|output|cumsum" --launch-skip 0 --launch-count 3 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters \
     python3 /tmp/ncu_fwd.py
