@@ -765,6 +765,11 @@ def chunk_local_factors(
 
 #: Launch shape of :func:`chunk_local_factors_one_pass`, ``(BK, num_warps)``.
 ONE_PASS_LAUNCH = (32, 1)
+#: Register cap of the one pass (``maxnreg``; ``None``: the compiler's choice). Triton 3.6 gave it 168
+#: registers at H=16 but 201 at H=96 (the head count is a compile-time constant), 8 resident warps per
+#: SM instead of 12; capped at 168, H100: T=8192, H=96 1.911 -> 1.670 ms, B=8 unchanged (0.952), varlen
+#: 1.160 -> 1.153; at 128 it spills (B=8 1.050).
+ONE_PASS_MAXNREG = 168
 #: Longest chunk the one-pass kernel takes: at 32 tokens its six ``[16, 16]`` blocks of ``A_kk``
 #: and ``A_qk`` fit one program (at 64, twenty blocks spilled: the keys' and queries' passes).
 ONE_PASS_MAX_CHUNK = 32
@@ -833,6 +838,7 @@ def chunk_local_factors_one_pass(
     if meta.NC > 0:
         flags = torch.empty(meta.NC, HV, dtype=torch.int32, device=dev)
         BK, warps = ONE_PASS_LAUNCH
+        cap = {} if ONE_PASS_MAXNREG is None or interpreting() else {"maxnreg": ONE_PASS_MAXNREG}
         for exact in (False, True):  # every chunk, then the flagged ones with exact diagonal blocks
             _one_pass_kernel[(meta.NC * HV,) if HEADS_FIRST else (meta.NC, HV)](
                 q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(),
@@ -843,7 +849,7 @@ def chunk_local_factors_one_pass(
                 BV=min(64, max(16, triton.next_power_of_2(V))), SPAN=SAFE_SPAN,
                 PRECISION=LOCAL_PRECISION[dot_precision(q.dtype)], UT_PREC=UT_PRECISION[dot_precision(q.dtype)],
                 CUMSUM=not cumulative, EXACT_DIAG=exact, STORE_AKK=store_akk, FOLD=fold, HEADS_FIRST=HEADS_FIRST,
-                num_warps=warps, num_stages=LOCAL_STAGES,
+                num_warps=warps, num_stages=LOCAL_STAGES, **cap,
             )
     if fold == 2:
         return LocalFactors(A_qk, None, None, qg, kg, A_kk, None, G_end, Mb, W)
