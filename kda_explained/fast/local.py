@@ -61,7 +61,10 @@ above, and stage 1, for chunks of 16 or 32 tokens (the inference forward's choic
 where the batch fills the GPU): with at most three blocks each of ``A_kk`` and
 ``A_qk`` one program holds both, so ``q``, ``k``, ``v`` and ``g`` are read once; ``G``
 is summed from ``g`` on the fly (``_gate_block``) and only its row at each chunk's
-last token is written, ``G_end``, which is all the state pass reads of it.
+last token is written, ``G_end``, which is all the state pass reads of it. With ``fold``
+(the inference forward's default) it leaves the UT transform's last products to the state
+pass: it writes ``Mb = M Diag(beta)`` and ``kG = Gamma * K`` instead of ``W = Mb kG`` and
+``U = Mb V``, so it never reads ``v`` and needs no second sweep over ``k`` and ``g``.
 """
 
 from __future__ import annotations

@@ -16,6 +16,10 @@ chunk's last token.
 Value columns are independent in all three lines, which is what lets the
 ``V`` axis split across programs.
 
+After the one-pass kernel (short chunks) the loop applies the UT transform itself: given
+``Mb = M Diag(beta)`` and ``kG = Gamma * K`` of each chunk, and the values ``v``, it forms
+``v_new = Mb (v - kG S)``, the same as ``U - W S`` with ``W = Mb kG`` and ``U = Mb v``.
+
 :func:`state_passing_output` runs stage 6 (the output) inside the same loop, while
 each chunk's entering state and ``v_new`` are in registers, so neither goes to
 memory; :func:`~kda_explained.fast.chunk.chunk_kda` uses it where the grid is large
