@@ -61,9 +61,10 @@ STATE_LOW_PRECISION_DOTS = True  # H100: chunk_kda 5.31 -> 4.93 ms, error unchan
 #: leaves SMs idle: one long sequence has only HV * V / BV programs to spread over the GPU).
 STATE_WARPS = 4
 STATE_BV = None
-#: The forward's value tile is halved while its grid has fewer programs than this per SM. H100, 16-token
-#: chunks: at T=8192, H=96 (192 programs of 64 columns on 132 SMs) 32 columns took 1.631 against 1.654 ms
-#: (and 1.937 against 1.980 in an earlier run); at B=8, T=4096, H=16 (256 programs) 1.354 against 0.954.
+#: The fused state + output kernel's value tile is halved while its grid has fewer programs than this
+#: per SM (the two-kernel path and the backward keep 1). H100, 16-token chunks: at T=8192, H=96 (192
+#: programs of 64 columns on 132 SMs) 32 columns took 1.631 against 1.654 ms (and 1.937 against 1.980
+#: in an earlier run); at B=8, T=4096, H=16 (256 programs) 1.354 against 0.954.
 STATE_PROGRAMS_PER_SM = 1.5
 #: Split long sequences into segments when the state pass's grid would leave SMs idle
 #: (:func:`state_segments`); ``SEGMENT_PROGRAMS_PER_SM``: how many programs per SM the first
@@ -252,7 +253,7 @@ def _segment_kernel(
 
 def state_value_tile(sequences_x_heads: int, V: int, device, programs_per_sm: float = 1.0) -> int:
     """64 value columns per program, halved (down to 16) while the grid has fewer than
-    ``programs_per_sm`` programs per SM (the forward asks ``STATE_PROGRAMS_PER_SM``)."""
+    ``programs_per_sm`` programs per SM (the fused forward kernel asks ``STATE_PROGRAMS_PER_SM``)."""
     sms = sm_count(device)
     BV = min(64, max(16, triton.next_power_of_2(V)))
     while BV > 16 and sequences_x_heads * triton.cdiv(V, BV) < programs_per_sm * sms:
@@ -309,7 +310,8 @@ def _launch(kg, W, U, G, initial_state, h, v_new, ht, output, chunk_size, state_
         raise ValueError(f"G: expected [B, T, HV, K] or, at chunk ends, [NC, HV, K] = {(meta.NC, HV, K)}, "
                          f"got {tuple(G.shape)}")
     qg, A_qk, o = output if output is not None else (ht, ht, ht)  # unread placeholders without OUTPUT
-    BV = STATE_BV or state_value_tile(meta.N * HV, V, kg.device, STATE_PROGRAMS_PER_SM)
+    # the fused kernel (output) asks for more programs per SM; the two-kernel path keeps 1 (measured there)
+    BV = STATE_BV or state_value_tile(meta.N * HV, V, kg.device, STATE_PROGRAMS_PER_SM if output is not None else 1.0)
     if meta.N > 0:
         _state_passing_kernel[(triton.cdiv(V, BV), meta.N, HV)](
             kg.contiguous(), W.contiguous(), U.contiguous(), ht if Mb is None else Mb.contiguous(), G.contiguous(),
