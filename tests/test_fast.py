@@ -372,6 +372,27 @@ def test_chunk_kda_segmented_state_pass_equals_one_pass(state_v_first, monkeypat
     assert_close(S2, S, 1e-5, "final state")
 
 
+def test_state_value_tile_rule(monkeypatch):
+    """The state pass's value tile: 64 columns, halved (to 16 at least) while the grid has fewer programs
+    per SM than asked: 1 for the two-kernel path and the backward, STATE_PROGRAMS_PER_SM for the fused
+    kernel (the launcher picks by whether the output is fused)."""
+    from kda_explained.fast import state as fast_state
+
+    monkeypatch.setattr(fast_state, "sm_count", lambda device: 132)
+    tile = fast_state.state_value_tile
+    assert tile(128, 128, "cpu") == 64 and tile(128, 128, "cpu", 1.5) == 64  # B=8, H=16: 256 programs
+    assert tile(96, 128, "cpu") == 64 and tile(96, 128, "cpu", 1.5) == 32  # H=96: 192 programs
+    assert tile(16, 128, "cpu") == 16 and tile(16, 128, "cpu", 1.5) == 16  # one sequence, H=16: down to 16
+    assert tile(4, 12, "cpu") == 16  # V below 16: one 16-wide tile
+    asked = []
+    monkeypatch.setattr(fast_state, "state_value_tile", lambda n, V, device, pps=1.0: asked.append(pps) or 16)
+    r = reference_stages(*AWKWARD[2])
+    args = (f32(r.kg), f32(r.W), f32(r.U), f32(r.G))
+    fast.state_passing(*args, f32(r.S0), AWKWARD[2][1], r.cu)
+    fast.state_passing_output(*args, f32(r.qg), f32(r.A_qk), f32(r.S0), AWKWARD[2][1], r.cu)
+    assert asked == [1.0, fast_state.STATE_PROGRAMS_PER_SM]
+
+
 def test_chunk_kda_default_chunk_size(monkeypatch):
     """chunk_size=None: the inference forward takes forward_chunk_size's choice, training takes 64."""
     seen = []
