@@ -35,6 +35,7 @@ from kda_explained import chunked, fast
 from kda_explained.chunked import stages as chunked_stages
 from kda_explained.fast import api as fast_api
 from kda_explained.fast import chunk as fast_chunk
+from kda_explained.fast._meta import packed_offsets
 from kda_explained.testing import TOLERANCES, rel_rms_error
 from strategies import Problem, kda_problems, make_problem, to_torch
 
@@ -196,7 +197,7 @@ def test_stage_chunk_local_factors(p, C):
 def chunk_end_rows(G: torch.Tensor, C: int, cu: Optional[torch.Tensor]) -> torch.Tensor:
     """``G [B, T, HV, K]`` at each chunk's last token, ``[NC, HV, K]`` (chunks numbered sequence by sequence)."""
     B, T = G.shape[:2]
-    offsets = [b * T for b in range(B + 1)] if cu is None else [int(x) for x in cu]
+    offsets = packed_offsets(B, T, cu)
     ends = [min(bos + C, eos) - 1 for b0, eos in zip(offsets[:-1], offsets[1:]) for bos in range(b0, eos, C)]
     return G.reshape(B * T, *G.shape[2:])[ends]
 
@@ -222,7 +223,7 @@ def in_chunk_one_hot(v: torch.Tensor, C: int, cu: Optional[torch.Tensor]) -> tor
     """``[B, T, HV, C]``: row ``t`` is ``e_j`` for token ``t`` at position ``j`` of its chunk (``wy_representation``
     of these values gives ``U = M Diag(beta) I``: the factor ``Mb`` itself, in the same row layout)."""
     B, T, HV = v.shape[:3]
-    offsets = [b * T for b in range(B + 1)] if cu is None else [int(x) for x in cu]
+    offsets = packed_offsets(B, T, cu)
     pos = torch.zeros(B * T, dtype=torch.long)
     for bos, eos in zip(offsets[:-1], offsets[1:]):
         pos[bos:eos] = torch.arange(eos - bos) % C

@@ -15,10 +15,12 @@ travel in the input dtype for bf16/fp16 inputs, in float32 otherwise.
 The inference forward on a batch that fills the GPU takes chunks of 16 tokens
 (``chunk_size=None``, :func:`forward_chunk_size`): stages 1-4 then run as one pass
 (:func:`~kda_explained.fast.local.chunk_local_factors_one_pass`) and stages 5 and 6
-as one kernel::
+as one kernel, which also applies the UT transform's ``Mb = M Diag(beta)`` itself
+(``ONE_PASS_FOLD``)::
 
-    A_qk, W, U, qg, kg, G_end = chunk_local_factors_one_pass(q, k, v, g, beta)  # 1.-4.
-    o, S = state_passing_output(kg, W, U, G_end, qg, A_qk, S0)                  # 5. + 6.
+    f = chunk_local_factors_one_pass(q, k, v, g, beta, scale, 16, fold=2)      # 1.-4.
+    o, S = state_passing_output(f.kg, None, None, f.G_end, f.qg, f.A_qk, S0, 16,
+                                Mb=f.Mb, v=v, kG=f.kG)                          # 5. + 6.
 """
 
 from __future__ import annotations

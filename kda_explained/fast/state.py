@@ -301,10 +301,9 @@ def _wy_operands(W, U, Mb, v, kG):
     return (1, W, v) if kG is None else (2, kG, v)
 
 
-def _launch(kg, W, U, G, initial_state, h, v_new, ht, output, chunk_size, state_v_first, meta, Mb=None, v=None,
-            kG=None):
-    """Run the state kernel: ``output = (qg, A_qk, o)`` fuses stage 6 (``h``, ``v_new`` unused then)."""
-    fold, W, U = _wy_operands(W, U, Mb, v, kG)
+def _launch(kg, W, U, G, initial_state, h, v_new, ht, output, chunk_size, state_v_first, meta, Mb=None, fold=0):
+    """Run the state kernel: ``output = (qg, A_qk, o)`` fuses stage 6 (``h``, ``v_new`` unused then);
+    ``W``, ``U``, ``Mb``, ``fold`` as :func:`_wy_operands` resolved them (``U`` holds ``v`` with ``fold``)."""
     HV, K, V = kg.shape[2], kg.shape[3], U.shape[3]
     if G.dim() == 3 and G.shape != (meta.NC, HV, K):
         raise ValueError(f"G: expected [B, T, HV, K] or, at chunk ends, [NC, HV, K] = {(meta.NC, HV, K)}, "
@@ -392,12 +391,13 @@ def state_passing_output(
     ``W = Mb kG`` (pass ``W=None``), it forms the pseudo-values as ``v_new = Mb (v - kG S)``.
     """
     B, T, HV, K = kg.shape
-    V = _wy_operands(W, U, Mb, v, kG)[2].shape[3]  # U, or v (checked here: wrong mixes refused by name)
+    fold, W, U = _wy_operands(W, U, Mb, v, kG)  # the kernel's W and U slots (kG, v with fold)
+    V = U.shape[3]
     meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, kg.device)
     state_shape = (HV, V, K) if state_v_first else (HV, K, V)
     ht = torch.empty(meta.N, *state_shape, dtype=torch.float32, device=kg.device)
     o = torch.empty(B, T, HV, V, dtype=out_dtype or torch.float32, device=kg.device)
-    _launch(kg, W, U, G, initial_state, ht, ht, ht, (qg, A_qk, o), chunk_size, state_v_first, meta, Mb, v, kG)
+    _launch(kg, W, U, G, initial_state, ht, ht, ht, (qg, A_qk, o), chunk_size, state_v_first, meta, Mb, fold)
     return o, ht
 
 
