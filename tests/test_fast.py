@@ -290,6 +290,38 @@ def test_state_pass_takes_G_whole_or_at_chunk_ends():
         fast.state_passing(*args, f32(ends[1:]), f32(r.S0), C, r.cu)
 
 
+@pytest.mark.parametrize("case", range(len(AWKWARD)))
+def test_state_pass_prefetch_equals_plain_loads(case, monkeypatch):
+    """The chunk loops with G's chunk-end rows (and A_qk) loaded one chunk ahead (``STATE_PREFETCH``,
+    ``RECURRENCE_PREFETCH``, the defaults) == the same loops loading them where they are used, and
+    both == the chunked stages: forward state pass (G whole and at chunk ends), fused with the output,
+    and the backward recurrence (whose loop runs last chunk first)."""
+    from kda_explained.chunked.backward_inter import state_passing_bwd_recurrence as reference_recurrence
+    from kda_explained.fast import backward as fast_backward, state as fast_state
+
+    p, C = AWKWARD[case]
+    r = reference_stages(p, C)
+    ends = chunk_end_rows(r.G, C, r.cu)
+    args = (f32(r.kg), f32(r.W), f32(r.U))
+    rand = randn_like_f64(5)
+    dh, dv_new, dS_final = rand(r.h), rand(r.v_new), rand(r.S)
+    ref_bwd = reference_recurrence(r.kg, r.W, r.G, r.h, dh, dv_new, dS_final, C, r.cu)
+    runs = []
+    for prefetch in (True, False):
+        monkeypatch.setattr(fast_state, "STATE_PREFETCH", prefetch)
+        monkeypatch.setattr(fast_backward, "RECURRENCE_PREFETCH", prefetch)
+        h, v_new, S = fast.state_passing(*args, f32(r.G), f32(r.S0), C, r.cu)
+        o, S_o = fast.state_passing_output(*args, f32(ends), f32(r.qg), f32(r.A_qk), f32(r.S0), C, r.cu)
+        bwd = fast_backward.state_passing_bwd_recurrence(f32(r.kg), f32(r.W), f32(r.G), f32(r.h), f32(dh),
+                                                         f32(dv_new), f32(dS_final), C, r.cu)
+        assert_each_close(("h", "v_new", "S", "o", "S (fused)"), (h, v_new, S, o, S_o),
+                          (r.h, r.v_new, r.S, r.o, r.S))
+        assert_each_close(("dS_out", "dv_tot", "dS0"), bwd, ref_bwd)
+        runs.append((h, v_new, S, o, S_o) + tuple(bwd))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)  # the same loads, issued earlier: the same numbers
+
+
 def test_one_pass_rejects_long_chunks():
     r = reference_stages(AWKWARD[0][0], 16)
     with pytest.raises(ValueError, match="chunk_size: expected 16 or 32"):

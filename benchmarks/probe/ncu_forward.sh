@@ -4,6 +4,10 @@
 #
 #   bash benchmarks/probe/ncu_forward.sh [B T H D]        (default 8 4096 16 128)
 #
+# NCU_KERNELS (a regex, default one_pass|state|output|cumsum) and NCU_COUNT (launches profiled,
+# default 3) widen it, e.g. NCU_KERNELS='local|state|output|cumsum' NCU_COUNT=7 for the 64-token
+# path (cumsum, keys' pass, its exact-diagonal launch, queries' pass and its, state, output).
+#
 # Needs the H100 machine (ncu with --clock-control none: METHOD.md leaves the clocks alone).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -19,7 +23,8 @@ with torch.inference_mode():
         fast.chunk_kda(q, k, v, g, beta)
     torch.cuda.synchronize()
 PY
-ncu --clock-control none --kernel-name regex:"one_pass|state|output|cumsum" --launch-skip 0 --launch-count 3 \
+ncu --clock-control none --kernel-name regex:"${NCU_KERNELS:-one_pass|state|output|cumsum}" --launch-skip 0 \
+    --launch-count "${NCU_COUNT:-3}" \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters \
     python3 /tmp/ncu_fwd.py

@@ -81,7 +81,7 @@ import triton.language as tl
 from ._grad import accumulator as _accumulator, chunk_span as _chunk_span, per_key_head as _per_key_head
 from ._meta import SeqMeta, dot_precision, interpreting, seq_meta
 from .backward_intra import intra_chunk_matrices_bwd
-from .state import state_value_tile
+from .state import _chunk_gate_end, state_value_tile
 
 __all__ = ["BWD_LAUNCH", "kda_backward", "core_backward", "checked_backward_inputs",
            "chunk_local_cumsum_bwd", "intra_chunk_matrices_bwd_by_columns", "ut_transform_bwd",
@@ -96,7 +96,7 @@ __all__ = ["BWD_LAUNCH", "kda_backward", "core_backward", "checked_backward_inpu
 #: ``results/bwd_sweep*.json``): each the fastest of 2-8 shapes, ms before -> after.
 BWD_LAUNCH = {
     "output": dict(BV=64, warps=8),  # 1.48 -> 1.36
-    "recurrence": dict(BV=64, warps=4),  # 1.37 -> 0.94 (BV 32); fused, bf16 products: 0.74 -> 0.50 (BV 64, at most)
+    "recurrence": dict(BV=64, warps=4, stages=1),  # 1.37 -> 0.94 (BV 32); fused, bf16 products: 0.74 -> 0.50 (BV 64, at most)
     "state_chunks": dict(BK=64, BV=64, warps=4),  # 1.41 -> 1.17 (bf16 products: 0.84)
     "wy": dict(BK=64, BV=64, warps=4),  # 1.30 -> 1.11
     "ut": dict(warps=4),  # 0.44 -> 0.22
@@ -115,6 +115,8 @@ STATE_WY_FUSED = True
 #: (``fast.state.STATE_LOW_PRECISION_DOTS``) and fla's ``dhu`` do; ``False``: float32 operands, tf32
 #: products. Float32 inputs (and the interpreter, whose intermediates are float32) never take it.
 RECURRENCE_LOW_PRECISION_DOTS = True
+#: Load ``G`` at each chunk's last token one chunk ahead (as the forward's ``STATE_PREFETCH``).
+RECURRENCE_PREFETCH = True
 
 
 def _native(*xs: torch.Tensor) -> bool:
@@ -161,6 +163,7 @@ def _state_bwd_recurrence_kernel(
     HAS_DSF: tl.constexpr,
     PRECISION: tl.constexpr,
     LOWP: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     i_v, i_n, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(cu + i_n).to(tl.int64)
@@ -185,8 +188,15 @@ def _state_bwd_recurrence_kernel(
         b_dS += tl.load(dS_final + (i_n * HV + i_hv) * K * V + o_S, mask=m_kv, other=0).to(tl.float32)
 
     n_chunks = tl.cdiv(eos - bos, BT)
+    if PREFETCH:  # G's chunk-end row one chunk ahead (the pipeliner leaves it a load each step waits for)
+        b_Gnext = _chunk_gate_end(G, bos, eos, c0, n_chunks - 1, i_hv, HV, K, BT, BK, False)
     for i_r in range(0, n_chunks):
         i_t = n_chunks - 1 - i_r  # last chunk first
+        if PREFETCH:
+            b_Glast = b_Gnext
+            b_Gnext = _chunk_gate_end(G, bos, eos, c0, i_t - 1, i_hv, HV, K, BT, BK, False)
+        else:
+            b_Glast = _chunk_gate_end(G, bos, eos, c0, i_t, i_hv, HV, K, BT, BK, False)
         t0 = bos + i_t * BT
         m_t = t0 + o_t < eos
         m_tk = m_t[:, None] & m_k[None, :]
@@ -207,8 +217,6 @@ def _state_bwd_recurrence_kernel(
             b_dv += tl.dot(tl.trans(b_A), b_do, input_precision=PRECISION)
         tl.store(dv_tot + ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], b_dv, mask=m_tv)
         # dS <- Diag(Gamma_C) dS + dh - W^T dv_tot
-        t_last = tl.minimum(t0 + BT, eos) - 1
-        b_Glast = tl.load(G + (t_last * HV + i_hv) * K + o_k, mask=m_k, other=0)  # [BK]
         b_W = tl.load(W + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0).to(OP)
         b_dS = b_dS * tl.exp(b_Glast)[:, None] - tl.dot(tl.trans(b_W), b_dv.to(OP), input_precision=PRECISION)
         if HAS_DH:
@@ -269,7 +277,7 @@ def state_passing_bwd_recurrence(
             HAS_DH=dh is not None, HAS_DVN=dv_new is not None, FUSED=output is not None,
             HAS_DSF=dS_final is not None, PRECISION=dot_precision(W.dtype),
             LOWP=RECURRENCE_LOW_PRECISION_DOTS and W.dtype in (torch.bfloat16, torch.float16) and kg.dtype == W.dtype,
-            num_warps=launch["warps"], num_stages=1,
+            PREFETCH=RECURRENCE_PREFETCH, num_warps=launch["warps"], num_stages=launch["stages"],
         )
     return dS_out, dv_tot, dS0
 

@@ -56,7 +56,11 @@ STATE_STAGES = 2
 STATE_STAGES_LOWP = 3
 #: For bf16/fp16 intermediates, feed the two products in that dtype instead of float32 operands in
 #: tf32 (the state itself stays float32 in registers).
-STATE_LOW_PRECISION_DOTS = True  # H100: chunk_kda 5.31 -> 4.93 ms, error unchanged (docs: kernel notes)
+STATE_LOW_PRECISION_DOTS = True
+#: Load ``G`` at each chunk's last token (and ``A_qk`` in the fused kernel) one chunk ahead, by hand:
+#: Triton's software pipeliner takes only the loads that feed products, and leaves these two as
+#: loads that every step of the sequential loop waits for.
+STATE_PREFETCH = True  # H100: chunk_kda 5.31 -> 4.93 ms, error unchanged (docs: kernel notes)
 #: Warps per program for K > 64, and value columns per program (None: 64, or fewer when that
 #: leaves SMs idle: one long sequence has only HV * V / BV programs to spread over the GPU).
 STATE_WARPS = 4
@@ -98,6 +102,33 @@ def _next_state(b_S, b_kg, b_v, b_Glast, LOWP: tl.constexpr, PRECISION: tl.const
 
 
 @triton.jit
+def _chunk_gate_end(G, bos, eos, c0, i_t, i_hv, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                    BK: tl.constexpr, G_ENDS: tl.constexpr):
+    """``G`` at the last token of chunk ``i_t`` of the sequence ``[bos, eos)``, ``[BK]`` float32
+    (zeros for a chunk index outside the sequence): from the whole ``G``, or from its chunk-end
+    rows (``G_ENDS``)."""
+    o_k = tl.arange(0, BK)
+    t0 = bos + i_t * BT
+    m = (o_k < K) & (t0 + 0 * o_k < eos) & (t0 + 0 * o_k >= bos)
+    if G_ENDS:
+        return tl.load(G + ((c0 + i_t) * HV + i_hv) * K + o_k, mask=m, other=0)
+    else:
+        t_last = tl.minimum(t0 + BT, eos) - 1
+        return tl.load(G + (t_last * HV + i_hv) * K + o_k, mask=m, other=0)
+
+
+@triton.jit
+def _chunk_square(A, bos, eos, i_t, i_hv, HV: tl.constexpr, BT: tl.constexpr):
+    """Chunk ``i_t``'s ``[BT, BT]`` block of a per-chunk matrix stored by rows ``[TT, HV, BT]``
+    (``A_qk``); zeros for padding and past the last chunk."""
+    o_t = tl.arange(0, BT)
+    t0 = bos + i_t * BT
+    m_t = o_t < (eos - t0).to(tl.int32)
+    return tl.load(A + ((t0 + o_t[:, None]) * HV + i_hv) * BT + o_t[None, :], mask=m_t[:, None] & m_t[None, :],
+                   other=0)
+
+
+@triton.jit
 def _state_passing_kernel(
     # pointers
     kg,  # [TT, HV, K] decayed keys k * exp(G_last - G)
@@ -129,6 +160,7 @@ def _state_passing_kernel(
     OUTPUT: tl.constexpr,  # stage 6 in the same loop: o written, h and v_new never leave the registers
     G_ENDS: tl.constexpr,
     FOLD: tl.constexpr,  # 0: W, U given; 1: U = Mb v formed here; 2: v_new = Mb (v - kG S) formed here
+    PREFETCH: tl.constexpr,  # G's chunk-end row and A_qk loaded one chunk ahead (STATE_PREFETCH)
 ):
     i_v, i_n, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(cu + i_n).to(tl.int64)
@@ -151,8 +183,25 @@ def _state_passing_kernel(
         b_S += tl.load(h0 + (i_n * HV + i_hv) * K * V + o_S, mask=m_kv, other=0).to(tl.float32)
 
     n_chunks = tl.cdiv(eos - bos, BT)
+    # The loads that feed products are software-pipelined by the compiler (num_stages); the two that
+    # do not, G at each chunk's last token and A_qk, are issued here one chunk ahead by hand, so that
+    # no step waits for memory (Triton 3.6 on an H100 left them as plain loads inside the loop).
+    if PREFETCH:
+        b_Gnext = _chunk_gate_end(G, bos, eos, c0, 0, i_hv, HV, K, BT, BK, G_ENDS)
+        if OUTPUT:
+            b_Anext = _chunk_square(A_qk, bos, eos, 0, i_hv, HV, BT)
     for i_t in range(0, n_chunks):
         t0 = bos + i_t * BT
+        if PREFETCH:
+            b_Glast = b_Gnext
+            b_Gnext = _chunk_gate_end(G, bos, eos, c0, i_t + 1, i_hv, HV, K, BT, BK, G_ENDS)
+            if OUTPUT:
+                b_A = b_Anext
+                b_Anext = _chunk_square(A_qk, bos, eos, i_t + 1, i_hv, HV, BT)
+        else:
+            b_Glast = _chunk_gate_end(G, bos, eos, c0, i_t, i_hv, HV, K, BT, BK, G_ENDS)
+            if OUTPUT:
+                b_A = _chunk_square(A_qk, bos, eos, i_t, i_hv, HV, BT)
         m_t = o_t < (eos - t0).to(tl.int32)  # an int32 compare (int64 ones cost registers: spills)
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
@@ -174,8 +223,6 @@ def _state_passing_kernel(
                 b_v = tl.dot(b_Mb, _pseudo_values(b_S, b_W, b_U, LOWP, PRECISION), input_precision=PRECISION)
         if OUTPUT:  # o = qg S + A_qk v_new (stage 6), with S still the state entering the chunk
             b_qg = tl.load(qg + o_tk, mask=m_tk, other=0)
-            b_A = tl.load(A_qk + ((t0 + o_t[:, None]) * HV + i_hv) * BT + o_t[None, :],
-                          mask=m_t[:, None] & m_t[None, :], other=0)
             if LOWP:  # operands rounded as the output kernel reads them from memory: identical sums
                 b_o = tl.dot(b_qg, b_S.to(qg.dtype.element_ty))
                 b_o = tl.dot(b_A, b_v.to(qg.dtype.element_ty), b_o)
@@ -186,11 +233,6 @@ def _state_passing_kernel(
         else:
             tl.store(v_new + o_tv, b_v.to(v_new.dtype.element_ty), mask=m_tv)
         # S = Diag(Gamma_C) S + kg^T v_new
-        if G_ENDS:
-            b_Glast = tl.load(G + ((c0 + i_t) * HV + i_hv) * K + o_k, mask=m_k, other=0)  # [BK]
-        else:
-            t_last = tl.minimum(t0 + BT, eos) - 1
-            b_Glast = tl.load(G + (t_last * HV + i_hv) * K + o_k, mask=m_k, other=0)
         b_kg = tl.load(kg + o_tk, mask=m_tk, other=0)
         b_S = _next_state(b_S, b_kg, b_v, b_Glast, LOWP, PRECISION)
 
@@ -317,7 +359,8 @@ def _launch(kg, W, U, G, initial_state, h, v_new, ht, output, chunk_size, state_
             initial_state.contiguous() if initial_state is not None else ht, h, v_new, ht,
             qg.contiguous(), A_qk.contiguous(), o, meta.cu, meta.chunk_off,
             HV=HV, K=K, V=V, BT=chunk_size, BV=BV, HAS_H0=initial_state is not None, STATE_V_FIRST=state_v_first,
-            OUTPUT=output is not None, G_ENDS=G.dim() == 3, FOLD=fold, **_chunk_loop_options(W, K),
+            OUTPUT=output is not None, G_ENDS=G.dim() == 3, FOLD=fold, PREFETCH=STATE_PREFETCH,
+            **_chunk_loop_options(W, K),
         )
 
 
