@@ -16,6 +16,11 @@ chunk's last token.
 Value columns are independent in all three lines, which is what lets the
 ``V`` axis split across programs.
 
+The loop's loads of ``W``, ``U``, ``kg`` are software-pipelined by the compiler
+(``num_stages``); the row of ``G`` at each chunk's end is loaded one chunk ahead by hand
+(``STATE_PREFETCH``), since the pipeliner takes only the loads that feed products and each
+step would otherwise wait for that one.
+
 After the one-pass kernel (short chunks) the loop applies the UT transform itself: given
 ``Mb = M Diag(beta)`` and ``kG = Gamma * K`` of each chunk, and the values ``v``, it forms
 ``v_new = Mb (v - kG S)``, the same as ``U - W S`` with ``W = Mb kG`` and ``U = Mb v``.
