@@ -22,6 +22,7 @@ with the bounds of :data:`kda_explained.testing.TOLERANCES`:
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 from typing import Optional
 
@@ -1484,3 +1485,33 @@ def test_shape_errors_name_the_argument():
         fast.chunk_kda(q, k, v, g, beta, initial_state=kw["initial_state"][:, :1])
     with pytest.raises(ValueError, match=r"^initial_state: expected shape \[N, HV, K, V\]"):
         fast.fused_recurrent_kda(q, k, v, g, beta, initial_state=kw["initial_state"][:, :1])
+
+
+def test_state_pass_loads_pipelined_or_prefetched():
+    """Compiled for an H100 (``sm_90a``, on this CPU machine, by ``benchmarks/probe/loop_loads.py``):
+    in the fused state + output kernel's chunk loop every load is an asynchronous copy issued by the
+    software pipeliner, but the two the kernel issues one chunk ahead by hand (``G``'s chunk-end row,
+    ``A_qk``), which are then the only plain loads left in the loop."""
+    import inspect
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from kda_explained.fast import state as fast_state
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "probe" / "loop_loads.py"), "--shapes", "B8_H16"],
+                         capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.lstrip().startswith("_state_passing_kernel"))
+    counts = re.search(r"async\s+(\d+)\s+SYNC\s+(\d+)", lines[i])
+    assert counts and int(counts.group(1)) >= 3 and int(counts.group(2)) == 2, lines[i]
+    helpers = []
+    for fn in (fast_state._chunk_gate_end, fast_state._chunk_square):
+        src, first = inspect.getsourcelines(fn.fn)
+        helpers.append(range(first, first + len(src)))
+    sync = [int(re.search(r"state\.py:(\d+)", line).group(1)) for line in lines[i + 1:i + 3]]
+    assert all(any(n in r for r in helpers) for n in sync), (sync, helpers)

@@ -882,7 +882,7 @@ def state_wy_bwd(
             H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=_tile(K, launch["BK"]), BV=_tile(V, launch["BV"]),
             PRECISION=dot_precision(k.dtype), ACC=dG_acc is not None,
             NATIVE=_native(h, v_new, dS_out, dv_tot, *((do,) if output is not None else ())),
-            OUTPUT=output is not None, num_warps=launch["warps"], num_stages=1,
+            OUTPUT=output is not None, num_warps=launch["warps"], num_stages=launch.get("stages", 1),
             **({"maxnreg": launch["maxnreg"]} if launch.get("maxnreg") and not interpreting() else {}),
         )
     return (_per_key_head(dk, H, per_value_head), dv, dG, dbeta, dM,
