@@ -99,6 +99,8 @@ VARIANTS = {
     "swy_stages3": [(fb, "BWD_LAUNCH", {**fb.BWD_LAUNCH, "state_wy": {**fb.BWD_LAUNCH["state_wy"], "stages": 3}})],
     "intra_stages2": [(fbi, "INTRA_BWD_LAUNCH", (64, 4, 2))],
     "intra_stages3": [(fbi, "INTRA_BWD_LAUNCH", (64, 4, 3))],
+    "state_bv64": [(fs, "STATE_BV", 64)],
+    "state_pps1": [(fs, "STATE_PROGRAMS_PER_SM", 1.0)],
     "ut_bwd_ieee": [(fb, "UT_BWD_PRECISION", "ieee")],
     "intra_128_4": [(fbi, "INTRA_BWD_LAUNCH", (128, 4, 1))],
     "intra_128_8": [(fbi, "INTRA_BWD_LAUNCH", (128, 8, 1))],
