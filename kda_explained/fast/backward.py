@@ -102,7 +102,7 @@ BWD_LAUNCH = {
     "ut": dict(warps=4),  # 0.44 -> 0.22
     # stages 6, 5 (per chunk) and 4 in one kernel (the default path): 2.37 -> 2.07 (BK 64, 8 warps ->
     # BK 32, 4 warps; the three kernels apart: 0.75 + 0.84 + 1.11)
-    "state_wy": dict(BK=32, BV=64, warps=4),
+    "state_wy": dict(BK=32, BV=64, warps=4, stages=1),
 }
 
 
@@ -882,7 +882,7 @@ def state_wy_bwd(
             H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=_tile(K, launch["BK"]), BV=_tile(V, launch["BV"]),
             PRECISION=dot_precision(k.dtype), ACC=dG_acc is not None,
             NATIVE=_native(h, v_new, dS_out, dv_tot, *((do,) if output is not None else ())),
-            OUTPUT=output is not None, num_warps=launch["warps"], num_stages=launch.get("stages", 1),
+            OUTPUT=output is not None, num_warps=launch["warps"], num_stages=launch["stages"],
             **({"maxnreg": launch["maxnreg"]} if launch.get("maxnreg") and not interpreting() else {}),
         )
     return (_per_key_head(dk, H, per_value_head), dv, dG, dbeta, dM,

@@ -61,11 +61,11 @@ STATE_STAGES = 2
 STATE_STAGES_LOWP = 3
 #: For bf16/fp16 intermediates, feed the two products in that dtype instead of float32 operands in
 #: tf32 (the state itself stays float32 in registers).
-STATE_LOW_PRECISION_DOTS = True
+STATE_LOW_PRECISION_DOTS = True  # H100: chunk_kda 5.31 -> 4.93 ms, error unchanged (docs: kernel notes)
 #: Load ``G`` at each chunk's last token (and ``A_qk`` in the fused kernel) one chunk ahead, by hand:
 #: Triton's software pipeliner takes only the loads that feed products, and leaves these two as
-#: loads that every step of the sequential loop waits for.
-STATE_PREFETCH = True  # H100: chunk_kda 5.31 -> 4.93 ms, error unchanged (docs: kernel notes)
+#: loads that every step of the sequential loop waits for (H100, T=65536: 4.540 -> 3.927 ms).
+STATE_PREFETCH = True
 #: Warps per program for K > 64, and value columns per program (None: 64, or fewer when that
 #: leaves SMs idle: one long sequence has only HV * V / BV programs to spread over the GPU).
 STATE_WARPS = 4
@@ -125,7 +125,7 @@ def _chunk_gate_end(G, bos, eos, c0, i_t, i_hv, HV: tl.constexpr, K: tl.constexp
 @triton.jit
 def _chunk_square(A, bos, eos, i_t, i_hv, HV: tl.constexpr, BT: tl.constexpr):
     """Chunk ``i_t``'s ``[BT, BT]`` block of a per-chunk matrix stored by rows ``[TT, HV, BT]``
-    (``A_qk``); zeros for padding and past the last chunk."""
+    (``A_qk``, ``Mb``); zeros for padding and past the last chunk."""
     o_t = tl.arange(0, BT)
     t0 = bos + i_t * BT
     m_t = o_t < (eos - t0).to(tl.int32)
@@ -220,8 +220,7 @@ def _state_passing_kernel(
         if FOLD == 0:
             b_v = _pseudo_values(b_S, b_W, b_U, LOWP, PRECISION)  # [BT, BV]
         else:  # the UT transform applied here: Mb = M Diag(beta) of the chunk, b_U holding v
-            b_Mb = tl.load(Mb + ((t0 + o_t[:, None]) * HV + i_hv) * BT + o_t[None, :],
-                          mask=m_t[:, None] & m_t[None, :], other=0)
+            b_Mb = _chunk_square(Mb, bos, eos, i_t, i_hv, HV, BT)
             if FOLD == 1:  # U = Mb v (off the chain from one state to the next), then as above
                 b_v = _pseudo_values(b_S, b_W, tl.dot(b_Mb, b_U, input_precision=PRECISION), LOWP, PRECISION)
             else:  # W S = Mb (kG S): v_new = Mb (v - kG S)
