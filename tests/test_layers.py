@@ -22,7 +22,8 @@ from kda_explained.layers import (
     cache_memory,
     convert_fla_state_dict,
 )
-from kda_explained.testing import TOLERANCES, rel_rms_error
+from kda_explained import naive
+from kda_explained.testing import TOLERANCES, rel_rms_error, to_numpy64
 
 EXACT = TOLERANCES["chunked_f64_vs_naive"]  # float64 vs float64, different order of operations
 D, H, K = 64, 2, 16
@@ -182,12 +183,13 @@ def prefill_then_decode(layer, x, T):
 
 
 @settings(max_examples=8)
-@example(B=1, T=1, n=1, gate="softplus", HV=H, seed=0)
-@example(B=2, T=70, n=3, gate="lowerbound", HV=2 * H, seed=1)  # T > one 64-token chunk, GVA
+@example(B=1, T=1, n=1, gate="softplus", HV=H, seed=0, neg=False)
+@example(B=2, T=70, n=3, gate="lowerbound", HV=2 * H, seed=1, neg=False)  # T > one 64-token chunk, GVA
+@example(B=2, T=70, n=3, gate="softplus", HV=2 * H, seed=2, neg=True)  # beta in (0, 2)
 @given(B=st.integers(1, 2), T=st.integers(1, 40), n=st.integers(1, 4), gate=st.sampled_from(["softplus", "lowerbound"]),
-       HV=st.sampled_from([H, 2 * H]), seed=st.integers(0, 100))
-def test_prefill_then_decode_equals_prefill(B, T, n, gate, HV, seed):
-    layer = make_layer(seed, gate=gate, num_v_heads=HV)
+       HV=st.sampled_from([H, 2 * H]), seed=st.integers(0, 100), neg=st.booleans())
+def test_prefill_then_decode_equals_prefill(B, T, n, gate, HV, seed, neg):
+    layer = make_layer(seed, gate=gate, num_v_heads=HV, allow_neg_eigval=neg)
     x = torch.randn(B, T + n, D, dtype=torch.float64)
     y, cache = prefill_then_decode(layer, x, T)
     full_cache = layer.init_cache(B)
@@ -225,6 +227,79 @@ def test_fast_backend_prefill_then_decode_gpu(gate):
     y, cache = prefill_then_decode(layer, x.float(), 290)
     assert_close(y, y_ref, TOLERANCES["fast_tf32_vs_f64"], "fast prefill + decode vs chunked float64")
     assert cache.state.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# allow_neg_eigval: beta = 2 sigmoid(b_proj x), in (0, 2)
+# ----------------------------------------------------------------------------------------------
+
+
+def naive_layer(layer, x, beta_scale):
+    """``layer`` written out around the naive core in float64, with ``beta = beta_scale * sigmoid(b_proj x)``.
+
+    ``layer`` is float64 with the softplus gate; nothing of its ``forward`` is used.
+    """
+    B, T, _ = x.shape
+    HV = layer.num_v_heads
+    n = to_numpy64
+    with torch.no_grad():
+        q = layer.q_conv1d(layer.q_proj(x))[0].view(B, T, H, K)  # [B, T, H, K]
+        k = layer.k_conv1d(layer.k_proj(x))[0].view(B, T, H, K)
+        v = layer.v_conv1d(layer.v_proj(x))[0].view(B, T, HV, K)  # [B, T, HV, V]
+        f = layer.f_b_proj(layer.f_a_proj(x)).view(B, T, HV, K)  # [B, T, HV, K]
+        b = layer.b_proj(x)  # [B, T, HV]
+        gate = layer.g_b_proj(layer.g_a_proj(x)).view(B, T, HV, K)
+        g = naive.kda_gate(n(f), n(layer.A_log), n(layer.dt_bias))
+        beta = beta_scale * naive.sigmoid(n(b))
+        o, _ = naive.kda(naive.l2norm(n(q)), naive.l2norm(n(k)), n(v), g, beta)
+        o = layer.o_norm(torch.from_numpy(o), gate)
+        return layer.o_proj(o.reshape(B, T, HV * K)), beta
+
+
+def strong_beta_layer(seed, dtype=torch.float64, **kw):
+    """A layer whose ``b_proj`` is scaled up so that ``sigmoid(b_proj x)`` spans (0, 1) nearly end to end."""
+    layer = make_layer(seed, dtype, num_v_heads=2 * H, **kw)
+    with torch.no_grad():
+        layer.b_proj.weight.mul_(8.0)
+    return layer
+
+
+@pytest.mark.parametrize("T", [9, 70], ids=["recurrent_path", "chunk_path"])
+def test_allow_neg_eigval_chunked_matches_naive_with_beta_up_to_2(T):
+    layer = strong_beta_layer(20, allow_neg_eigval=True)
+    x = torch.randn(2, T, D, dtype=torch.float64)
+    ref, beta = naive_layer(layer, x, beta_scale=2.0)
+    assert beta.max() > 1.9 and beta.min() < 0.1, "beta should cover (0, 2)"
+    with torch.no_grad():
+        assert_close(layer(x), ref, what="allow_neg_eigval, chunked vs naive")
+
+
+def test_allow_neg_eigval_fast_prefill_then_decode_matches_naive():
+    """The fast backend (chunk kernel for the prefill, recurrent kernel for decoding) with beta in (0, 2)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(2, 21, D, dtype=torch.float64)
+    ref, _ = naive_layer(strong_beta_layer(21), x, beta_scale=2.0)
+    layer = strong_beta_layer(21, torch.float32, allow_neg_eigval=True, backend="fast").to(device)
+    y, _ = prefill_then_decode(layer, x.float().to(device), 18)
+    assert_close(y, ref, TOLERANCES["fast_f32_vs_f64"], "allow_neg_eigval, fast prefill + decode vs naive")
+
+
+def test_allow_neg_eigval_is_off_by_default_and_reaches_the_hybrid():
+    layer = strong_beta_layer(22)
+    assert layer.allow_neg_eigval is False
+    x = torch.randn(1, 12, D, dtype=torch.float64)
+    ref, _ = naive_layer(layer, x, beta_scale=1.0)
+    with torch.no_grad():
+        assert_close(layer(x), ref, what="default (beta = sigmoid) vs naive")
+        neg = strong_beta_layer(22, allow_neg_eigval=True)
+        assert rel_rms_error(neg(x), ref) > 1e-3, "allow_neg_eigval=True must change the function"
+    assert HybridConfig().allow_neg_eigval is False
+    model = tiny_model(allow_neg_eigval=True)
+    kda_layers = [blk.mixer for blk in model.layers if blk.kind == "kda"]
+    assert kda_layers and all(m.allow_neg_eigval for m in kda_layers)
+    assert "allow_neg_eigval=True" in repr(kda_layers[0])
+    with pytest.raises(TypeError, match=r"^allow_neg_eigval: expected a bool, got int"):
+        KimiDeltaAttention(D, H, K, allow_neg_eigval=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,8 +466,7 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
     cases += [
         (lambda: model(ids, cache=model.init_cache(3)), "cache", "batch size B = 2"),
         (lambda: model(ids, attention_mask=torch.ones(2, 6)), "attention_mask", "[2, 5]"),
-        (lambda: model(ids.float()), "input_ids", "integer"),
-    ]
+    ]  # more, and the TypeErrors, in test_layer_errors.py
     for call, name, detail in cases:
         with pytest.raises(ValueError) as info:
             call()

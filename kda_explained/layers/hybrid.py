@@ -22,6 +22,7 @@ KDA cache      per KDA layer: state ``[B, HV, Dh, Dh]`` float32 + conv states, c
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Union
 
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..validation import format_shape
-from .kda_layer import KDACache, KimiDeltaAttention
+from .kda_layer import KDACache, KimiDeltaAttention, check_attention_mask
 
 __all__ = ["HybridConfig", "HybridLM", "HybridCache", "KVCache", "Attention", "cache_memory"]
 
@@ -41,6 +42,7 @@ class HybridConfig:
 
     ``kda_per_attention = 3`` gives Kimi Linear's 3:1 layout (layers 3, 7, ... are
     full attention, counting from 0); ``0`` makes every layer full attention.
+    ``allow_neg_eigval`` is passed to every KDA layer (``beta`` in ``(0, 2)``; off in Kimi Linear).
 
     >>> HybridConfig(num_layers=8).layer_types()
     ['kda', 'kda', 'kda', 'attention', 'kda', 'kda', 'kda', 'attention']
@@ -60,6 +62,7 @@ class HybridConfig:
     gate: str = "softplus"
     norm_eps: float = 1e-5
     kda_backend: str = "auto"
+    allow_neg_eigval: bool = False
 
     def layer_types(self) -> List[str]:
         r = self.kda_per_attention
@@ -169,7 +172,7 @@ class Block(nn.Module):
             self.mixer = KimiDeltaAttention(config.hidden_size, config.num_heads, config.head_dim,
                                             conv_size=config.conv_size, num_v_heads=config.num_v_heads,
                                             gate=config.gate, norm_eps=config.norm_eps, backend=config.kda_backend,
-                                            layer_idx=layer_idx)
+                                            layer_idx=layer_idx, allow_neg_eigval=config.allow_neg_eigval)
         else:
             self.mixer = Attention(config.hidden_size, config.num_heads, config.head_dim)
         self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
@@ -212,7 +215,12 @@ class HybridLM(nn.Module):
 
     ``forward(input_ids [B, T], attention_mask [B, T] = None, cache = None)`` -> logits ``[B, T, vocab]``.
     ``attention_mask`` covers this call's tokens (1 = token, 0 = padding); the cache
-    remembers the masks of earlier calls.
+    remembers the masks of earlier calls. Logits at padding positions mean nothing; a row
+    that is all padding leaves the other rows' logits, and its own rows of the KDA caches, as they were.
+    A bad call raises :class:`ValueError` or :class:`TypeError` naming the argument. Token ids
+    outside ``[0, vocab_size)`` are found wherever that needs no device synchronisation: always
+    on the CPU, and without a cache (prefill, training) on a GPU; :meth:`generate` checks its
+    prompt on any device. Decoding steps on a GPU are not checked, so that no step waits for the device.
 
     >>> import torch
     >>> torch.manual_seed(0) and None
@@ -243,19 +251,62 @@ class HybridLM(nn.Module):
                   for blk in self.layers]
         return HybridCache(layers=layers, batch_size=batch_size)
 
+    def _check_input_ids(self, input_ids, check_range: bool) -> None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids: expected a torch.Tensor [B, T] of token ids, got {type(input_ids).__name__}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids: expected an integer tensor (int64 or int32) of token ids, "
+                            f"got {str(input_ids.dtype).replace('torch.', '')}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected shape [B, T] (one sequence is [1, T]), "
+                             f"got {format_shape(input_ids.shape)}")
+        if input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids: expected at least one row and one token (B >= 1, T >= 1), "
+                             f"got {format_shape(input_ids.shape)}")
+        if check_range:
+            lo, hi = input_ids.aminmax()
+            lo, hi = int(lo), int(hi)  # one synchronisation for both
+            V = self.config.vocab_size
+            if lo < 0 or hi >= V:
+                raise ValueError(f"input_ids: expected token ids in [0, vocab_size = {V}), got ids in [{lo}, {hi}]")
+
+    def _check_cache(self, cache, B: int, T: int, device: torch.device) -> None:
+        if not isinstance(cache, HybridCache):
+            raise TypeError(f"cache: expected a HybridCache (from init_cache), got {type(cache).__name__}")
+        if cache.batch_size != B:
+            raise ValueError(f"cache: expected a cache for batch size B = {B} (input_ids {format_shape((B, T))}), "
+                             f"got one for {cache.batch_size}")
+        if len(cache.layers) != len(self.layers):
+            raise ValueError(f"cache: expected a cache for this model's {len(self.layers)} layers, got one for "
+                             f"{len(cache.layers)} (a cache of another model? make it with init_cache)")
+        c = self.config
+        for i, (blk, layer_cache) in enumerate(zip(self.layers, cache.layers)):
+            if blk.kind == "kda":
+                if not isinstance(layer_cache, KDACache):
+                    raise ValueError(f"cache: layer {i} (KDA) expected a KDACache, got {type(layer_cache).__name__} "
+                                     f"(a cache of another model? make it with init_cache)")
+                blk.mixer.check_cache(layer_cache, B, device, where=f"layer {i} (KDA): ")
+                continue
+            if not isinstance(layer_cache, KVCache):
+                raise ValueError(f"cache: layer {i} (attention) expected a KVCache, got "
+                                 f"{type(layer_cache).__name__} (a cache of another model? make it with init_cache)")
+            want = (B, c.num_heads, c.head_dim)
+            got = (layer_cache.k.shape[0], layer_cache.k.shape[1], layer_cache.k.shape[3])
+            if got != want or layer_cache.k.device != device:
+                raise ValueError(f"cache: layer {i} (attention) expected keys [B, H, L, Dh] with [B, H, Dh] = "
+                                 f"{format_shape(want)} on {device}, got {format_shape(layer_cache.k.shape)} on "
+                                 f"{layer_cache.k.device} (a cache of another model? make it with init_cache)")
+
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 cache: Optional[HybridCache] = None) -> torch.Tensor:
         """Logits ``[B, T, vocab]`` for ``input_ids [B, T]``; reads and extends ``cache`` when given."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
-            got = format_shape(input_ids.shape) if hasattr(input_ids, "shape") else type(input_ids).__name__
-            raise ValueError(f"input_ids: expected an integer tensor of shape [B, T], got {got}")
+        # decoding steps on an accelerator skip the range check: it would make every step wait for the device
+        self._check_input_ids(input_ids, check_range=cache is None or input_ids.device.type == "cpu")
         B, T = input_ids.shape
-        if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
-            raise ValueError(f"attention_mask: expected shape [B, T] = {format_shape((B, T))} to match input_ids, "
-                             f"got {format_shape(attention_mask.shape)}")
-        if cache is not None and cache.batch_size != B:
-            raise ValueError(f"cache: expected a cache for batch size B = {B} (input_ids {format_shape((B, T))}), "
-                             f"got one for {cache.batch_size}")
+        if attention_mask is not None:
+            check_attention_mask(attention_mask, B, T, "input_ids")
+        if cache is not None:  # all of it before any of it is extended
+            self._check_cache(cache, B, T, input_ids.device)
         mask = None if attention_mask is None or bool(attention_mask.bool().all()) else attention_mask.bool()
         key_mask = mask
         if cache is not None:
@@ -281,8 +332,31 @@ class HybridLM(nn.Module):
         decoding step through the caches; without, the whole sequence is recomputed
         every step (the reference the cache must reproduce). A padded prompt takes
         its ``attention_mask`` (any padding side); new tokens are appended after it.
+        Every row needs at least one token (there is nothing to continue otherwise);
+        ``max_new_tokens`` is an int ``>= 0`` (``0`` returns the prompt). Bad arguments
+        raise :class:`ValueError` or :class:`TypeError` naming them.
         """
+        self._check_input_ids(input_ids, check_range=True)  # the prompt, once; new tokens are argmax ids
+        if isinstance(max_new_tokens, bool) or (isinstance(max_new_tokens, torch.Tensor)
+                                                and max_new_tokens.dtype == torch.bool):
+            raise TypeError("max_new_tokens: expected an int, got bool")
+        try:
+            max_new_tokens = operator.index(max_new_tokens)
+        except TypeError:
+            raise TypeError(f"max_new_tokens: expected an int, got {type(max_new_tokens).__name__}") from None
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens}")
+        if not isinstance(use_cache, bool):
+            raise TypeError(f"use_cache: expected a bool, got {type(use_cache).__name__}")
         B, T = input_ids.shape
+        if attention_mask is not None:
+            check_attention_mask(attention_mask, B, T, "input_ids")
+            empty = (~attention_mask.bool().any(1)).nonzero().flatten().tolist()
+            if empty:
+                raise ValueError(f"attention_mask: expected at least one token in every row of the prompt, "
+                                 f"got none in row {', '.join(map(str, empty))}")
+        if max_new_tokens == 0:
+            return input_ids
         mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                 else attention_mask.bool())
         last = T - 1 - torch.flip(mask, [1]).int().argmax(1)  # [B] position of each row's last token

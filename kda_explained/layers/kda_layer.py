@@ -5,7 +5,7 @@ One layer maps ``hidden_states [B, T, hidden]`` to ``[B, T, hidden]``::
     q, k, v = silu(conv(q_proj x)), silu(conv(k_proj x)), silu(conv(v_proj x))  # short conv, per channel
     q, k    = l2norm(q), l2norm(k)                                             # per head
     g       = gate(f_b_proj(f_a_proj x))        # log decay, softplus or lower-bound form (DESIGN.md)
-    beta    = sigmoid(b_proj x)
+    beta    = sigmoid(b_proj x)                 # 2 sigmoid(b_proj x) with allow_neg_eigval
     o       = KDA(q, k, v, g, beta)             # report Eq. 1, chunked or fast backend
     o       = rmsnorm(o) * o_norm.weight * sigmoid(g_b_proj(g_a_proj x))       # per head
     out     = o_proj o
@@ -23,7 +23,7 @@ Glossary
 ``K``           ``head_dim``; key and value heads have the same width
 ``W``           ``conv_size``
 ``g``           log decay ``log alpha`` (report Eq. 1), ``[B, T, HV, K]``, ``<= 0``
-``beta``        delta-rule step size, ``[B, T, HV]``
+``beta``        delta-rule step size, ``[B, T, HV]``, in ``(0, 1)`` (``(0, 2)`` with ``allow_neg_eigval``)
 ``S``           recurrent state ``[N, HV, K, V]``, float32
 ``N``           sequences: batch rows, or ``len(cu_seqlens) - 1`` for a packed batch
 ==============  ==============================================================
@@ -43,7 +43,8 @@ from .. import chunked
 from ..validation import format_shape
 from .conv import ShortConvolution
 
-__all__ = ["KimiDeltaAttention", "KDACache", "GatedRMSNorm", "convert_fla_state_dict", "unpad", "pad"]
+__all__ = ["KimiDeltaAttention", "KDACache", "GatedRMSNorm", "convert_fla_state_dict", "unpad", "pad",
+           "check_attention_mask"]
 
 GATES = ("softplus", "lowerbound")
 BACKENDS = ("auto", "chunked", "fast")
@@ -83,6 +84,32 @@ def pad(packed: torch.Tensor, indices: torch.Tensor, B: int, T: int) -> torch.Te
     out = packed.new_zeros(B * T, *packed.shape[2:])
     out = out.index_copy(0, indices, packed[0])
     return out.reshape(B, T, *packed.shape[2:])
+
+
+def check_attention_mask(attention_mask, B: int, T: int, against: str) -> None:
+    """Raise unless ``attention_mask`` is a ``[B, T]`` tensor of 1 (token) and 0 (padding), of any dtype.
+
+    ``against`` names the argument whose ``[B, T]`` the mask must match. Reading the
+    values costs a device synchronisation, which applying the mask costs anyway.
+
+    >>> import torch
+    >>> check_attention_mask(torch.tensor([[1, 1, 0]]), 1, 3, "input_ids")
+    >>> check_attention_mask(torch.tensor([[1, 2, 0]]), 1, 3, "input_ids")
+    Traceback (most recent call last):
+    ...
+    ValueError: attention_mask: expected 1 (token) or 0 (padding) in every entry, got values in [0, 2]
+    """
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask: expected a torch.Tensor [B, T] of 1 (token) and 0 (padding), "
+                        f"got {type(attention_mask).__name__}")
+    if tuple(attention_mask.shape) != (B, T):
+        raise ValueError(f"attention_mask: expected shape [B, T] = {format_shape((B, T))} to match {against}, "
+                         f"got {format_shape(attention_mask.shape)}")
+    if attention_mask.dtype != torch.bool and attention_mask.numel():
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            lo, hi = attention_mask.min().item(), attention_mask.max().item()
+            raise ValueError(f"attention_mask: expected 1 (token) or 0 (padding) in every entry, "
+                             f"got values in [{lo}, {hi}]")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,6 +182,10 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def _check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name}: expected one of {list(allowed)}, got {value!r}")
@@ -177,6 +208,10 @@ class KimiDeltaAttention(nn.Module):
         backend: ``"chunked"`` (PyTorch, any device), ``"fast"`` (Triton), or ``"auto"``:
             fast for CUDA inputs, chunked otherwise.
         layer_idx: position in a model, for bookkeeping.
+        allow_neg_eigval: ``beta = 2 sigmoid(b_proj x)`` in ``(0, 2)`` instead of ``sigmoid(b_proj x)``,
+            so the transition ``I - beta k k^T`` can have the negative eigenvalue ``1 - beta``
+            (flash-linear-attention's option of the same name; Grazzi et al., arXiv:2411.12537).
+            Off in Kimi Linear.
 
     Parameters (released Kimi Linear names and shapes; no biases):
         ``q_proj, k_proj [H K, D]``, ``v_proj [HV K, D]``, ``{q,k}_conv1d.weight [H K, 1, W]``,
@@ -186,9 +221,15 @@ class KimiDeltaAttention(nn.Module):
         ``o_proj [D, HV K]``. ``A_log`` and ``dt_bias`` stay float32 under ``.to(dtype)``.
 
     ``forward(hidden_states, attention_mask=None, cu_seqlens=None, cache=None)``:
+        ``hidden_states [B, T, D]`` with ``B, T >= 1``, in the dtype of the layer's weights (or any
+        floating dtype under ``torch.autocast``).
         ``attention_mask [B, T]`` (1 = token, 0 = padding, any pattern) or ``cu_seqlens [N + 1]``
-        for a packed batch (``B == 1``). Padding never touches the state and comes out as zeros.
-        ``cache``: a :class:`KDACache` for ``N`` sequences, read and updated in place.
+        for a packed batch (``B == 1``). Padding never touches the state and comes out as zeros;
+        so a row that is all padding (or a mask that is all padding) gives zeros and leaves its
+        cache row as it was, and an empty sequence in ``cu_seqlens`` does the same.
+        ``cache``: a :class:`KDACache` for ``N`` sequences, read and updated in place; it must
+        come from this layer's :meth:`init_cache` (or one of the same sizes).
+        A bad call raises :class:`ValueError` or :class:`TypeError` naming the argument.
 
     >>> import torch
     >>> torch.manual_seed(0) and None
@@ -217,6 +258,7 @@ class KimiDeltaAttention(nn.Module):
         norm_eps: float = 1e-5,
         backend: str = "auto",
         layer_idx: Optional[int] = None,
+        allow_neg_eigval: bool = False,
     ):
         super().__init__()
         num_v_heads = num_heads if num_v_heads is None else num_v_heads
@@ -232,10 +274,13 @@ class KimiDeltaAttention(nn.Module):
         _check_choice("backend", backend, BACKENDS)
         if not (math.isfinite(lower_bound) and lower_bound < 0):
             raise ValueError(f"lower_bound: expected a finite negative number, got {lower_bound}")
+        if not isinstance(allow_neg_eigval, bool):
+            raise TypeError(f"allow_neg_eigval: expected a bool, got {type(allow_neg_eigval).__name__}")
 
         self.hidden_size, self.num_heads, self.num_v_heads = hidden_size, num_heads, num_v_heads
         self.head_dim, self.conv_size = head_dim, conv_size
         self.gate, self.lower_bound, self.backend, self.layer_idx = gate, float(lower_bound), backend, layer_idx
+        self.allow_neg_eigval = allow_neg_eigval
         key_dim, value_dim = num_heads * head_dim, num_v_heads * head_dim
 
         self.q_proj = nn.Linear(hidden_size, key_dim, bias=False)
@@ -262,7 +307,8 @@ class KimiDeltaAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, num_v_heads={self.num_v_heads}, "
-                f"head_dim={self.head_dim}, gate={self.gate!r}, backend={self.backend!r}")
+                f"head_dim={self.head_dim}, gate={self.gate!r}, backend={self.backend!r}, "
+                f"allow_neg_eigval={self.allow_neg_eigval}")
 
     def _apply(self, fn, recurse=True):
         # .to(bfloat16) / .half() cast every parameter; the decay parameters go back to float32
@@ -301,18 +347,25 @@ class KimiDeltaAttention(nn.Module):
     def _check_inputs(self, x, attention_mask, cu_seqlens, cache) -> Optional[torch.Tensor]:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"hidden_states: expected a torch.Tensor, got {type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"hidden_states: expected a floating-point tensor, got {_dtype_name(x.dtype)}")
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"hidden_states: expected shape [B, T, hidden_size] with hidden_size = "
                              f"{self.hidden_size}, got {format_shape(x.shape)}")
         B, T, _ = x.shape
+        if B < 1 or T < 1:
+            raise ValueError(f"hidden_states: expected at least one row and one token (B >= 1, T >= 1), "
+                             f"got {format_shape(x.shape)}")
+        weight = self.q_proj.weight.dtype
+        # under autocast the projections take any floating input; without it a mismatch fails inside F.linear
+        if x.dtype != weight and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"hidden_states: expected dtype {_dtype_name(weight)}, the dtype of the layer's "
+                            f"weights (cast one to the other with .to(dtype)), got {_dtype_name(x.dtype)}")
         if attention_mask is not None and cu_seqlens is not None:
             raise ValueError("attention_mask: expected either attention_mask (a padded batch) or cu_seqlens "
                              "(a packed batch), got both")
         if attention_mask is not None:
-            if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, T):
-                got = format_shape(attention_mask.shape) if hasattr(attention_mask, "shape") else repr(attention_mask)
-                raise ValueError(f"attention_mask: expected shape [B, T] = {format_shape((B, T))} to match "
-                                 f"hidden_states, got {got}")
+            check_attention_mask(attention_mask, B, T, "hidden_states")
         if cu_seqlens is not None:
             cu_seqlens = _as_cu_seqlens(cu_seqlens, x.device)
             if B != 1:
@@ -322,14 +375,39 @@ class KimiDeltaAttention(nn.Module):
             if cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu[:-1], cu[1:])):
                 raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to T = {T}, got {cu}")
         if cache is not None:
-            if not isinstance(cache, KDACache):
-                raise TypeError(f"cache: expected a KDACache, got {type(cache).__name__}")
             N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-            if cache.num_sequences != N:
-                what = "batch rows" if cu_seqlens is None else "packed sequences"
-                raise ValueError(f"cache: expected a cache for N = {N} sequences ({what} of hidden_states "
-                                 f"{format_shape(x.shape)}), got one for {cache.num_sequences}")
+            what = "batch rows" if cu_seqlens is None else "packed sequences"
+            self.check_cache(cache, N, x.device, why=f"({what} of hidden_states {format_shape(x.shape)})")
         return cu_seqlens
+
+    def check_cache(self, cache, num_sequences: int, device: torch.device, *, why: str = "", where: str = "") -> None:
+        """Raise unless ``cache`` is a :class:`KDACache` of this layer's sizes for ``num_sequences`` on ``device``.
+
+        Messages name ``cache`` (``where`` goes after it, e.g. ``"layer 2: "``; ``why`` explains ``N``).
+        """
+        if not isinstance(cache, KDACache):
+            raise TypeError(f"cache: {where}expected a KDACache, got {type(cache).__name__}")
+        N, W1, HV, K = num_sequences, self.conv_size - 1, self.num_v_heads, self.head_dim
+        if cache.num_sequences != N:
+            raise ValueError(f"cache: {where}expected a cache for N = {N} sequences{' ' + why if why else ''}, "
+                             f"got one for {cache.num_sequences}")
+        expected = {
+            "conv_q": ((N, self.num_heads * K, W1), "N, H K, W - 1"),
+            "conv_k": ((N, self.num_heads * K, W1), "N, H K, W - 1"),
+            "conv_v": ((N, HV * K, W1), "N, HV K, W - 1"),
+            "state": ((N, HV, K, K), "N, HV, K, V"),
+        }
+        for name, (shape, labels) in expected.items():
+            t = getattr(cache, name)
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+                got = format_shape(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"cache: {where}expected {name} of shape [{labels}] = {format_shape(shape)} "
+                                 f"for this layer, got {got} (a cache of another layer? make it with init_cache)")
+            if t.device != torch.device(device):
+                raise ValueError(f"cache: {where}expected {name} on {device} like the inputs, got {t.device}")
+        if cache.state.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"cache: {where}expected a float32 state (float64 for exact tests), "
+                             f"got {_dtype_name(cache.state.dtype)}")
 
     def forward(
         self,
@@ -342,9 +420,14 @@ class KimiDeltaAttention(nn.Module):
         cu_seqlens = self._check_inputs(hidden_states, attention_mask, cu_seqlens, cache)
         B, T, _ = hidden_states.shape
         x, indices = hidden_states, None
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            x, indices, cu_seqlens = unpad(hidden_states, attention_mask)  # [1, sum(mask), D]
-        o = self._mix(x, cu_seqlens, cache)
+        kept = B * T if attention_mask is None else int(attention_mask.bool().sum())
+        if kept == 0:
+            # nothing but padding: zeros, as padding always gives, and the cache's tensors stay as they were
+            o = hidden_states.new_zeros(B, T, self.hidden_size)
+        else:
+            if kept < B * T:
+                x, indices, cu_seqlens = unpad(hidden_states, attention_mask)  # [1, sum(mask), D]
+            o = self._mix(x, cu_seqlens, cache)
         if cache is not None:
             cache.seen += T
         return pad(o, indices, B, T) if indices is not None else o
@@ -368,6 +451,8 @@ class KimiDeltaAttention(nn.Module):
         # 2. gate input (the gate itself is applied in the core) and beta
         f = self.f_b_proj(self.f_a_proj(x)).view(B, T, HV, K)  # [B, T, HV, K]
         beta = torch.sigmoid(self.b_proj(x).to(_compute_dtype(x)))  # [B, T, HV]
+        if self.allow_neg_eigval:
+            beta = 2 * beta  # in (0, 2): I - beta k k^T gets the eigenvalue 1 - beta, negative for beta > 1
 
         # 3. the KDA core
         S0 = cache.state if keep else None
@@ -465,7 +550,11 @@ def convert_fla_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, tor
       repeats them for each value head; here they are per value head, so they are repeated
       (value head ``j`` takes q/k head ``j // (HV // H)``'s), which computes the same function.
 
-    Only ``expand_v = 1`` (value head width = ``head_dim``, as in Kimi Linear) converts.
+    Only ``expand_v = 1`` (value head width = ``head_dim``, as in Kimi Linear) converts; another
+    ``expand_v`` raises :class:`ValueError` naming ``f_proj.0.weight``, whose rows are fla's
+    ``head_v_dim`` (``head_dim`` is the rows of ``f_proj.1.weight`` per row of ``b_proj.weight``).
+    fla's ``allow_neg_eigval`` is a constructor option, not a weight: build this layer with the
+    same value.
 
     >>> import torch
     >>> fla = {"f_proj.0.weight": torch.zeros(8, 32), "f_proj.1.weight": torch.zeros(16, 8),
@@ -490,12 +579,22 @@ def convert_fla_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, tor
                 out[p + new] = out.pop(p + old)
 
         K = out[p + "f_a_proj.weight"].shape[0]  # fla's head_v_dim
+        Hg = out[p + "b_proj.weight"].shape[0]  # heads of the gate parameters
+        # the gate has one channel per key channel, Hg heads of head_dim each (fla and Kimi layouts alike)
+        gate_channels = out[p + "f_b_proj.weight"].shape[0]
+        if gate_channels % Hg:
+            raise ValueError(f"{p}f_proj.1.weight: expected a multiple of b_proj.weight's {Hg} rows (one gate "
+                             f"head per row), got {gate_channels} rows")
+        head_dim = gate_channels // Hg
+        if K != head_dim:
+            raise ValueError(f"{p}f_proj.0.weight: expected {head_dim} rows, head_v_dim = head_dim = {head_dim} "
+                             f"(expand_v = 1, as in Kimi Linear, whose value heads are as wide as its key heads), "
+                             f"got head_v_dim = {K} (expand_v = {K / head_dim:g})")
         key_dim, value_dim = out[p + "q_proj.weight"].shape[0], out[p + "v_proj.weight"].shape[0]
         if key_dim % K or value_dim % K:
             raise ValueError(f"{p}f_proj.0.weight: expected head_v_dim = head_dim (expand_v = 1, as in Kimi "
                              f"Linear), got head_v_dim = {K} with q_proj rows {key_dim}, v_proj rows {value_dim}")
         H, HV = key_dim // K, value_dim // K
-        Hg = out[p + "b_proj.weight"].shape[0]  # heads of the gate parameters
         if Hg == HV:
             continue
         if Hg != H or HV % H:
