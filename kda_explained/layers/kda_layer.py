@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import chunked
+from ..distributed.layer import ContextParallelSlice
 from ..validation import format_shape
 from .conv import ShortConvolution
 
@@ -212,6 +213,10 @@ class KimiDeltaAttention(nn.Module):
             so the transition ``I - beta k k^T`` can have the negative eigenvalue ``1 - beta``
             (flash-linear-attention's option of the same name; Grazzi et al., arXiv:2411.12537).
             Off in Kimi Linear.
+        cp_group: a ``torch.distributed`` process group for context parallelism: each rank calls
+            the layer on its slice of the time axis (``[B, T_r, D]``, in rank order; ``cu_seqlens``
+            the whole batch's offsets) and gets its slice of the output, as one call on the whole
+            batch would give (:mod:`kda_explained.distributed`; no ``attention_mask``, no ``cache``).
 
     Parameters (released Kimi Linear names and shapes; no biases):
         ``q_proj, k_proj [H K, D]``, ``v_proj [HV K, D]``, ``{q,k}_conv1d.weight [H K, 1, W]``,
@@ -259,6 +264,7 @@ class KimiDeltaAttention(nn.Module):
         backend: str = "auto",
         layer_idx: Optional[int] = None,
         allow_neg_eigval: bool = False,
+        cp_group=None,
     ):
         super().__init__()
         num_v_heads = num_heads if num_v_heads is None else num_v_heads
@@ -281,6 +287,7 @@ class KimiDeltaAttention(nn.Module):
         self.head_dim, self.conv_size = head_dim, conv_size
         self.gate, self.lower_bound, self.backend, self.layer_idx = gate, float(lower_bound), backend, layer_idx
         self.allow_neg_eigval = allow_neg_eigval
+        self.cp_group = cp_group
         key_dim, value_dim = num_heads * head_dim, num_v_heads * head_dim
 
         self.q_proj = nn.Linear(hidden_size, key_dim, bias=False)
@@ -376,21 +383,23 @@ class KimiDeltaAttention(nn.Module):
                 raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to T = {T}, got {cu}")
         if cache is not None:
             N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-            what = "batch rows" if cu_seqlens is None else "packed sequences"
-            self.check_cache(cache, N, x.device, why=f"({what} of hidden_states {format_shape(x.shape)})")
+            if isinstance(cache, KDACache) and cache.num_sequences != N:
+                what = "batch rows" if cu_seqlens is None else "packed sequences"
+                raise ValueError(f"cache: expected a cache for N = {N} sequences ({what} of hidden_states "
+                                 f"{format_shape(x.shape)}), got one for {cache.num_sequences}")
+            self.check_cache(cache, N, x.device)
         return cu_seqlens
 
-    def check_cache(self, cache, num_sequences: int, device: torch.device, *, why: str = "", where: str = "") -> None:
+    def check_cache(self, cache, num_sequences: int, device: torch.device, *, where: str = "") -> None:
         """Raise unless ``cache`` is a :class:`KDACache` of this layer's sizes for ``num_sequences`` on ``device``.
 
-        Messages name ``cache`` (``where`` goes after it, e.g. ``"layer 2: "``; ``why`` explains ``N``).
+        Messages name ``cache``; ``where`` goes after it (e.g. ``"layer 2: "``).
         """
         if not isinstance(cache, KDACache):
             raise TypeError(f"cache: {where}expected a KDACache, got {type(cache).__name__}")
         N, W1, HV, K = num_sequences, self.conv_size - 1, self.num_v_heads, self.head_dim
         if cache.num_sequences != N:
-            raise ValueError(f"cache: {where}expected a cache for N = {N} sequences{' ' + why if why else ''}, "
-                             f"got one for {cache.num_sequences}")
+            raise ValueError(f"cache: {where}expected a cache for N = {N} sequences, got one for {cache.num_sequences}")
         expected = {
             "conv_q": ((N, self.num_heads * K, W1), "N, H K, W - 1"),
             "conv_k": ((N, self.num_heads * K, W1), "N, H K, W - 1"),
@@ -417,6 +426,11 @@ class KimiDeltaAttention(nn.Module):
         cache: Optional[KDACache] = None,
     ) -> torch.Tensor:
         """``hidden_states [B, T, D]`` -> ``[B, T, D]``; arguments as in the class docstring."""
+        if self.cp_group is not None:  # this rank holds a slice of the time axis
+            cp = ContextParallelSlice.build(hidden_states, cu_seqlens=cu_seqlens, attention_mask=attention_mask,
+                                            cache=cache, group=self.cp_group, hidden_size=self.hidden_size,
+                                            parameters=self.parameters())
+            return self._mix(hidden_states, cp.local_cu_seqlens, None, cp=cp)
         cu_seqlens = self._check_inputs(hidden_states, attention_mask, cu_seqlens, cache)
         B, T, _ = hidden_states.shape
         x, indices = hidden_states, None
@@ -432,19 +446,21 @@ class KimiDeltaAttention(nn.Module):
             cache.seen += T
         return pad(o, indices, B, T) if indices is not None else o
 
-    def _mix(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor], cache: Optional[KDACache]) -> torch.Tensor:
-        """The layer on a plain (``cu_seqlens=None``) or packed batch ``x [B, T, D]``."""
+    def _mix(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor], cache: Optional[KDACache],
+             cp: Optional[ContextParallelSlice] = None) -> torch.Tensor:
+        """The layer on a plain (``cu_seqlens=None``) or packed batch ``x [B, T, D]`` (with ``cp``: a rank's slice)."""
         B, T, _ = x.shape
         H, HV, K = self.num_heads, self.num_v_heads, self.head_dim
         keep = cache is not None
 
-        # 1. projections and short convolutions (+ SiLU), carrying the conv states
-        q, conv_q = self.q_conv1d(self.q_proj(x), initial_state=cache.conv_q if keep else None,
-                                  output_final_state=keep, cu_seqlens=cu_seqlens)
-        k, conv_k = self.k_conv1d(self.k_proj(x), initial_state=cache.conv_k if keep else None,
-                                  output_final_state=keep, cu_seqlens=cu_seqlens)
-        v, conv_v = self.v_conv1d(self.v_proj(x), initial_state=cache.conv_v if keep else None,
-                                  output_final_state=keep, cu_seqlens=cu_seqlens)
+        # 1. projections and short convolutions (+ SiLU), carrying the conv states (with cp: starting
+        #    from the last W - 1 inputs of the ranks before, the halo)
+        xq, xk, xv = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        conv0 = cp.conv_states((xq, xk, xv), self.conv_size) if cp is not None else \
+            (cache.conv_q, cache.conv_k, cache.conv_v) if keep else (None, None, None)
+        q, conv_q = self.q_conv1d(xq, initial_state=conv0[0], output_final_state=keep, cu_seqlens=cu_seqlens)
+        k, conv_k = self.k_conv1d(xk, initial_state=conv0[1], output_final_state=keep, cu_seqlens=cu_seqlens)
+        v, conv_v = self.v_conv1d(xv, initial_state=conv0[2], output_final_state=keep, cu_seqlens=cu_seqlens)
         q, k = q.view(B, T, H, K), k.view(B, T, H, K)  # [B, T, H, K]
         v = v.view(B, T, HV, K)  # [B, T, HV, V]
 
@@ -456,7 +472,10 @@ class KimiDeltaAttention(nn.Module):
 
         # 3. the KDA core
         S0 = cache.state if keep else None
-        if self._resolve_backend(x) == "fast":
+        if cp is not None:  # the whole batch's KDA, across the ranks
+            o, S = cp.kda(chunked.l2norm(q), chunked.l2norm(k), v, self.log_decay(f), beta,
+                          self._resolve_backend(x)), None
+        elif self._resolve_backend(x) == "fast":
             o, S = self._core_fast(q, k, v, f, beta, S0, keep, cu_seqlens)
         else:
             o, S = self._core_chunked(q, k, v, f, beta, S0, keep, cu_seqlens)
