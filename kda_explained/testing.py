@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TOLERANCES", "rel_rms_error", "to_numpy64"]
+__all__ = ["TOLERANCES", "rel_rms_error", "g_grad_floor", "to_numpy64"]
 
 #: Relative RMS error bounds ``||a - b|| / ||b||`` against a float64 reference.
 TOLERANCES = {
@@ -34,11 +34,13 @@ def to_numpy64(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def rel_rms_error(a: Any, b: Any) -> float:
-    """``||a - b|| / ||b||`` in float64, with ``b`` the reference.
+def rel_rms_error(a: Any, b: Any, floor: float = 0.0) -> float:
+    """``||a - b|| / max(||b||, floor)`` in float64, with ``b`` the reference.
 
     NaN or inf anywhere in ``a`` gives ``inf``, so such a result never passes a bound.
-    If the reference is exactly zero, the absolute norm ``||a||`` is returned.
+    If the reference and ``floor`` are both zero, the absolute norm ``||a||`` is returned.
+    ``floor`` is for a result that is a difference of larger terms (the ``g`` gradient:
+    :func:`g_grad_floor`), whose error is set by those terms, not by the difference.
 
     >>> rel_rms_error([1.0, 2.0], [1.0, 2.0])
     0.0
@@ -50,6 +52,20 @@ def rel_rms_error(a: Any, b: Any) -> float:
         raise ValueError(f"a: expected the reference's shape {list(b.shape)}, got {list(a.shape)}")
     if not np.all(np.isfinite(a)):
         return float("inf")
-    den = float(np.linalg.norm(b))
+    den = max(float(np.linalg.norm(b)), float(floor))
     num = float(np.linalg.norm(a - b))
     return num / den if den > 0 else num
+
+
+def g_grad_floor(q: Any, dq: Any, k: Any, dk: Any) -> float:
+    """``||q * dq|| + ||k * dk||``: the scale of the terms the ``g`` gradient is a difference of.
+
+    A chunked backward forms ``dg`` by a reverse in-chunk sum of ``q * dq - k * dk`` (plus the
+    state's terms), products the size of the other gradients. Under strong decay they cancel
+    to far below their own rounding (at ``g = -20`` per token the true ``dg`` is ``1e-8`` of
+    them), so ``dg`` is held to its bound relative to ``max(||dg||, g_grad_floor(...))``:
+    relative where ``dg`` is of the size of its terms, absolute at that scale where it is not.
+    Pass the reference's ``q``, ``k`` and their gradients.
+    """
+    q, dq, k, dk = (to_numpy64(x) for x in (q, dq, k, dk))
+    return float(np.linalg.norm(q * dq) + np.linalg.norm(k * dk))

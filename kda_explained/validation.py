@@ -38,6 +38,8 @@ __all__ = [
     "check_gate_params",
     "check_floating",
     "check_shape",
+    "check_g_domain",
+    "cu_seqlens_values",
     "format_shape",
 ]
 
@@ -125,12 +127,27 @@ def _check_rank(name: str, x: Any, rank: int, labels: str) -> None:
         )
 
 
-def _cu_seqlens_values(cu_seqlens: Any) -> np.ndarray:
+def cu_seqlens_values(cu_seqlens: Any) -> np.ndarray:
+    """The offsets of a packed batch as an int64 NumPy array, read once and checked for type and rank.
+
+    Accepts a 1-D integer array or tensor (any device: a GPU tensor is read back) or a
+    list / tuple of ints; floats are refused, never truncated. The values themselves
+    (start, order, end) are checked by :func:`check_kda_inputs`.
+
+    >>> cu_seqlens_values([0, 3, 7]).tolist()
+    [0, 3, 7]
+    >>> cu_seqlens_values([0, 7.9, 10])
+    Traceback (most recent call last):
+    ...
+    TypeError: cu_seqlens: expected integer offsets, got 7.9 (float) at position 1
+    """
     if not (hasattr(cu_seqlens, "shape") and hasattr(cu_seqlens, "dtype")):
-        if isinstance(cu_seqlens, (list, tuple)):
-            cu_seqlens = np.asarray(cu_seqlens)
-        else:
+        if not isinstance(cu_seqlens, (list, tuple)):
             raise TypeError(f"cu_seqlens: expected a 1-D integer array or tensor, got {type(cu_seqlens).__name__}")
+        for i, x in enumerate(cu_seqlens):
+            if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+                raise TypeError(f"cu_seqlens: expected integer offsets, got {x!r} ({type(x).__name__}) at position {i}")
+        cu_seqlens = np.asarray(cu_seqlens, dtype=np.int64).reshape(-1)
     if _is_floating(cu_seqlens) or "bool" in _dtype_name(cu_seqlens) or "complex" in _dtype_name(cu_seqlens):
         raise TypeError(f"cu_seqlens: expected an integer dtype, got {_dtype_name(cu_seqlens)}")
     if len(cu_seqlens.shape) != 1:
@@ -141,6 +158,41 @@ def _cu_seqlens_values(cu_seqlens: Any) -> np.ndarray:
     if values.shape[0] < 2:
         raise ValueError(f"cu_seqlens: expected at least 2 entries [0, ..., T], got {values.tolist()}")
     return values
+
+
+def check_g_domain(g: Any, *, device_check: bool = False) -> None:
+    """Raise :class:`ValueError` naming ``g`` unless every log decay is in the domain ``[-inf, 0]``.
+
+    ``g > 0`` (a "decay" that amplifies) and NaN are outside the contract. The check reads
+    every value, so it runs where that is free: NumPy arrays and CPU tensors. A GPU tensor
+    is checked only with ``device_check=True`` (the fast layer's opt-in), since reading
+    the answer back waits for the GPU.
+
+    >>> import numpy as np
+    >>> check_g_domain(np.array([0.0, -1.0, -np.inf]))
+    >>> check_g_domain(np.array([[-1.0, 0.5]]))
+    Traceback (most recent call last):
+    ...
+    ValueError: g: expected log decays in [-inf, 0] (alpha = exp(g) in [0, 1]), got 1 value(s) > 0 or NaN, the largest 0.5
+    """
+    if g is None:
+        return
+    if hasattr(g, "detach"):  # torch.Tensor, without importing torch here
+        if g.device.type != "cpu" and not device_check:
+            return
+        bad = ~(g <= 0)  # NaN compares false
+        count = int(bad.sum())
+        worst = float(g[bad].float().max()) if count else 0.0  # NaN if any is NaN
+    else:
+        g = np.asarray(g)
+        bad = ~(g <= 0)
+        count = int(bad.sum())
+        worst = float(np.max(g[bad])) if count else 0.0
+    if count:
+        raise ValueError(
+            f"g: expected log decays in [-inf, 0] (alpha = exp(g) in [0, 1]), got {count} value(s) > 0 or NaN, "
+            f"the largest {worst:g}"
+        )
 
 
 def check_kda_inputs(
@@ -215,7 +267,7 @@ def check_kda_inputs(
     if cu_seqlens is None:
         spans: List[Tuple[int, int, int]] = [(b, 0, T) for b in range(B)]
     else:
-        cu = _cu_seqlens_values(cu_seqlens)
+        cu = cu_seqlens_values(cu_seqlens)
         if B != 1:
             raise ValueError(
                 f"cu_seqlens: expected a packed batch with B = 1, got B = {B} (q shape {format_shape(q.shape)})"

@@ -33,13 +33,19 @@ from hypothesis import strategies as st
 
 from kda_explained.naive import l2norm, lowerbound_gate
 
-__all__ = ["Problem", "make_problem", "kda_problems", "to_torch", "GATES"]
+__all__ = ["Problem", "make_problem", "kda_problems", "to_torch", "GATES", "EDGE_GATES", "STRONG_GATES"]
 
 Size = Union[int, Tuple[int, int], st.SearchStrategy]
 
 #: How ``g`` is drawn: ``"mild"``: ``-uniform(0, 0.5)`` per channel (slow decay, long memory);
 #: ``"lowerbound"``: :func:`lowerbound_gate` with ``lower_bound = -5`` (down to ``exp(-5)`` a token).
 GATES = ("mild", "lowerbound")
+#: The edge of the gate domain as well: ``"resets"`` is ``"mild"`` with about one token row in
+#: eight given, on some channels, a gate from :data:`STRONG_GATES` (full resets and ones in effect).
+EDGE_GATES = GATES + ("resets",)
+#: Log decays at the edge of the domain: a full reset, finite gates that are resets in effect in
+#: every dtype, and strong ones that are not in float64.
+STRONG_GATES = (-np.inf, -1e10, -1e6, -800.0, -300.0, -90.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,14 +119,19 @@ def make_problem(
     ((1, 3, 1, 2, 3, 5), 2, (2, 2, 3, 5))
     """
     HV = H if HV is None else HV
-    if gate not in GATES:
-        raise ValueError(f"gate: expected one of {GATES}, got {gate!r}")
+    if gate not in EDGE_GATES:
+        raise ValueError(f"gate: expected one of {EDGE_GATES}, got {gate!r}")
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((B, T, H, K))
     k = l2norm(rng.standard_normal((B, T, H, K)))
     v = rng.standard_normal((B, T, HV, V))
-    if gate == "mild":
+    if gate in ("mild", "resets"):
         g = -rng.uniform(0.0, 0.5, (B, T, HV, K))
+        if gate == "resets":
+            rows = rng.random((B, T, HV)) < 0.125  # [B, T, HV]: the token rows that get a strong gate
+            channels = rng.random((B, T, HV, K)) < 0.5
+            strong = rng.choice(np.array(STRONG_GATES), size=(B, T, HV, K))
+            g = np.where(rows[..., None] & channels, strong, g)
     else:
         A_log = rng.uniform(-1.0, 1.0, HV)
         dt_bias = rng.standard_normal((HV, K))

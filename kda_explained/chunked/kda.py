@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..validation import check_chunk_size, check_kda_inputs
+from ..validation import check_chunk_size, check_g_domain, check_kda_inputs, cu_seqlens_values
 from . import stages
 
 __all__ = ["kda", "CHUNK_SIZES", "as_tensor_cu_seqlens", "require_tensors"]
@@ -23,13 +23,19 @@ def require_tensors(**tensors) -> None:
 
 
 def as_tensor_cu_seqlens(cu_seqlens, device) -> Optional[torch.Tensor]:
-    """``cu_seqlens`` as an int64 tensor on ``device`` (lists and tuples are accepted)."""
+    """``cu_seqlens`` as an int64 tensor on ``device`` (lists and tuples of ints are accepted).
+
+    The type is checked before any conversion (:func:`~kda_explained.validation.cu_seqlens_values`):
+    float offsets raise :class:`TypeError` instead of being truncated.
+    """
     if cu_seqlens is None:
         return None
-    if isinstance(cu_seqlens, (list, tuple)):
-        return torch.tensor(cu_seqlens, dtype=torch.int64, device=device)
-    require_tensors(cu_seqlens=cu_seqlens)
-    return cu_seqlens.to(device=device, dtype=torch.int64)
+    if not isinstance(cu_seqlens, (list, tuple)):
+        require_tensors(cu_seqlens=cu_seqlens)
+    values = cu_seqlens_values(cu_seqlens)
+    if isinstance(cu_seqlens, torch.Tensor):
+        return cu_seqlens.to(device=device, dtype=torch.int64)
+    return torch.tensor(values, dtype=torch.int64, device=device)
 
 
 def kda(
@@ -48,7 +54,9 @@ def kda(
     """KDA by the chunkwise WY / UT-transform algorithm (report Eq. 2–9).
 
     Shapes as ``DESIGN.md``: ``q, k: [B, T, H, K]``, ``v: [B, T, HV, V]``,
-    ``g: [B, T, HV, K]`` (log decay), ``beta: [B, T, HV]``,
+    ``g: [B, T, HV, K]`` (log decay in ``[-inf, 0]``: a CPU ``g`` outside it raises
+    :class:`ValueError`; a GPU ``g`` is not read back, and ``g > 0`` is then computed
+    as the recurrence defines it), ``beta: [B, T, HV]``,
     ``initial_state: [N, HV, K, V]``, ``cu_seqlens: [N + 1]``.
     Computes in float32 (float64 when ``v`` is float64), on the inputs' device,
     differentiably. Returns ``o: [B, T, HV, V]`` in ``v``'s dtype and the final
@@ -72,6 +80,8 @@ def kda(
     chunk_size = check_chunk_size(chunk_size, CHUNK_SIZES)
     cu_seqlens = as_tensor_cu_seqlens(cu_seqlens, q.device)
     p = check_kda_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens)
+    if not torch.compiler.is_compiling():
+        check_g_domain(g)  # g in [-inf, 0]; read only where it is free (CPU tensors)
     C = chunk_size
 
     G = stages.chunk_local_cumsum(g, C, cu_seqlens)  # 1. Gamma in log space          [B, T, HV, K]

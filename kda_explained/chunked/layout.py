@@ -53,7 +53,7 @@ class ChunkLayout:
             starts = torch.arange(B, dtype=torch.int64) * T
             lengths = torch.full((B,), T, dtype=torch.int64)
         else:
-            cu = cu_seqlens.detach().to("cpu", torch.int64)
+            cu = torch.as_tensor(cu_seqlens).detach().to("cpu", torch.int64)  # a tensor, or host offsets
             starts, lengths = cu[:-1], cu[1:] - cu[:-1]
         N = int(lengths.numel())
         max_len = int(lengths.max()) if N > 0 else 0

@@ -37,6 +37,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..numerics import gate_floor
 from .layout import ChunkLayout
 
 __all__ = [
@@ -97,9 +98,15 @@ def chunk_local_cumsum(g: torch.Tensor, chunk_size: int, cu_seqlens: Optional[to
     of about ``600 * 6e-8 = 4e-5``, and every ratio ``exp(G_r - G_j)`` inherits it
     as a *relative* error. The stages form their exponents from the float64 ``G``
     and only then drop to the compute dtype. (One ``[B, T, HV, K]`` tensor: cheap.)
+
+    Each ``g`` is first raised to :func:`~kda_explained.numerics.gate_floor` of float64:
+    a full reset ``g = -inf`` (or ``-1e10``, one in effect) would otherwise make
+    ``G_r - G_j`` NaN (``-inf + inf``) or swallow every later gate in rounding. A ratio
+    across a floored gate is ``exp(<= -745) = 0``, as the true one rounds to, and the
+    gradient of a floored ``g`` is 0, as the true one is.
     """
     lay = _layout(g, chunk_size, cu_seqlens)
-    g_c = lay.to_chunks(g.to(torch.float64))  # [N, NT, HV, C, K]
+    g_c = lay.to_chunks(g.to(torch.float64).clamp_min(gate_floor(torch.float64)))  # [N, NT, HV, C, K]
     return lay.from_chunks(g_c.cumsum(dim=3))
 
 
@@ -130,8 +137,10 @@ def _decayed_products(lefts, right: torch.Tensor, G: torch.Tensor, stricts):
     - rows *inside* ``b`` (the diagonal block): the ratio ``exp(G_r - G_j)``
       element by element on a ``[BC, BC, K]`` tile, masked before the ``exp``.
 
-    Exponents are differences of float64 ``G`` (taken relative to ``G_ref`` first,
-    so the float32 tile only ever holds small numbers), then cast to ``right``'s dtype.
+    Exponents are differences of float64 ``G``, then cast to ``right``'s dtype. Row
+    ``r`` reads ``G`` only at tokens up to ``r`` (the reference point of the rows
+    below a sub-chunk lies before them, and the diagonal tile needs none), so no
+    later input can change an earlier row, not even by rounding.
     """
     dt = right.dtype
     C = G.shape[-2]
@@ -140,9 +149,8 @@ def _decayed_products(lefts, right: torch.Tensor, G: torch.Tensor, stricts):
     for s in range(0, C, BC):
         e = s + BC  # sub-chunk b = tokens [s, e)
         G_ref = G[..., e - 1 : e, :]  # [..., 1, K] float64
-        # diagonal block: exact ratios on a [BC, BC, K] tile, from G relative to G_ref
-        G_loc = (G[..., s:e, :] - G_ref).to(dt)  # [..., BC, K], small and >= 0
-        diff = G_loc[..., :, None, :] - G_loc[..., None, :, :]  # [..., BC(r), BC(j), K]
+        # diagonal block: exact ratios on a [BC, BC, K] tile, each exponent G_r - G_j in float64
+        diff = (G[..., s:e, None, :] - G[..., None, s:e, :]).to(dt)  # [..., BC(r), BC(j), K]
         causal = torch.ones(BC, BC, dtype=torch.bool, device=G.device).tril()  # j <= r
         ratio = torch.exp(diff.masked_fill(~causal[:, :, None], float("-inf")))
         ratio_right = ratio * right[..., None, s:e, :]  # [..., BC(r), BC(j), K]

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import functools
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
-__all__ = ["SeqMeta", "seq_meta", "packed_offsets", "max_chunks", "host_offsets", "device_offsets", "dot_precision",
-           "interpreting", "sm_count"]
+__all__ = ["SeqMeta", "seq_meta", "build_seq_meta", "packed_offsets", "max_chunks", "host_offsets", "device_offsets",
+           "dot_precision", "interpreting", "sm_count"]
 
 
 @dataclass(frozen=True)
@@ -39,94 +38,63 @@ class SeqMeta:
     chunk_off: torch.Tensor
 
 
-def packed_offsets(B: int, T: int, cu_seqlens: Optional[torch.Tensor]) -> List[int]:
-    """Sequence offsets into the packed row: ``[0, T, ..., B T]``, or ``cu_seqlens`` itself."""
+def packed_offsets(B: int, T: int, cu_seqlens) -> List[int]:
+    """Sequence offsets into the packed row: ``[0, T, ..., B T]``, or the values of ``cu_seqlens``."""
     if cu_seqlens is None:
         return [b * T for b in range(B + 1)]
     return host_offsets(cu_seqlens)
 
 
-def seq_meta(B: int, T: int, chunk_size: int, cu_seqlens: Optional[torch.Tensor], device) -> SeqMeta:
-    """Sequence and chunk tables for ``B`` rows of ``T`` tokens, or the packed batch of ``cu_seqlens``.
+def host_offsets(cu_seqlens) -> Optional[List[int]]:
+    """``cu_seqlens`` as a list of ints: a list or tuple as it is, a tensor's values read.
 
-    The tables are cached: a plain batch's by ``(B, T, chunk_size, device)``, a packed
-    batch's with its ``cu_seqlens`` tensor (see :func:`host_offsets`), so a training loop
-    or benchmark that passes the same offsets again copies nothing to the device and
-    never waits for it.
+    Nothing is cached by tensor identity (an offsets tensor can be edited in ways no
+    version counter sees, and inference tensors have none), so the values are always
+    the tensor's own. Reading a GPU tensor waits for the GPU: the public functions read
+    it once per call (or take ``cu_seqlens_cpu``) and hand the values down as a tuple.
     """
     if cu_seqlens is None:
-        return _plain_seq_meta(B, T, chunk_size, torch.device(device))
-    entry = _offsets_entry(cu_seqlens)
-    key = (chunk_size, str(device))
-    if entry is None:  # a list or tuple: nothing to cache by
-        return _build_seq_meta(packed_offsets(B, T, cu_seqlens), chunk_size, device)
-    if key not in entry.tables:
-        entry.tables[key] = _build_seq_meta(entry.values, chunk_size, device)
-    return entry.tables[key]
-
-
-@dataclass
-class _Offsets:
-    tensor: torch.Tensor  # held, so its id cannot be reused by another tensor while cached
-    version: int  # torch's in-place modification counter at the time of the read-back
-    values: List[int]
-    tables: dict
-
-
-_OFFSETS: "OrderedDict[int, _Offsets]" = OrderedDict()
-_OFFSETS_KEEP = 16
-
-
-def _offsets_entry(cu_seqlens) -> Optional[_Offsets]:
-    if not isinstance(cu_seqlens, torch.Tensor):
         return None
-    entry = _OFFSETS.get(id(cu_seqlens))
-    if entry is not None and entry.tensor is cu_seqlens and entry.version == cu_seqlens._version:
-        _OFFSETS.move_to_end(id(cu_seqlens))
-        return entry
-    entry = _Offsets(cu_seqlens, cu_seqlens._version, [int(x) for x in cu_seqlens.tolist()], {})
-    _OFFSETS[id(cu_seqlens)] = entry
-    while len(_OFFSETS) > _OFFSETS_KEEP:
-        _OFFSETS.popitem(last=False)
-    return entry
+    if isinstance(cu_seqlens, (list, tuple)):
+        return [int(x) for x in cu_seqlens]
+    return [int(x) for x in cu_seqlens.tolist()]
+
+
+def seq_meta(B: int, T: int, chunk_size: int, cu_seqlens, device) -> SeqMeta:
+    """Sequence and chunk tables for ``B`` rows of ``T`` tokens, or the packed batch of ``cu_seqlens``.
+
+    The tables are cached by the offsets' *values* (and chunk size and device), so a
+    training loop or benchmark that packs the same lengths again builds and copies
+    nothing: pass the offsets as a tuple of ints (as the public functions do inside)
+    and no device is read either.
+    """
+    offsets = tuple(packed_offsets(B, T, cu_seqlens))
+    return _tables(offsets, chunk_size, torch.device(device))
 
 
 def device_offsets(cu_seqlens, device) -> torch.Tensor:
-    """``cu_seqlens`` as an int32 tensor on ``device``, copied once per offsets tensor (cached with it)."""
-    entry = _offsets_entry(cu_seqlens)
-    if entry is None:
-        return torch.tensor(packed_offsets(0, 0, cu_seqlens), dtype=torch.int32, device=device)
-    key = ("offsets", str(device))
-    if key not in entry.tables:
-        entry.tables[key] = torch.tensor(entry.values, dtype=torch.int32, device=device)
-    return entry.tables[key]
+    """``cu_seqlens`` as an int32 tensor on ``device``, cached by its values."""
+    return _device_offsets(tuple(host_offsets(cu_seqlens)), torch.device(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _device_offsets(offsets: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(offsets, dtype=torch.int32, device=device)
 
 
 def max_chunks(B: int, T: int, chunk_size: int, cu_seqlens) -> int:
-    """Chunks in the longest sequence (host values: no device read once the offsets are cached)."""
+    """Chunks in the longest sequence."""
     o = packed_offsets(B, T, cu_seqlens)
     return max(((e - b + chunk_size - 1) // chunk_size for b, e in zip(o[:-1], o[1:])), default=0)
 
 
-def host_offsets(cu_seqlens) -> Optional[List[int]]:
-    """``cu_seqlens`` as a list of ints, read from the device once per tensor.
-
-    The values are kept with the tensor (and read again after an in-place change,
-    which bumps its version counter), so calls that reuse one offsets tensor pay
-    for the device-to-host read, a synchronisation, only once.
-    """
-    if cu_seqlens is None:
-        return None
-    entry = _offsets_entry(cu_seqlens)
-    return entry.values if entry is not None else [int(x) for x in cu_seqlens]
+@functools.lru_cache(maxsize=256)
+def _tables(offsets: Tuple[int, ...], chunk_size: int, device: torch.device) -> SeqMeta:
+    return build_seq_meta(list(offsets), chunk_size, device)
 
 
-@functools.lru_cache(maxsize=64)
-def _plain_seq_meta(B: int, T: int, chunk_size: int, device: torch.device) -> SeqMeta:
-    return _build_seq_meta(packed_offsets(B, T, None), chunk_size, device)
-
-
-def _build_seq_meta(cu: List[int], chunk_size: int, device) -> SeqMeta:
+def build_seq_meta(cu: List[int], chunk_size: int, device) -> SeqMeta:
+    """The tables of :class:`SeqMeta` for host offsets ``cu`` (uncached: :func:`seq_meta` caches)."""
     chunk_seq, chunk_bos, chunk_off = [], [], [0]
     for n in range(len(cu) - 1):
         for bos in range(cu[n], cu[n + 1], chunk_size):

@@ -6,9 +6,10 @@ from typing import Optional
 
 import torch
 
-from ..validation import check_gate_params
+from ..chunked.kda import require_tensors
+from ..validation import check_gate_params, cu_seqlens_values
 from ._meta import device_offsets
-from .chunk import check_fast_inputs, chunk_kda
+from .chunk import check_fast_inputs, chunk_kda, resolve_fla_kwargs
 from .recurrent import fused_recurrent_kda_fwd
 
 __all__ = ["fused_recurrent_kda", "kda", "RECURRENT_MAX_LEN"]
@@ -36,12 +37,17 @@ def fused_recurrent_kda(
     state_v_first: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None,
     ssm_state_indices: Optional[torch.Tensor] = None,
+    num_accepted_tokens: Optional[torch.Tensor] = None,
     inplace_final_state: Optional[bool] = None,
+    out: Optional[torch.Tensor] = None,
+    cu_seqlens_cpu: Optional[torch.Tensor] = None,
+    check_g: Optional[bool] = None,
     **kwargs,
 ):
-    """KDA token by token (decoding); a drop-in for ``fla.ops.kda.fused_recurrent_kda``. Forward only.
+    """KDA token by token (decoding); a drop-in for ``fla.ops.kda.fused_recurrent_kda``.
 
-    Shapes and options as :func:`kda_explained.fast.chunk.chunk_kda`. For serving:
+    Shapes and options as :func:`kda_explained.fast.chunk.chunk_kda` (``check_g``,
+    ``cu_seqlens_cpu`` and ``transpose_state_layout`` too). For serving:
 
     - ``ssm_state_indices: [N]`` int: ``initial_state`` is a state pool
       ``[P, HV, K, V]`` and sequence ``n`` reads and writes slot
@@ -50,27 +56,76 @@ def fused_recurrent_kda(
       GPU (indices on the CPU are checked: ``ValueError``). Nothing here reads the
       device back, so a decode step can be captured in a CUDA graph;
       the pool is returned as the final state.
+    - Speculative decoding: ``ssm_state_indices: [N, S]`` gives each sequence a slot
+      per token (at most ``S`` tokens each): the state after its ``t``-th token is
+      written to slot ``[n, t]``, and the state it starts from is read from slot
+      ``[n, num_accepted_tokens[n] - 1]`` (``[N]`` int, the draft tokens the last step
+      accepted; slot ``[n, 0]`` without it), as in flash-linear-attention's serving path.
     - ``inplace_final_state=True`` without indices also updates ``initial_state`` in place.
+    - ``out``: a ``[B, T, HV, V]`` tensor of ``v``'s dtype the outputs are written into
+      (and which is returned).
+
+    Gradients: where no state is updated in place (no ``ssm_state_indices``,
+    ``inplace_final_state`` or ``out``) and an input requires grad, the call is
+    differentiable: it runs :func:`~kda_explained.fast.chunk.chunk_kda`, the same
+    function with a backward. An in-place call computes forward only: its outputs do
+    not require grad, as in flash-linear-attention.
 
     Returns ``(o, final_state)``; ``o`` in ``v``'s dtype; ``final_state`` float32 (or the pool).
     """
-    if kwargs:
-        raise TypeError(f"fused_recurrent_kda: unexpected keyword argument(s) {sorted(kwargs)}")
+    state_v_first = resolve_fla_kwargs("fused_recurrent_kda", kwargs, state_v_first, frozenset())
+    if num_accepted_tokens is not None and (ssm_state_indices is None or ssm_state_indices.dim() != 2):
+        raise ValueError("num_accepted_tokens: expected together with per-token slots ssm_state_indices [N, S], "
+                         f"got ssm_state_indices {None if ssm_state_indices is None else list(ssm_state_indices.shape)}")
+    in_place = ssm_state_indices is not None or bool(inplace_final_state) or out is not None
+    wants_grad = torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v, g, beta, initial_state, A_log, dt_bias))
+    if wants_grad and not in_place:  # the same function, differentiable
+        return chunk_kda(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                         output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+                         use_gate_in_kernel=use_gate_in_kernel, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
+                         allow_neg_eigval=allow_neg_eigval, lower_bound=lower_bound, state_v_first=state_v_first,
+                         cu_seqlens=cu_seqlens, A_log=A_log, dt_bias=dt_bias, cu_seqlens_cpu=cu_seqlens_cpu,
+                         check_g=check_g)
+    with torch.no_grad():
+        return _fused_recurrent(q, k, v, g, beta, A_log, dt_bias, scale, initial_state, output_final_state,
+                                use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel,
+                                allow_neg_eigval, lower_bound, state_v_first, cu_seqlens, ssm_state_indices,
+                                num_accepted_tokens, inplace_final_state, out, cu_seqlens_cpu, check_g)
+
+
+def _check_out(out, v):
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(v.shape) or out.dtype != v.dtype or out.device != v.device \
+            or not out.is_contiguous():
+        raise ValueError(f"out: expected a contiguous {v.dtype} tensor of v's shape {list(v.shape)} on {v.device}, "
+                         f"got {out.dtype} {list(out.shape)} on {out.device}, contiguous={out.is_contiguous()}")
+
+
+def _fused_recurrent(q, k, v, g, beta, A_log, dt_bias, scale, initial_state, output_final_state,
+                     use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel, allow_neg_eigval,
+                     lower_bound, state_v_first, cu_seqlens, ssm_state_indices, num_accepted_tokens,
+                     inplace_final_state, out, cu_seqlens_cpu, check_g):
+    """:func:`fused_recurrent_kda` on inputs that need no graph: checks, then the kernel."""
+    check_g = check_g if not use_gate_in_kernel else False  # with the gate, g is its raw input
+    if out is not None:
+        _check_out(out, v)
     if ssm_state_indices is not None:
         if initial_state is None:
             raise ValueError("initial_state: expected the state pool [P, HV, K, V] with ssm_state_indices, got None")
         if not isinstance(ssm_state_indices, torch.Tensor) or ssm_state_indices.dtype.is_floating_point \
-                or ssm_state_indices.dim() != 1:
-            raise TypeError(f"ssm_state_indices: expected a 1-D integer tensor [N], got {ssm_state_indices!r}")
+                or ssm_state_indices.dim() not in (1, 2):
+            raise TypeError(f"ssm_state_indices: expected an integer tensor [N] or [N, S], got {ssm_state_indices!r}")
         pool = initial_state
         # validate the call as if each sequence had its own state row
         B = q.shape[0]
         N = B if cu_seqlens is None else len(cu_seqlens) - 1
-        if ssm_state_indices.numel() != N:
-            raise ValueError(f"ssm_state_indices: expected N = {N} entries, got {ssm_state_indices.numel()}")
+        if ssm_state_indices.shape[0] != N:
+            raise ValueError(f"ssm_state_indices: expected N = {N} rows, got shape {list(ssm_state_indices.shape)}")
         view = pool[:1].expand(N, *pool.shape[1:]) if pool.shape[0] > 0 else pool
         p, cu_t = check_fast_inputs(q, k, v, g, beta, scale=scale, initial_state=view, cu_seqlens=cu_seqlens,
-                                    state_v_first=state_v_first)
+                                    state_v_first=state_v_first, cu_seqlens_cpu=cu_seqlens_cpu, check_g=check_g)
         if pool.dtype != torch.float32 or not pool.is_contiguous():
             raise ValueError(f"initial_state: expected a contiguous float32 state pool to update in place, "
                              f"got {pool.dtype}, contiguous={pool.is_contiguous()}")
@@ -79,11 +134,28 @@ def fused_recurrent_kda(
             # checked where it is free; on the device the kernel skips such a slot (no sync)
             raise ValueError(f"ssm_state_indices: expected slots < pool size {pool.shape[0]}, "
                              f"got {int(ssm_state_indices.max())}")
+        if ssm_state_indices.dim() == 2:
+            S = ssm_state_indices.shape[1]
+            lengths = [b - a for a, b in zip(cu_t[:-1], cu_t[1:])] if cu_t is not None else [p.T] * p.B
+            if max(lengths, default=0) > S:
+                raise ValueError(f"ssm_state_indices: expected a slot for every token, [N, S] with S >= "
+                                 f"{max(lengths)} (the longest sequence), got S = {S}")
+            if num_accepted_tokens is not None:
+                if not isinstance(num_accepted_tokens, torch.Tensor) or num_accepted_tokens.dtype.is_floating_point \
+                        or tuple(num_accepted_tokens.shape) != (N,):
+                    raise TypeError(f"num_accepted_tokens: expected an integer tensor [N] = [{N}], "
+                                    f"got {num_accepted_tokens!r}")
+                if num_accepted_tokens.device.type == "cpu" and N and (
+                        int(num_accepted_tokens.min()) < 1 or int(num_accepted_tokens.max()) > S):
+                    raise ValueError(f"num_accepted_tokens: expected values in [1, {S}], got "
+                                     f"{num_accepted_tokens.tolist()}")
+                num_accepted_tokens = num_accepted_tokens.to(q.device)
         slots = ssm_state_indices.to(device=q.device, dtype=torch.int64)
         final = pool
     else:
         p, cu_t = check_fast_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                                    cu_seqlens=cu_seqlens, state_v_first=state_v_first)
+                                    cu_seqlens=cu_seqlens, state_v_first=state_v_first,
+                                    cu_seqlens_cpu=cu_seqlens_cpu, check_g=check_g)
         slots = None
         if inplace_final_state:
             if initial_state is None or initial_state.dtype != torch.float32 or not initial_state.is_contiguous():
@@ -99,18 +171,14 @@ def fused_recurrent_kda(
         check_gate_params(p.HV, p.K, A_log, dt_bias, lower_bound, require_A_log=True)
     else:
         A_log = dt_bias = None
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad
-                                       for x in (q, k, v, g, beta, initial_state, A_log, dt_bias)):
-        raise ValueError("q: fused_recurrent_kda is forward only (decoding); use chunk_kda to train, "
-                         "or call it under torch.no_grad() / torch.inference_mode()")
     # a plain batch needs no offsets table (and so no host-to-device copy per decode step)
-    cu = None if cu_t is None else device_offsets(cu_t, q.device)  # [N + 1] int32, cached with cu_t
+    cu = None if cu_t is None else device_offsets(cu_t, q.device)  # [N + 1] int32, cached by value
     o, final = fused_recurrent_kda_fwd(
         q, k, v, g, beta, scale=p.scale, cu=cu, N=p.N, initial_state=initial_state, final_state=final,
-        ssm_state_indices=slots, state_v_first=state_v_first, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-        use_gate_in_kernel=use_gate_in_kernel, A_log=A_log.reshape(-1) if A_log is not None else None,
-        dt_bias=dt_bias, lower_bound=lower_bound, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
-        allow_neg_eigval=allow_neg_eigval,
+        ssm_state_indices=slots, num_accepted_tokens=num_accepted_tokens, out=out, state_v_first=state_v_first,
+        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_gate_in_kernel=use_gate_in_kernel,
+        A_log=A_log.reshape(-1) if A_log is not None else None, dt_bias=dt_bias, lower_bound=lower_bound,
+        use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
     )
     keep = output_final_state or ssm_state_indices is not None or inplace_final_state
     return o, (final if keep else None)
@@ -133,11 +201,15 @@ def kda(
     Sequences of at most :data:`RECURRENT_MAX_LEN` tokens (decoding, speculative
     steps) go to the token-by-token kernel, longer ones to the chunk pipeline;
     both compute the same function. Training always takes the chunk pipeline.
+    ``g`` outside ``[-inf, 0]`` is refused only with ``KDA_EXPLAINED_CHECK_G=1`` (see
+    :func:`~kda_explained.fast.chunk.chunk_kda`'s ``check_g``).
     """
     T = q.shape[1] if isinstance(q, torch.Tensor) and q.dim() == 4 else 0
-    if cu_seqlens is not None and isinstance(cu_seqlens, (torch.Tensor, list, tuple)) and len(cu_seqlens) > 1:
-        cu = torch.as_tensor(cu_seqlens).tolist() if not isinstance(cu_seqlens, (list, tuple)) else list(cu_seqlens)
-        T = max(b - a for a, b in zip(cu[:-1], cu[1:]))
+    if cu_seqlens is not None:  # read (and checked) once here; both paths take the host values
+        if not isinstance(cu_seqlens, (list, tuple)):
+            require_tensors(cu_seqlens=cu_seqlens)
+        cu_seqlens = tuple(int(x) for x in cu_seqlens_values(cu_seqlens))
+        T = max(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))
     training = torch.is_grad_enabled() and any(
         isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v, g, beta, initial_state))
     if T <= RECURRENT_MAX_LEN and not training:

@@ -25,19 +25,23 @@ as one kernel, which also applies the UT transform's ``Mb = M Diag(beta)`` itsel
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Optional
 
 import torch
 import triton
 
-from ..validation import check_chunk_size, check_gate_params, check_kda_inputs
-from ._meta import _OFFSETS, host_offsets, interpreting, seq_meta, sm_count
+from ..chunked.kda import require_tensors
+from ..validation import check_chunk_size, check_g_domain, check_gate_params, check_kda_inputs, cu_seqlens_values
+from ._meta import interpreting, seq_meta, sm_count
 from .local import ONE_PASS_MAX_CHUNK, chunk_local_factors, chunk_local_factors_one_pass, intermediate_dtype
 from .output import chunk_output
 from .prepare import chunk_local_cumsum, l2norm
 from .state import output_fused, state_passing, state_passing_output, state_passing_output_segmented, state_segments
 
-__all__ = ["chunk_kda", "chunk_kda_fwd", "forward_chunk_size", "FAST_CHUNK_SIZES", "MAX_HEAD_DIM", "check_fast_inputs"]
+__all__ = ["chunk_kda", "chunk_kda_fwd", "forward_chunk_size", "FAST_CHUNK_SIZES", "MAX_HEAD_DIM", "check_fast_inputs",
+           "CHECK_G_ENV"]
 
 #: Chunk sizes the kernels take (multiples of the 16-token sub-chunk).
 FAST_CHUNK_SIZES = (16, 32, 64)
@@ -67,28 +71,43 @@ SHORT_CHUNK_MIN_PROGRAMS_PER_SM = 1.0
 ONE_PASS_FOLD = 2
 
 # Arguments of fla.ops.kda.chunk_kda that change nothing here, accepted so code can switch imports.
-_FLA_NO_OPS = {"safe_gate", "disable_recompute", "cu_seqlens_cpu", "use_graph", "max_num_seqs"}
+_FLA_NO_OPS = frozenset({"safe_gate", "disable_recompute", "use_graph", "max_num_seqs"})
+#: Set to 1 to make every fast call read ``g`` and refuse values outside ``[-inf, 0]`` (the
+#: ``check_g`` argument's default). Off by default: the check waits for the GPU.
+CHECK_G_ENV = "KDA_EXPLAINED_CHECK_G"
 
 
-def check_fast_inputs(q, k, v, g, beta, *, scale, initial_state, cu_seqlens, state_v_first=False):
-    """Shared checks of the fast layer: DESIGN.md's, plus what the kernels need (device, head dims)."""
-    from ..chunked.kda import as_tensor_cu_seqlens, require_tensors
+def check_fast_inputs(q, k, v, g, beta, *, scale, initial_state, cu_seqlens, state_v_first=False,
+                      cu_seqlens_cpu=None, check_g=None):
+    """Shared checks of the fast layer: DESIGN.md's, plus what the kernels need (device, head dims).
 
+    Returns the problem's sizes and the offsets as a tuple of ints (``None`` for a plain
+    batch), which is what the launchers take: the offsets are read once here, from
+    ``cu_seqlens_cpu`` when given (no device read) or from ``cu_seqlens`` itself (a GPU
+    tensor is read back, which waits for the GPU), never from a cache keyed by the tensor.
+    ``check_g`` (default: the ``KDA_EXPLAINED_CHECK_G`` environment switch) reads ``g``
+    to refuse values outside ``[-inf, 0]``, which costs a device read.
+    """
     require_tensors(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state)
-    if isinstance(cu_seqlens, torch.Tensor) and id(cu_seqlens) in _OFFSETS:
-        cu_check = host_offsets(cu_seqlens)  # seen before (dtype and shape checked then): no device read
-    else:
-        cu_check = cu_seqlens
-    if not (isinstance(cu_seqlens, torch.Tensor) and not cu_seqlens.dtype.is_floating_point):
-        # a list (or a float tensor, which the check below rejects): the kernels' tables come from
-        # its values; an integer tensor is kept as given, on any device, so its cache entry is reused
-        cu_seqlens = as_tensor_cu_seqlens(cu_seqlens, q.device)
+    offsets = None
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, (list, tuple)):
+            require_tensors(cu_seqlens=cu_seqlens)
+        if cu_seqlens_cpu is None:
+            offsets = tuple(int(x) for x in cu_seqlens_values(cu_seqlens))
+        else:
+            offsets = tuple(int(x) for x in cu_seqlens_values(cu_seqlens_cpu))
+            if isinstance(cu_seqlens, torch.Tensor) and (cu_seqlens.dtype.is_floating_point or cu_seqlens.dim() != 1
+                                                         or cu_seqlens.numel() != len(offsets)):
+                raise ValueError(f"cu_seqlens: expected a 1-D integer tensor of {len(offsets)} offsets like "
+                                 f"cu_seqlens_cpu, got {cu_seqlens.dtype} of shape {list(cu_seqlens.shape)}")
+    elif cu_seqlens_cpu is not None:
+        raise ValueError("cu_seqlens_cpu: expected only together with cu_seqlens, got cu_seqlens=None")
     if state_v_first and initial_state is not None and initial_state.dim() == 4:
         initial_state_kv = initial_state.transpose(-1, -2)  # validate in [K, V] terms
     else:
         initial_state_kv = initial_state
-    p = check_kda_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state_kv, cu_seqlens=cu_check)
-    host_offsets(cu_seqlens)  # remember the checked values with the tensor
+    p = check_kda_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state_kv, cu_seqlens=offsets)
     if q.device.type != "cuda" and not interpreting():
         raise ValueError(
             f"q: expected a CUDA tensor for the Triton kernels (or TRITON_INTERPRET=1 to run them on the CPU), "
@@ -99,7 +118,29 @@ def check_fast_inputs(q, k, v, g, beta, *, scale, initial_state, cu_seqlens, sta
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(f"{name}: expected float32, bfloat16 or float16 for the fast layer, got {x.dtype}")
-    return p, cu_seqlens
+    if check_g is None:
+        check_g = os.environ.get(CHECK_G_ENV, "0") not in ("", "0")
+    if check_g:
+        check_g_domain(g, device_check=True)
+    return p, offsets
+
+
+def resolve_fla_kwargs(fn: str, kwargs: dict, state_v_first: bool, accepted: frozenset) -> bool:
+    """Take flash-linear-attention's extra keyword arguments out of ``kwargs``; return ``state_v_first``.
+
+    ``transpose_state_layout`` is flash-linear-attention's older name of ``state_v_first``
+    (accepted with its :class:`DeprecationWarning`); names in ``accepted`` change nothing here;
+    anything else is a :class:`TypeError`, as for any Python function.
+    """
+    if "transpose_state_layout" in kwargs:
+        if state_v_first:
+            raise ValueError("transpose_state_layout: the older name of state_v_first; got both")
+        warnings.warn("transpose_state_layout is the older name of state_v_first", DeprecationWarning, stacklevel=3)
+        state_v_first = bool(kwargs.pop("transpose_state_layout"))
+    unknown = set(kwargs) - accepted
+    if unknown:
+        raise TypeError(f"{fn}: unexpected keyword argument(s) {sorted(unknown)}")
+    return state_v_first
 
 
 def forward_chunk_size(sequences_x_heads: int, V: int, device) -> int:
@@ -356,6 +397,9 @@ def chunk_kda(
     A_log: Optional[torch.Tensor] = None,
     dt_bias: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
+    cu_seqlens_cpu: Optional[torch.Tensor] = None,
+    cp_context=None,
+    check_g: Optional[bool] = None,
     **kwargs,
 ):
     """KDA prefill through the Triton chunk kernels; a drop-in for ``fla.ops.kda.chunk_kda``.
@@ -380,18 +424,34 @@ def chunk_kda(
             ``return_intermediate_states``, and for the inference forward 16 (``SHORT_CHUNK``)
             where the batch fills the GPU, 64 where it does not (:func:`forward_chunk_size`). The
             result is the same function at every chunk size (up to rounding).
+        cu_seqlens_cpu: the same offsets on the host (as flash-linear-attention takes them):
+            then ``cu_seqlens`` on the GPU is never read back, so the call never waits for it.
+            Without it a GPU ``cu_seqlens`` is read once per call.
+        cp_context: flash-linear-attention's context-parallel context. Context parallelism
+            here is :func:`kda_explained.distributed.context_parallel_kda`, which takes a
+            process group instead; a context raises :class:`NotImplementedError` saying so.
+        check_g: read ``g`` and raise :class:`ValueError` unless every value is in ``[-inf, 0]``
+            (default: the ``KDA_EXPLAINED_CHECK_G`` environment variable, off). The check
+            waits for the GPU, so it is opt-in. Without it ``g > 0`` (outside the domain)
+            gives an unspecified result; ``g = -inf`` and any finite ``g <= 0`` are always
+            computed right, and no later input ever changes an earlier output.
+        **kwargs: flash-linear-attention's ``safe_gate``, ``disable_recompute``, ``use_graph``,
+            ``max_num_seqs`` (accepted, nothing to change here) and ``transpose_state_layout``
+            (its older name of ``state_v_first``).
 
     Returns:
         ``(o, final_state)``, or ``(o, final_state, h)`` with ``return_intermediate_states``.
         ``o`` has ``v``'s dtype; states are float32.
     """
-    unknown = set(kwargs) - _FLA_NO_OPS
-    if unknown:
-        raise TypeError(f"chunk_kda: unexpected keyword argument(s) {sorted(unknown)}")
-    if kwargs.get("cp_context") is not None:
-        raise ValueError("cp_context: context parallelism is not supported, got a context")
+    state_v_first = resolve_fla_kwargs("chunk_kda", kwargs, state_v_first, _FLA_NO_OPS)
+    if cp_context is not None:
+        raise NotImplementedError(
+            "cp_context: flash-linear-attention's context-parallel context is not taken here; split the sequence "
+            "over ranks with kda_explained.distributed.context_parallel_kda(..., group=...) instead")
     p, cu_seqlens = check_fast_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                                      cu_seqlens=cu_seqlens, state_v_first=state_v_first)
+                                      cu_seqlens=cu_seqlens, state_v_first=state_v_first,
+                                      cu_seqlens_cpu=cu_seqlens_cpu,
+                                      check_g=check_g if not use_gate_in_kernel else False)
     if chunk_size is not None:
         chunk_size = check_chunk_size(chunk_size, FAST_CHUNK_SIZES)
     if use_gate_in_kernel:

@@ -77,6 +77,7 @@ import triton.language as tl
 
 from ._grad import chunk_span
 from ._meta import SeqMeta, dot_precision, interpreting, seq_meta
+from .prepare import G_FLOOR
 
 __all__ = ["chunk_local_factors", "chunk_local_factors_one_pass", "chunk_wy_factors", "LocalFactors", "SAFE_SPAN",
            "intermediate_dtype"]
@@ -168,8 +169,9 @@ def _diag_exact(x_h, k_h, G_h, t0, eos, SK, SG, K: tl.constexpr, BC: tl.constexp
             b_G = _load_block(G_h, t0, eos, SG, i_k * BK, K, BC, BK)
             b_k1 = tl.load(k_h + (t0 + jj) * SK + o_k, mask=m_k1, other=0).to(tl.float32)
             b_G1 = tl.load(G_h + (t0 + jj) * SG + o_k, mask=m_k1, other=0)
-            # exponent G_r - G_j only where r >= j (else -inf -> ratio 0): never positive
-            m_rj = (o_i >= jj)[:, None] & m_k1[None, :]
+            # exponent G_r - G_j only where r >= j and row r is a real token (else -inf -> ratio 0):
+            # never positive, and a padding row (G = 0) never forms exp(-G_j)
+            m_rj = ((o_i >= jj) & (t0 + o_i < eos))[:, None] & m_k1[None, :]
             b_col += tl.sum(b_x * tl.exp(tl.where(m_rj, b_G - b_G1[None, :], float("-inf"))) * b_k1[None, :], axis=1)
         b_A = tl.where(o_i[None, :] == jj, b_col[:, None], b_A)
     return b_A
@@ -333,22 +335,25 @@ def _chunk_local_kernel(
     A00, A10, A11, A20, A21, A22, A30, A31, A32, A33 = Z, Z, Z, Z, Z, Z, Z, Z, Z, Z
     z = tl.zeros([BK], dtype=tl.float32)
     d0, d1, d2, d3 = z, z, z, z  # per-channel decay span of each sub-chunk, max over K tiles
-    DIAG: tl.constexpr = not EXACT_DIAG  # diagonal blocks on tensor cores (else exactly, after the loop)
+    zr = tl.zeros([BC], dtype=tl.float32)
+    s0, s1, s2, s3 = zr, zr, zr, zr  # EXACT_DIAG: each row's own span G_ref - G_r, max over K
     qg_h = qg + i_hv * K
     for i_k in range(0, tl.cdiv(K, BK)):
         c0 = i_k * BK
         k0, G0, Gr, lx, x0, sp = _row_block(x_h, k_h, G_h, t0, eos, SK, SG, c0, K, BC, BK)
         d0 = tl.maximum(d0, sp)
-        if DIAG:
-            A00 = _accumulate(A00, lx, k0, G0, Gr, SPAN, PRECISION)
+        A00 = _accumulate(A00, lx, k0, G0, Gr, SPAN, PRECISION)
+        if EXACT_DIAG:
+            s0 = tl.maximum(s0, tl.max(Gr - G0, axis=1))
         if QK:
             _store_block(qg_h, x0 * tl.exp(G0) * scale, t0, eos, SG, c0, K, BC, BK)
         if NS > 1:
             k1, G1, Gr, lx, x1, sp = _row_block(x_h, k_h, G_h, t1, eos, SK, SG, c0, K, BC, BK)
             d1 = tl.maximum(d1, sp)
             A10 = _accumulate(A10, lx, k0, G0, Gr, 0.0, PRECISION)
-            if DIAG:
-                A11 = _accumulate(A11, lx, k1, G1, Gr, SPAN, PRECISION)
+            A11 = _accumulate(A11, lx, k1, G1, Gr, SPAN, PRECISION)
+            if EXACT_DIAG:
+                s1 = tl.maximum(s1, tl.max(Gr - G1, axis=1))
             if QK:
                 _store_block(qg_h, x1 * tl.exp(G1) * scale, t1, eos, SG, c0, K, BC, BK)
         if NS > 2:
@@ -356,8 +361,9 @@ def _chunk_local_kernel(
             d2 = tl.maximum(d2, sp)
             A20 = _accumulate(A20, lx, k0, G0, Gr, 0.0, PRECISION)
             A21 = _accumulate(A21, lx, k1, G1, Gr, 0.0, PRECISION)
-            if DIAG:
-                A22 = _accumulate(A22, lx, k2, G2, Gr, SPAN, PRECISION)
+            A22 = _accumulate(A22, lx, k2, G2, Gr, SPAN, PRECISION)
+            if EXACT_DIAG:
+                s2 = tl.maximum(s2, tl.max(Gr - G2, axis=1))
             if QK:
                 _store_block(qg_h, x2 * tl.exp(G2) * scale, t2, eos, SG, c0, K, BC, BK)
         if NS > 3:
@@ -366,20 +372,23 @@ def _chunk_local_kernel(
             A30 = _accumulate(A30, lx, k0, G0, Gr, 0.0, PRECISION)
             A31 = _accumulate(A31, lx, k1, G1, Gr, 0.0, PRECISION)
             A32 = _accumulate(A32, lx, k2, G2, Gr, 0.0, PRECISION)
-            if DIAG:
-                A33 = _accumulate(A33, lx, k3, G3, Gr, SPAN, PRECISION)
+            A33 = _accumulate(A33, lx, k3, G3, Gr, SPAN, PRECISION)
+            if EXACT_DIAG:
+                s3 = tl.maximum(s3, tl.max(Gr - G3, axis=1))
             if QK:
                 _store_block(qg_h, x3 * tl.exp(G3) * scale, t3, eos, SG, c0, K, BC, BK)
 
     if EXACT_DIAG:
-        # this chunk's gate is too strong for the split: its diagonal blocks exactly, column by column
-        A00 = _diag_exact(x_h, k_h, G_h, t0, eos, SK, SG, K, BC, BK)
+        # this chunk's gate is too strong for the split: the rows of its diagonal blocks whose own
+        # span passed SPAN exactly, column by column. The other rows keep the tensor-core value
+        # the first launch computed, bit for bit, so a strong gate never changes an earlier row
+        A00 = tl.where((s0 > SPAN)[:, None], _diag_exact(x_h, k_h, G_h, t0, eos, SK, SG, K, BC, BK), A00)
         if NS > 1:
-            A11 = _diag_exact(x_h, k_h, G_h, t1, eos, SK, SG, K, BC, BK)
+            A11 = tl.where((s1 > SPAN)[:, None], _diag_exact(x_h, k_h, G_h, t1, eos, SK, SG, K, BC, BK), A11)
         if NS > 2:
-            A22 = _diag_exact(x_h, k_h, G_h, t2, eos, SK, SG, K, BC, BK)
+            A22 = tl.where((s2 > SPAN)[:, None], _diag_exact(x_h, k_h, G_h, t2, eos, SK, SG, K, BC, BK), A22)
         if NS > 3:
-            A33 = _diag_exact(x_h, k_h, G_h, t3, eos, SK, SG, K, BC, BK)
+            A33 = tl.where((s3 > SPAN)[:, None], _diag_exact(x_h, k_h, G_h, t3, eos, SK, SG, K, BC, BK), A33)
     elif not QK:
         # flag the chunk for the second launches if any sub-chunk's span passed SAFE_SPAN
         span = tl.maximum(tl.maximum(tl.max(d0, axis=0), tl.max(d1, axis=0)),
@@ -486,9 +495,10 @@ def _gate_block(g_h, ti, eos, SG, c0, carry, K: tl.constexpr, BC: tl.constexpr, 
     m_k = o_k < K
     real = ti + 0 * o_k < eos  # the sub-chunk has a first real token
     if CUMSUM:
-        b_g = _load_block(g_h, ti, eos, SG, c0, K, BC, BK)  # zeros past eos: padding decays nothing
+        # zeros past eos (padding decays nothing); each g raised to the floor as stage 1 does
+        b_g = tl.maximum(_load_block(g_h, ti, eos, SG, c0, K, BC, BK), G_FLOOR)
         G_i = carry[None, :] + tl.cumsum(b_g, axis=0)
-        G_ref = carry + tl.load(g_h + ti * SG + o_k, mask=m_k & real, other=0).to(tl.float32)
+        G_ref = carry + tl.maximum(tl.load(g_h + ti * SG + o_k, mask=m_k & real, other=0).to(tl.float32), G_FLOOR)
         G_end = carry + tl.sum(b_g, axis=0)
     else:
         G_i = _load_block(g_h, ti, eos, SG, c0, K, BC, BK)
@@ -499,16 +509,18 @@ def _gate_block(g_h, ti, eos, SG, c0, carry, K: tl.constexpr, BC: tl.constexpr, 
 
 
 @triton.jit
-def _diag_exact_pair(Ak, Aq, k_i, q_i, G_i, BC: tl.constexpr):
+def _diag_exact_pair(Ak, Aq, k_i, q_i, G_i, n_real, BC: tl.constexpr):
     """One ``K`` tile's share of a diagonal block of ``A_kk`` and of ``A_qk`` without the reference
     split, from the sub-chunk's ``k, q, G`` in registers: column ``j`` at a time, every exponent
-    ``G_r - G_j`` masked to ``-inf`` *before* the ``exp`` where ``j > r`` (never positive)."""
+    ``G_r - G_j`` masked to ``-inf`` *before* the ``exp`` where ``j > r`` or row ``r`` is padding
+    (its first ``n_real`` rows are tokens): never positive."""
     o_i = tl.arange(0, BC)
     for jj in range(0, BC):
         sel = (o_i == jj)[:, None]
         k_j = tl.sum(tl.where(sel, k_i, 0.0), axis=0)  # row jj, [BK]
         G_j = tl.sum(tl.where(sel, G_i, 0.0), axis=0)
-        E = tl.exp(tl.where((o_i >= jj)[:, None], G_i - G_j[None, :], float("-inf"))) * k_j[None, :]
+        m_rj = (o_i >= jj) & (o_i < n_real)
+        E = tl.exp(tl.where(m_rj[:, None], G_i - G_j[None, :], float("-inf"))) * k_j[None, :]
         col = o_i[None, :] == jj
         Ak = tl.where(col, Ak + tl.sum(k_i * E, axis=1)[:, None], Ak)
         Aq = tl.where(col, Aq + tl.sum(q_i * E, axis=1)[:, None], Aq)
@@ -564,7 +576,6 @@ def _one_pass_kernel(
         if tl.load(flags + i_c * HV + i_hv) == 0:
             return
     NS: tl.constexpr = BT // BC
-    DIAG: tl.constexpr = not EXACT_DIAG
     i_h = i_hv // (HV // H)
     i_n = tl.load(chunk_seq + i_c)
     bos = tl.load(chunk_bos + i_c).to(tl.int64)
@@ -582,6 +593,9 @@ def _one_pass_kernel(
     Ak00, Ak10, Ak11, Aq00, Aq10, Aq11 = Z, Z, Z, Z, Z, Z
     z = tl.zeros([BK], dtype=tl.float32)
     d0, d1 = z, z  # decay span of each sub-chunk, per channel
+    zr = tl.zeros([BC], dtype=tl.float32)
+    s0, s1 = zr, zr  # EXACT_DIAG: each row's own span G_ref - G_r, max over K
+    Ek00, Ek11, Eq00, Eq11 = Z, Z, Z, Z  # EXACT_DIAG: the diagonal blocks without the split
     for i_k in range(0, tl.cdiv(K, BK)):
         c0 = i_k * BK
         o_k = c0 + tl.arange(0, BK)
@@ -590,12 +604,12 @@ def _one_pass_kernel(
         q0 = _load_block(q_h, t0, eos, SK, c0, K, BC, BK)
         d0 = tl.maximum(d0, Gr0 - Ge0)
         e0 = tl.exp(tl.minimum(G0 - Gr0[None, :], 0.0))
-        if DIAG:
-            r0 = k0 * tl.exp(tl.minimum(Gr0[None, :] - G0, SPAN))
-            Ak00 = tl.dot(k0 * e0, tl.trans(r0), Ak00, input_precision=PRECISION)
-            Aq00 = tl.dot(q0 * e0, tl.trans(r0), Aq00, input_precision=PRECISION)
-        else:
-            Ak00, Aq00 = _diag_exact_pair(Ak00, Aq00, k0, q0, G0, BC)
+        r0 = k0 * tl.exp(tl.minimum(Gr0[None, :] - G0, SPAN))
+        Ak00 = tl.dot(k0 * e0, tl.trans(r0), Ak00, input_precision=PRECISION)
+        Aq00 = tl.dot(q0 * e0, tl.trans(r0), Aq00, input_precision=PRECISION)
+        if EXACT_DIAG:
+            s0 = tl.maximum(s0, tl.max(Gr0[None, :] - G0, axis=1))
+            Ek00, Eq00 = _diag_exact_pair(Ek00, Eq00, k0, q0, G0, eos - t0, BC)
         G_last = Ge0
         if NS > 1:
             G1, Gr1, Ge1 = _gate_block(g_h, t1, eos, SG, c0, Ge0, K, BC, BK, CUMSUM)
@@ -606,12 +620,12 @@ def _one_pass_kernel(
             r10 = k0 * tl.exp(tl.minimum(Gr1[None, :] - G0, 0.0))
             Ak10 = tl.dot(k1 * e1, tl.trans(r10), Ak10, input_precision=PRECISION)
             Aq10 = tl.dot(q1 * e1, tl.trans(r10), Aq10, input_precision=PRECISION)
-            if DIAG:
-                r1 = k1 * tl.exp(tl.minimum(Gr1[None, :] - G1, SPAN))
-                Ak11 = tl.dot(k1 * e1, tl.trans(r1), Ak11, input_precision=PRECISION)
-                Aq11 = tl.dot(q1 * e1, tl.trans(r1), Aq11, input_precision=PRECISION)
-            else:
-                Ak11, Aq11 = _diag_exact_pair(Ak11, Aq11, k1, q1, G1, BC)
+            r1 = k1 * tl.exp(tl.minimum(Gr1[None, :] - G1, SPAN))
+            Ak11 = tl.dot(k1 * e1, tl.trans(r1), Ak11, input_precision=PRECISION)
+            Aq11 = tl.dot(q1 * e1, tl.trans(r1), Aq11, input_precision=PRECISION)
+            if EXACT_DIAG:
+                s1 = tl.maximum(s1, tl.max(Gr1[None, :] - G1, axis=1))
+                Ek11, Eq11 = _diag_exact_pair(Ek11, Eq11, k1, q1, G1, eos - t1, BC)
             G_last = Ge1
             x1 = tl.exp(G1)  # Gamma of the sub-chunk, shared by qg and (FOLD 2) kG
             _store_block(qg_h, q1 * x1 * scale, t1, eos, SG, c0, K, BC, BK)
@@ -625,7 +639,14 @@ def _one_pass_kernel(
             _store_block(W_h, k0 * x0, t0, eos, SG, c0, K, BC, BK)
         tl.store(G_end + (i_c * HV + i_hv) * K + o_k, G_last, mask=o_k < K)
 
-    if not EXACT_DIAG:
+    if EXACT_DIAG:
+        # the rows whose own span passed SPAN take the exact diagonal; the others keep the
+        # tensor-core value of the first launch, bit for bit (no later gate changes them)
+        Ak00 = tl.where((s0 > SPAN)[:, None], Ek00, Ak00)
+        Aq00 = tl.where((s0 > SPAN)[:, None], Eq00, Aq00)
+        Ak11 = tl.where((s1 > SPAN)[:, None], Ek11, Ak11)
+        Aq11 = tl.where((s1 > SPAN)[:, None], Eq11, Aq11)
+    else:
         # flag the chunk for the second launch if a sub-chunk's span passed SAFE_SPAN
         tl.store(flags + i_c * HV + i_hv, (tl.maximum(tl.max(d0, axis=0), tl.max(d1, axis=0)) > SPAN).to(tl.int32))
 

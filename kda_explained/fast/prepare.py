@@ -4,8 +4,9 @@ Mirrors :func:`kda_explained.chunked.stages.chunk_local_cumsum` (same name, same
 arguments, same result) and the PyTorch gates of :mod:`kda_explained.chunked.gates`.
 One program handles one chunk of one value head and one tile of key channels
 (channels decay independently): it reads the raw gate input ``[BT, BK]`` once,
-applies the gate formula if asked, and writes the running sum
-``G`` in float32. The beta sigmoid rides along in the same program (one more
+applies the gate formula if asked, raises it to :data:`G_FLOOR` (a reset, ``g = -inf``,
+becomes a finite gate whose ``exp`` is still 0: :mod:`kda_explained.numerics`), and
+writes the running sum ``G`` in float32. The beta sigmoid rides along in the same program (one more
 ``[BT]`` vector), so the fused options cost no extra launch.
 """
 
@@ -17,9 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..numerics import gate_floor
 from ._meta import SeqMeta, seq_meta
 
-__all__ = ["chunk_local_cumsum", "l2norm"]
+__all__ = ["chunk_local_cumsum", "l2norm", "G_FLOOR"]
+
+#: The floor of every log decay before the in-chunk cumulative sum, in float32 (where ``G`` is summed).
+G_FLOOR = tl.constexpr(gate_floor("float32"))
 
 
 @triton.jit
@@ -90,6 +95,9 @@ def _chunk_local_cumsum_kernel(
         else:
             b_g = -b_rate * softplus(b_g)
         b_g = tl.where(m_tk, b_g, 0.0)  # padding decays nothing
+    # a full reset (g = -inf) or one in effect: raised to the floor, where exp is already 0
+    # (kda_explained.numerics), so that G stays finite and keeps the gates after it
+    b_g = tl.maximum(b_g, G_FLOOR)
 
     # --- report Eq. 2 in log space: G_r = sum_{i <= r} g_i inside the chunk
     b_G = tl.cumsum(b_g, axis=0)

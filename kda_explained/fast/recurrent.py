@@ -48,7 +48,7 @@ def _fused_recurrent_kernel(
     h0,  # [P, HV, K, V] state pool (or [N, HV, K, V]); [V, K] each with STATE_V_FIRST
     ht,  # [N, HV, K, V] final states (may alias h0 for in-place updates)
     cu,  # [N + 1] (IS_VARLEN)
-    slots,  # [N] state slot of each sequence (HAS_SLOTS)
+    slots,  # [N] state slot of each sequence, or [N, 1 + SLOT_COLS] (HAS_SLOTS; see the launcher)
     # scalars
     scale,
     lower_bound,
@@ -74,6 +74,7 @@ def _fused_recurrent_kernel(
     USE_LOWER_BOUND: tl.constexpr,
     BETA_SIGMOID: tl.constexpr,
     BETA_SCALE: tl.constexpr,
+    SLOT_COLS: tl.constexpr = 0,  # > 0: a slot per token, the state after each token written to its own
 ):
     # one flat grid, value tile fastest, then head, then sequence: programs launched together
     # read neighbouring state tiles (one sequence's [HV, K, V] block is contiguous in the pool)
@@ -92,7 +93,12 @@ def _fused_recurrent_kernel(
     m_k = o_k < K
     m_v = o_v < V
     if HAS_SLOTS:
-        slot = tl.load(slots + i_n).to(tl.int64)
+        if SLOT_COLS > 0:  # speculative decoding: row [column to read, slot of token 0, 1, ...]
+            row = slots + i_n.to(tl.int64) * (SLOT_COLS + 1)
+            c_read = tl.minimum(tl.maximum(tl.load(row).to(tl.int64), 0), SLOT_COLS - 1)
+            slot = tl.load(row + 1 + c_read).to(tl.int64)
+        else:
+            slot = tl.load(slots + i_n).to(tl.int64)
         is_live = (slot >= 0) & (slot < P)
     else:
         slot = i_n.to(tl.int64)
@@ -139,8 +145,12 @@ def _fused_recurrent_kernel(
             b_S = b_S + b_k[:, None] * b_u[None, :]  # + k u^T
             b_o = tl.sum(b_S * (b_q * scale)[:, None], axis=0)  # S^T (scale q)               [BV]
             tl.store(o + (t * HV + i_hv) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+            if SLOT_COLS > 0:  # the state after this token, to its own slot (skipped outside the pool)
+                w = tl.load(row + 1 + (t - bos)).to(tl.int64)
+                if (w >= 0) & (w < P):
+                    tl.store(ht + (w * HV + i_hv) * K * V + o_S, b_S.to(ht.dtype.element_ty), mask=m_kv)
 
-        if STORE_FINAL:
+        if STORE_FINAL and SLOT_COLS == 0:
             tl.store(ht + (slot * HV + i_hv) * K * V + o_S, b_S.to(ht.dtype.element_ty), mask=m_kv)
     else:
         for t in range(bos, eos):  # a skipped sequence outputs zeros, never uninitialised memory
@@ -160,6 +170,8 @@ def fused_recurrent_kda_fwd(
     initial_state: Optional[torch.Tensor],
     final_state: Optional[torch.Tensor],
     ssm_state_indices: Optional[torch.Tensor] = None,
+    num_accepted_tokens: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
     state_v_first: bool = False,
     use_qk_l2norm_in_kernel: bool = False,
     use_gate_in_kernel: bool = False,
@@ -175,10 +187,23 @@ def fused_recurrent_kda_fwd(
     ``final_state`` is written at each sequence's slot (``ssm_state_indices[n]``,
     or ``n``); passing the pool itself as both ``initial_state`` and
     ``final_state`` updates it in place.
+
+    Speculative decoding: ``ssm_state_indices [N, S]`` gives each sequence a slot per
+    token; the state after its token ``t`` is written to slot ``[n, t]`` of the pool
+    (``final_state``), and the state read first is that of slot
+    ``[n, num_accepted_tokens[n] - 1]`` (``[n, 0]`` without it). The kernel reads both
+    from one ``[N, 1 + S]`` table, the column to read first, then the slots. ``out``
+    (``[B, T, HV, V]``, ``v``'s dtype, contiguous) receives the outputs if given.
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
-    o = torch.empty(B, T, HV, V, dtype=v.dtype, device=v.device)
+    o = torch.empty(B, T, HV, V, dtype=v.dtype, device=v.device) if out is None else out
+    slot_cols = 0
+    if ssm_state_indices is not None and ssm_state_indices.dim() == 2:
+        slot_cols = ssm_state_indices.shape[1]
+        first = (num_accepted_tokens.to(ssm_state_indices.dtype) - 1 if num_accepted_tokens is not None
+                 else ssm_state_indices.new_zeros(N))
+        ssm_state_indices = torch.cat([first[:, None], ssm_state_indices], dim=1)  # [N, 1 + S], on the device
     BV = min(DECODE_BV, max(16, triton.next_power_of_2(V)))
     HV_K = (HV, K)
     if N > 0:
@@ -197,6 +222,6 @@ def fused_recurrent_kda_fwd(
             QK_L2NORM=use_qk_l2norm_in_kernel, USE_GATE=use_gate_in_kernel, HAS_A=A_log is not None,
             HAS_BIAS=dt_bias is not None, USE_LOWER_BOUND=lower_bound is not None,
             BETA_SIGMOID=use_beta_sigmoid_in_kernel, BETA_SCALE=2.0 if allow_neg_eigval else 1.0,
-            num_warps=DECODE_WARPS,
+            **({"SLOT_COLS": slot_cols} if slot_cols else {}), num_warps=DECODE_WARPS,
         )
     return o, final_state

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._meta import (SeqMeta, _build_seq_meta, dot_precision, interpreting, max_chunks, packed_offsets, seq_meta,
+from ._meta import (SeqMeta, build_seq_meta, dot_precision, interpreting, max_chunks, packed_offsets, seq_meta,
                     sm_count)
 
 __all__ = ["state_passing", "state_passing_output", "state_passing_output_segmented", "output_fused", "state_segments"]
@@ -480,7 +480,7 @@ def _segment_tables(offsets: Tuple[int, ...], chunk_size: int, segment_chunks: i
     idx = functools.partial(torch.tensor, dtype=torch.long, device=device)
     steps = [idx([fst + step for fst, lst in zip(first, last) if fst + step < lst])
              for step in range(max((lst - fst for fst, lst in zip(first, last)), default=0))]
-    return _build_seq_meta(cu, chunk_size, device), idx(first), idx(last), steps
+    return build_seq_meta(cu, chunk_size, device), idx(first), idx(last), steps
 
 
 def state_passing_output_segmented(

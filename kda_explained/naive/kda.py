@@ -41,7 +41,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from ..validation import check_kda_inputs
+from ..numerics import gate_floor
+from ..validation import check_g_domain, check_kda_inputs
 from .ladder import scan
 
 __all__ = ["kda", "kda_parallel"]
@@ -71,7 +72,8 @@ def kda(
     Args:
         q, k: ``[B, T, H, K]``.
         v: ``[B, T, HV, V]``; value head ``j`` reads q/k head ``j // (HV // H)``.
-        g: ``[B, T, HV, K]`` log decay (``<= 0``).
+        g: ``[B, T, HV, K]`` log decay in ``[-inf, 0]`` (``-inf``: a full reset); anything
+            else (``g > 0``, NaN) raises :class:`ValueError`.
         beta: ``[B, T, HV]`` write strength.
         scale: query scale, default ``K ** -0.5``.
         initial_state: ``[N, HV, K, V]`` or ``None`` (zeros).
@@ -112,7 +114,9 @@ def _decay_ratios(G_row: np.ndarray, G_col: np.ndarray) -> np.ndarray:
 def _kda_parallel_one(q, k, v, g, beta, S0, scale):
     """The parallel form for one sequence and one head: ``q, k, g: [L, K]``, ``v: [L, V]``, ``beta: [L]``."""
     L = q.shape[0]
-    G = np.cumsum(g, axis=0)  # G_t = sum_{i<=t} g_i                     [L, K]
+    # G_t = sum_{i<=t} g_i, each g raised to the float64 floor first: a ratio across a
+    # reset (g = -inf) is then exp(<= floor) = 0 instead of exp(-inf + inf) = NaN
+    G = np.cumsum(np.maximum(g, gate_floor(np.float64)), axis=0)  # [L, K]
     R = _decay_ratios(G, G)  # Gamma_t / Gamma_j for j <= t                [L, L, K]
     A_kk = np.einsum("tc,jc,tjc->tj", k, k, R)  # k_t^T Diag(Gamma_t/Gamma_j) k_j  [L, L]
     A_qk = np.einsum("tc,jc,tjc->tj", q, k, R)  # q_t^T Diag(Gamma_t/Gamma_j) k_j  [L, L] (lower incl. diag)
@@ -144,6 +148,7 @@ def kda_parallel(
     """
     q, k, v, g, beta = (np.asarray(x) for x in (q, k, v, g, beta))
     p = check_kda_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens)
+    check_g_domain(g)
     f64 = np.float64
     o = np.zeros((p.B, p.T, p.HV, p.V))
     final = np.zeros((p.N, p.HV, p.K, p.V))

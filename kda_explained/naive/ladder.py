@@ -35,7 +35,7 @@ from typing import Callable, Optional, Tuple
 
 import numpy as np
 
-from ..validation import check_floating, check_kda_inputs, check_shape
+from ..validation import check_floating, check_g_domain, check_kda_inputs, check_shape
 
 __all__ = ["linear_attention", "deltanet", "gated_deltanet", "dplr", "scan"]
 
@@ -65,6 +65,7 @@ def scan(
     """
     q, k, v = (np.asarray(x) for x in (q, k, v))
     p = check_kda_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens)
+    check_g_domain(g)  # log decays in [-inf, 0]; -inf (alpha = 0) is a full reset, exp(-inf) = 0 below
     o = np.zeros((p.B, p.T, p.HV, p.V))
     final = np.zeros((p.N, p.HV, p.K, p.V))
     for n, (b, bos, eos) in enumerate(p.spans):
