@@ -7,16 +7,17 @@ batch. The docs' notebook and the docstrings run them on two CPU processes.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from .. import chunked
 from ..testing import rel_rms_error
+from .comm import count_bytes
 from .context_parallel import context_parallel_kda
 
-__all__ = ["rank_and_size", "random_inputs", "slice_bounds", "split_sequence"]
+__all__ = ["rank_and_size", "random_inputs", "slice_bounds", "split_sequence", "split_sequences"]
 
 
 def rank_and_size():
@@ -53,9 +54,10 @@ def slice_bounds(lengths: Sequence[int], rank: int):
     return slice(a, a + lengths[rank])
 
 
-def split_sequence(T: int, T0: int) -> List[float]:
-    """One sequence of ``T`` tokens over two ranks (rank 0 the first ``T0``): the relative errors of
-    the outputs, the final state and the gradients of ``q`` and the initial state, against ``chunked.kda``."""
+def split_sequence(T: int, T0: int) -> Dict[str, float]:
+    """One sequence of ``T`` tokens over two ranks, rank 0 the first ``T0``: the relative errors of the
+    outputs, the final state and the gradients of ``q`` and the initial state against ``chunked.kda``
+    on the whole sequence, and the bytes this rank sent (forward and backward)."""
     rank = dist.get_rank()
     x = random_inputs(1, T, 2, 2, 4, 3, N=1)
     whole = {name: t.clone().requires_grad_() for name, t in x.items()}
@@ -64,10 +66,17 @@ def split_sequence(T: int, T0: int) -> List[float]:
 
     part = slice_bounds([T0, T - T0], rank)
     mine = {name: (t if name == "initial_state" else t[:, part]).clone().requires_grad_() for name, t in x.items()}
-    o, S = context_parallel_kda(**mine, output_final_state=True)
-    # each rank's loss reads its outputs; the final state's term is counted once, on rank 0
-    (o.sum() + (S.sum() if rank == 0 else 0 * S.sum())).backward()
+    with count_bytes() as sent:
+        o, S = context_parallel_kda(**mine, output_final_state=True)
+        # each rank's loss reads its outputs; the final state's term is counted once, on rank 0
+        (o.sum() + (S.sum() if rank == 0 else 0 * S.sum())).backward()
     dS0 = mine["initial_state"].grad.clone()
     dist.all_reduce(dS0)  # the ranks' shares add up to the full gradient
-    return [rel_rms_error(o, o_ref[:, part]), rel_rms_error(S, S_ref),
-            rel_rms_error(mine["q"].grad, whole["q"].grad[:, part]), rel_rms_error(dS0, whole["initial_state"].grad)]
+    return {"o": rel_rms_error(o, o_ref[:, part]), "final state": rel_rms_error(S, S_ref),
+            "dq": rel_rms_error(mine["q"].grad, whole["q"].grad[:, part]),
+            "dinitial_state": rel_rms_error(dS0, whole["initial_state"].grad), "bytes sent": sent.total}
+
+
+def split_sequences(splits: Sequence[Tuple[int, int]]) -> List[Dict[str, float]]:
+    """:func:`split_sequence` for each ``(T, T0)`` of ``splits``, in one group."""
+    return [split_sequence(T, T0) for T, T0 in splits]

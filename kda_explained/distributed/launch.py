@@ -55,10 +55,11 @@ def spawn(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), *, 
     Inside ``fn``, ``torch.distributed`` is initialised (``get_rank()``, the default
     group). If a rank raises, the others are stopped and :class:`RuntimeError` carries
     that rank's traceback; so it does if the ranks take longer than ``timeout`` seconds.
+    For example (the doctest of :func:`~kda_explained.distributed.context_parallel.context_parallel_kda`
+    runs one; starting processes takes seconds, so one is enough)::
 
-    >>> from kda_explained.distributed import examples
-    >>> spawn(examples.rank_and_size, world_size=2)
-    [(0, 2), (1, 2)]
+        from kda_explained.distributed import examples
+        spawn(examples.rank_and_size, world_size=2)   # [(0, 2), (1, 2)]
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size: expected a positive int, got {world_size!r}")
