@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py
 
 Prints one line per case with the relative RMS errors of ``o`` and the final
-state, and exits non-zero if any exceeds its DESIGN.md bound.
+state, and exits non-zero if any exceeds its bound in the design contract (docs/design.md).
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ html_theme_options = {
 from docutils import nodes  # noqa: E402
 from sphinx.util.docutils import SphinxDirective  # noqa: E402
 
-#: What each key of ``TOLERANCES`` compares (``DESIGN.md``, *Numerics*); an unknown key shows as is.
+#: What each key of ``TOLERANCES`` compares (docs/design.md, *Numerics*); an unknown key shows as is.
 _TOLERANCE_MEANING = {
     "chunked_f64_vs_naive": "chunked, float64 inputs, vs the naive float64 reference",
     "chunked_f32_vs_naive": "chunked, float32 inputs, vs the naive float64 reference",

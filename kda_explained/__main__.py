@@ -32,7 +32,7 @@ Problem = Dict[str, np.ndarray]  # q, k, v, g, beta, initial_state (NumPy float6
 
 
 def make_problem(seed: int, B: int, T: int, H: int, HV: int, K: int, V: int) -> Problem:
-    """A seeded random problem inside the valid domain (``DESIGN.md``, *Tests*)."""
+    """A seeded random problem inside the valid domain (the design contract (docs/design.md), *Tests*)."""
     rng = np.random.default_rng(seed)
     return {
         "q": naive.l2norm(rng.standard_normal((B, T, H, K))),  # [B, T, H, K]

@@ -1,4 +1,4 @@
-"""The one tolerance table and the one error measure (``DESIGN.md``, *Numerics*).
+"""The one tolerance table and the one error measure (the design contract (docs/design.md), *Numerics*).
 
 Every comparison between layers, in tests, the demo, notebooks and benchmarks,
 uses :func:`rel_rms_error` against a float64 reference and a bound from

@@ -1,6 +1,6 @@
 """Input checks shared by every layer (naive, chunked, fast).
 
-One module, one error style (``DESIGN.md``, *Errors*): a malformed call raises
+One module, one error style (*Errors* in the design contract (docs/design.md)): a malformed call raises
 :class:`ValueError` (or :class:`TypeError` for a wrong type) whose message names
 the argument, says what was expected and what was given, e.g.::
 
@@ -10,8 +10,8 @@ The checks read only ``.shape``, ``.dtype`` and (for ``cu_seqlens``) the values,
 so they serve NumPy arrays and ``torch.Tensor`` alike without importing torch:
 the naive layer stays NumPy-only.
 
-Glossary (``DESIGN.md``, *Shared signature*)
---------------------------------------------
+Glossary (the design contract (docs/design.md), *Shared signature*)
+-------------------------------------------------------------------
 =========  =================================================================
 ``B``      batch size (1 with ``cu_seqlens``)
 ``T``      tokens per batch row (the packed length with ``cu_seqlens``)
@@ -206,7 +206,7 @@ def check_kda_inputs(
     initial_state: Any = None,
     cu_seqlens: Any = None,
 ) -> KDAProblem:
-    """Check a ``kda(...)`` call against ``DESIGN.md`` and return its sizes.
+    """Check a ``kda(...)`` call against the design contract (docs/design.md) and return its sizes.
 
     Shapes: ``q, k: [B, T, H, K]``, ``v: [B, T, HV, V]``, ``g: [B, T, HV, K]``,
     ``beta: [B, T, HV]``, ``initial_state: [N, HV, K, V]``, ``cu_seqlens: [N + 1]``.

@@ -1,7 +1,7 @@
 """The one place for hypothesis strategies (STYLE.md, practice 7).
 
-A drawn :class:`Problem` is a ``kda(...)`` call inside the valid domain of
-``DESIGN.md``: L2-normalised ``k``, ``beta`` in ``[0, 1]``, ``g <= 0``. Hypothesis
+A drawn :class:`Problem` is a ``kda(...)`` call inside the valid domain of the
+design contract (docs/design.md): L2-normalised ``k``, ``beta`` in ``[0, 1]``, ``g <= 0``. Hypothesis
 draws only the sizes, the layout (packed or not, initial state or not) and an
 integer seed; the arrays come from ``numpy.random.default_rng(seed)``. That keeps
 drawing fast and lets a failing case shrink to small sizes and a small seed.
@@ -9,8 +9,8 @@ drawing fast and lets a failing case shrink to small sizes and a small seed.
 The naive tests use NumPy only; :func:`to_torch` imports torch when it is called,
 for the chunked and fast layers.
 
-Glossary (``DESIGN.md``, *Shared signature*)
---------------------------------------------
+Glossary (the design contract (docs/design.md), *Shared signature*)
+-------------------------------------------------------------------
 =========  ==============================================================
 ``B, T``   batch rows, tokens per row (``B == 1`` for a packed batch)
 ``H``      query/key heads
@@ -50,7 +50,7 @@ STRONG_GATES = (-np.inf, -1e10, -1e6, -800.0, -300.0, -90.0)
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    """One ``kda(...)`` call: arrays in float64, shapes as ``DESIGN.md``."""
+    """One ``kda(...)`` call: arrays in float64, shapes as in the design contract (docs/design.md)."""
 
     q: np.ndarray  # [B, T, H, K]
     k: np.ndarray  # [B, T, H, K], unit rows (l2norm)
@@ -194,7 +194,7 @@ def to_torch(p: Problem, dtype: Any = None, device: Any = "cpu") -> Tuple[tuple,
     """``(args, kwargs)`` of ``p`` as torch tensors for ``chunked.kda`` / ``fast.kda``.
 
     ``dtype`` (default ``torch.float64``) applies to q, k, v, g, beta; the initial
-    state stays float32 or float64 per ``DESIGN.md`` (float64 only when ``dtype``
+    state stays float32 or float64 per the design contract (docs/design.md) (float64 only when ``dtype``
     is float64); ``cu_seqlens`` is int64.
     """
     import torch  # only the torch layers need it; the naive tests run without torch

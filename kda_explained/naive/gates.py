@@ -10,7 +10,7 @@ Glossary
 ``lower_bound``    the most negative log decay a lower-bound gate can give
 =================  ==========================================================
 
-The two gate formulas are those of ``DESIGN.md`` (*Gates*)::
+The two gate formulas are those of the design contract (docs/design.md), *Gates*::
 
     kda_gate(x)        = -exp(A_log[h]) * softplus(x + dt_bias[h, :])          in (-inf, 0]
     lowerbound_gate(x) = lower_bound * sigmoid(exp(A_log[h]) * (x + dt_bias[h, :]))  in (lower_bound, 0)

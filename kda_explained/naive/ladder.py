@@ -2,7 +2,8 @@
 
 Each rung changes one line of the state update (report §2–3, Table 6). All of
 them keep a state ``S`` of shape ``[K, V]`` per head, read it with
-``o_t = S_t^T (scale * q_t)``, and share the shapes of ``DESIGN.md``.
+``o_t = S_t^T (scale * q_t)``, and share the shapes of the design contract
+(docs/design.md).
 
 Glossary
 --------
