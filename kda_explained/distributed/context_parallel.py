@@ -198,6 +198,8 @@ def context_parallel_kda(
     group = comm.resolve_group(group)
     p = check_kda_inputs(q, k, v, g, beta, scale=scale)  # this rank's slice
     cu = _check_whole_batch(p, initial_state, cu_seqlens)
+    if initial_state is not None and initial_state.device != q.device:
+        raise ValueError(f"initial_state: expected on device {q.device} like q, got {initial_state.device}")
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state))
     agree = [("q", "B", p.B), ("q", "H", p.H), ("q", "K", p.K), ("v", "HV", p.HV), ("v", "V", p.V),

@@ -39,7 +39,7 @@ class ContextParallelCosts:
 
     @property
     def compute_speedup(self) -> float:
-        """One device's FLOPs over one rank's: at most ``R``, less the price of the ``K`` extra columns."""
+        """One device's FLOPs divided by one rank's; at most ``R``, less the price of the ``K`` extra columns."""
         return self.one_device_flops / self.rank_flops
 
     @property

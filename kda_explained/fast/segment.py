@@ -2,14 +2,14 @@
 
 The same function, name and signature as the chunked stage
 :func:`kda_explained.distributed.segment.segment_summary`, which derives it. The kernel
-*is* the chunk pipeline of :func:`kda_explained.fast.kda` run over ``V + K`` value
+*is* the chunk pipeline of :func:`kda_explained.fast.api.kda` run over ``V + K`` value
 columns, values ``[v | 0]`` from the state ``[S_0 | I]``: its state pass carries the
 identity columns through ``S <- Diag(Gamma_C) S + kg^T (U - W S)`` with ``U = 0``, which
 is exactly the product of the chunk transitions a dedicated transition kernel would
 form, and its output pass writes ``q_read`` (the outputs of those columns), which
 context parallelism needs as well. What a dedicated kernel would save is the read of
 ``K`` zero value columns per token. Where ``V + K`` exceeds the kernels' widest value
-tile (:data:`~kda_explained.fast.chunk.MAX_HEAD_DIM`) the two column blocks run as two
+tile (``MAX_HEAD_DIM``, 256) the two column blocks run as two
 calls, which repeats the intra-chunk work (``A_kk``, the UT transform) once.
 
 Glossary as :mod:`kda_explained.distributed.segment`.
