@@ -203,7 +203,8 @@ def context_parallel_kda(
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state))
     agree = [("q", "B", p.B), ("q", "H", p.H), ("q", "K", p.K), ("v", "HV", p.HV), ("v", "V", p.V),
-             ("v", "dtype", dtype_code(v.dtype)), ("initial_state", "presence (1 given, 0 None)", initial_state is not None),
+             ("v", "dtype", dtype_code(v.dtype)),
+             ("initial_state", "presence (1 given, 0 None)", initial_state is not None),
              ("output_final_state", "value", bool(output_final_state)), ("q", "requires_grad", needs_grad),
              ("scale", "value", p.scale)]
     plan = exchange_plan(p.T, agree, cu, group, q.device)

@@ -89,7 +89,8 @@ class ContextParallelSlice:
                              "prefill without a cache), got a cache")
         group = comm.resolve_group(group)
         B, T, _ = hidden_states.shape
-        needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or any(p.requires_grad for p in parameters))
+        needs_grad = torch.is_grad_enabled() and (
+            hidden_states.requires_grad or any(p.requires_grad for p in parameters))
         cu = None
         if cu_seqlens is not None:
             cu = (cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else [int(c) for c in cu_seqlens])

@@ -47,8 +47,10 @@ def augment(v: torch.Tensor, initial_state: Optional[torch.Tensor], N: int, K: i
 
     >>> import torch
     >>> v_aug, S_aug = augment(torch.ones(1, 3, 2, 4), None, N=1, K=2, state_dtype=torch.float32)
-    >>> v_aug.shape, S_aug.shape, S_aug[0, 0].tolist()
-    (torch.Size([1, 3, 2, 6]), torch.Size([1, 2, 2, 6]), [[0.0, 0.0, 0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]])
+    >>> v_aug.shape, S_aug.shape
+    (torch.Size([1, 3, 2, 6]), torch.Size([1, 2, 2, 6]))
+    >>> S_aug[0, 0].tolist()                                  # [S_0 | I] of head 0: zeros, then the identity
+    [[0.0, 0.0, 0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]]
     """
     B, T, HV, V = v.shape
     v_aug = torch.cat([v, v.new_zeros(B, T, HV, K)], dim=-1)  # [B, T, HV, V + K]
