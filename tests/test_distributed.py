@@ -24,6 +24,8 @@ from kda_explained.distributed.examples import random_inputs, slice_bounds
 from kda_explained.testing import TOLERANCES, rel_rms_error
 
 EXACT = TOLERANCES["chunked_f64_vs_naive"]  # float64 against float64, another order of operations
+#: The fast layer's kernels run on CUDA, or under the Triton interpreter on CPU tensors (conftest.py).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FAST = TOLERANCES["fast_f32_vs_f64"]
 NAMES = ("q", "k", "v", "g", "beta")
 
@@ -106,7 +108,7 @@ def test_fast_segment_summary_matches_chunked(K, V, cu):
     x = random_inputs(1, T, 1, 1, K, V, seed=2, N=1 if cu is None else 2)
     cu_t = None if cu is None else torch.tensor(cu)
     ref = segment_summary(**x, cu_seqlens=cu_t)
-    got = fast_segment_summary(**{n: t.float() for n, t in x.items()}, cu_seqlens=cu_t)
+    got = fast_segment_summary(**{n: t.float().to(DEVICE) for n, t in x.items()}, cu_seqlens=cu_t)
     for name, a, b in zip(("o", "q_read", "P", "R"), got, ref):
         assert a.dtype == torch.float32 and rel_rms_error(a, b) < FAST, name
 
@@ -309,7 +311,8 @@ def all_cases():
     groups = {2: dist.new_group([0, 1]), 3: dist.new_group([0, 1, 2]), 4: dist.group.WORLD}
     out = {}
     for name, c in KDA_CASES.items():
-        if rank < c["ranks"]:
+        # gloo exchanges CPU tensors: the fast backend's case runs under the interpreter, without a GPU
+        if rank < c["ranks"] and not (c.get("backend") == "fast" and torch.cuda.is_available()):
             out[name] = run_kda_case(c, groups[c["ranks"]])
     if rank < 2:
         out["bytes"] = bytes_at_two_lengths(groups[2])
@@ -332,6 +335,8 @@ def test_context_parallel_matches_one_pass(results, case):
     """Outputs, final state and gradients of every rank equal one ``chunked.kda`` call on the whole batch;
     float64 to the chunked float64 bound, float32 to its bound (strong gates: finite and exact to float32)."""
     c = KDA_CASES[case]
+    if case not in results:
+        pytest.skip("the fast backend's gloo case runs under the Triton interpreter, on machines without a GPU")
     dtype = c.get("dtype", torch.float64)
     bound = FAST if c.get("backend") == "fast" else EXACT if dtype == torch.float64 else \
         TOLERANCES["chunked_f32_vs_naive"]
