@@ -10,9 +10,12 @@ running fails the build instead of rotting.
 
 from __future__ import annotations
 
+import atexit
+import importlib.util
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent
@@ -22,6 +25,28 @@ ROOT = DOCS.parent
 # (it inherits os.environ), even when the package is not installed.
 sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+
+def _quiet_notebook_kernels() -> None:
+    """Keep the kernels' start-up notices, which are not about the docs, out of the build log.
+
+    Every notebook runs in a fresh ipykernel on this machine, whose start-up would print two
+    notices that read like build problems: debugpy's warning about frozen modules (switched off
+    by ``PYDEVD_DISABLE_FILE_VALIDATION``) and ipykernel's notice that its local TCP sockets are
+    not encrypted (myst-nb's kernel manager provisions no CurveZMQ keys). The second is dropped
+    by ``_kernel/ipython_kernel_config.py``, loaded from a profile in a throw-away IPython
+    directory, so neither the user's IPython profile nor the repository is touched.
+    """
+    os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    ipython_dir = tempfile.mkdtemp(prefix="kda-docs-ipython-")
+    atexit.register(shutil.rmtree, ipython_dir, ignore_errors=True)
+    profile = Path(ipython_dir) / "profile_default"
+    profile.mkdir()
+    shutil.copy(DOCS / "_kernel" / "ipython_kernel_config.py", profile / "ipython_kernel_config.py")
+    os.environ["IPYTHONDIR"] = str(profile.parent)
+
+
+_quiet_notebook_kernels()
 
 
 def _copy_notebooks() -> None:
@@ -60,7 +85,48 @@ extensions = [
     "sphinx.ext.viewcode",
 ]
 
-exclude_patterns = ["_build", "jupyter_execute", "**.ipynb_checkpoints", "Thumbs.db", ".DS_Store"]
+exclude_patterns = ["_build", "_kernel", "jupyter_execute", "**.ipynb_checkpoints", "Thumbs.db", ".DS_Store"]
+
+# -- Math, rendered offline ------------------------------------------------------------------------
+# The pages must show their equations without a network, so MathJax is served with the site instead
+# of from a CDN: the docs extra installs MathJax 3 (the django-static-mathjax wheel holds MathJax's
+# files and needs no Django), and _copy_mathjax puts what tex-mml-chtml.js loads into _static/mathjax.
+mathjax_path = "mathjax/tex-mml-chtml.js"  # relative to _static
+
+#: The parts of MathJax's es5/ folder the pages use: the component, the TeX extensions it may load
+#: on demand, the CommonHTML fonts, the menu and its accessibility modules.
+_MATHJAX_PARTS = ["tex-mml-chtml.js", "input/tex/extensions", "output/chtml", "ui", "a11y", "sre"]
+
+
+def _mathjax_es5() -> Path | None:
+    """MathJax's ``es5`` folder as the ``mathjax`` package installs it, or None without it."""
+    spec = importlib.util.find_spec("mathjax")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    es5 = Path(list(spec.submodule_search_locations)[0]) / "static" / "mathjax" / "es5"
+    return es5 if (es5 / "tex-mml-chtml.js").is_file() else None
+
+
+def _copy_mathjax(app, exception) -> None:
+    """After an HTML build, copy MathJax into ``_static/mathjax`` (``mathjax_path`` points there)."""
+    if exception is not None or app.builder.format != "html":
+        return
+    es5 = _mathjax_es5()
+    if es5 is None:
+        from sphinx.util import logging
+
+        logging.getLogger(__name__).warning(
+            "MathJax is not installed, so the equations will not render: pip install -e '.[docs]'"
+        )
+        return
+    target = Path(app.outdir) / "_static" / "mathjax"
+    for part in _MATHJAX_PARTS:
+        src = es5 / part
+        if src.is_dir():
+            shutil.copytree(src, target / part, dirs_exist_ok=True)
+        else:
+            (target / part).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, target / part)
 
 # -- MyST and notebook execution -------------------------------------------------------------------
 
@@ -107,6 +173,8 @@ html_theme_options = {
     "page_width": "1100px",
     "sidebar_width": "240px",
 }
+html_static_path = ["_static"]
+html_css_files = ["kda.css"]  # long code lines and wide tables scroll inside the text column
 
 
 # -- The tolerance table, rendered from kda_explained.testing.TOLERANCES ----------------------------
@@ -160,4 +228,5 @@ class ToleranceTable(SphinxDirective):
 
 def setup(app):
     app.add_directive("kda-tolerances", ToleranceTable)
+    app.connect("build-finished", _copy_mathjax)
     return {"parallel_read_safe": True}
