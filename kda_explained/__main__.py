@@ -11,6 +11,11 @@ layer present in this checkout runs on the same inputs:
 For each it prints the relative RMS error of ``o`` and of the final state
 (:func:`kda_explained.testing.rel_rms_error`), the median wall time, and PASS or FAIL
 against its bound in :data:`kda_explained.testing.TOLERANCES`. Exit code 1 if any fails.
+
+The times say how long this run took, not which layer is faster: on a CPU the layers run
+at sizes far below a GPU's, and the fast layer runs under the Triton interpreter (each
+kernel program emulated in NumPy) on a smaller problem. Speed is compared on a GPU by
+``benchmarks/`` (the docs' Benchmarks page).
 """
 
 from __future__ import annotations
@@ -53,6 +58,16 @@ def shape_of(p: Problem) -> str:
     return f"B={B} T={T} H={H} HV={HV} K={K} V={V}"
 
 
+#: What each key of TOLERANCES bounds, as the demo's verdict lines name it.
+BOUND_NAMES = {
+    "chunked_f64_vs_naive": "the float64 bound",
+    "chunked_f32_vs_naive": "the float32 bound",
+    "fast_f32_vs_f64": "the fast layer's float32 bound",
+    "fast_tf32_vs_f64": "the fast layer's bound for tf32 dots",
+    "fast_bf16_output": "the fast layer's bf16 bound",
+}
+
+
 @dataclass
 class Layer:
     name: str
@@ -79,6 +94,11 @@ def median_time(layer: Layer) -> Tuple[Tuple[Any, Any], float]:
     return out, statistics.median(times)
 
 
+def runs_of(layer: Layer) -> str:
+    """The demo's "timed runs" cell: ``5 (+1 warm-up)`` or ``1 (no warm-up)``."""
+    return f"{max(layer.repeats, 1)} " + (f"(+{layer.warmup} warm-up)" if layer.warmup else "(no warm-up)")
+
+
 def naive_layers(p: Problem, repeats: int) -> List[Layer]:
     def recurrent(p):
         return naive.kda(**p, output_final_state=True)
@@ -87,7 +107,7 @@ def naive_layers(p: Problem, repeats: int) -> List[Layer]:
         return naive.kda_parallel(**p, output_final_state=True)
 
     return [
-        Layer("naive recurrent f64", recurrent, p, None, "cpu", repeats=repeats),
+        Layer("naive recurrent f64 (reference)", recurrent, p, None, "cpu", repeats=repeats),
         # float64 against float64, the same bound as the chunked float64 layer
         Layer("naive parallel f64", parallel, p, "chunked_f64_vs_naive", "cpu", repeats=repeats),
     ]
@@ -131,7 +151,8 @@ def torch_layers(p: Problem, small: Problem, repeats: int) -> Tuple[List[Layer],
         notes.append("fast: not available yet (kda_explained.fast has no kda)")
     elif cuda:
         # Triton dots on float32 inputs use tf32 by default, hence the tf32 bound
-        layers.append(Layer("fast f32", torch_runner(fast.kda, torch.float32), p, "fast_tf32_vs_f64", device, sync, repeats))
+        layers.append(Layer("fast f32 (tf32 dots)", torch_runner(fast.kda, torch.float32), p, "fast_tf32_vs_f64",
+                            device, sync, repeats))
         # the bf16 bound is the kernels' error, so its reference sees the same bf16-rounded inputs
         p_bf16 = {name: torch.from_numpy(x).to(torch.float32 if name == "initial_state" else torch.bfloat16)
                   .double().numpy() for name, x in p.items()}
@@ -139,7 +160,7 @@ def torch_layers(p: Problem, small: Problem, repeats: int) -> Tuple[List[Layer],
                             sync, repeats))
     else:
         # the interpreter runs every kernel program in NumPy, which is slow: a small problem, one run, no warm-up
-        layers.append(Layer("fast f32 (interpreter)", torch_runner(fast.kda, torch.float32), small,
+        layers.append(Layer("fast f32 (Triton interpreter)", torch_runner(fast.kda, torch.float32), small,
                             "fast_f32_vs_f64", "cpu, TRITON_INTERPRET=1", sync, repeats=1, warmup=0))
         notes.append("fast: no GPU, so it ran under the Triton interpreter on a small problem (one run, no warm-up)")
     return layers, notes
@@ -176,31 +197,40 @@ def main(argv: Optional[List[str]] = None) -> int:
             (o, s), seconds = median_time(layer)
             err_o, err_s = rel_rms_error(o, o_ref), rel_rms_error(s, s_ref)
         except Exception as e:  # a layer that crashes fails, and the others still run
-            rows.append([layer.name, layer.device, shape_of(layer.problem), "error", "error", "-", "-"])
+            rows.append([layer.name, layer.device, shape_of(layer.problem), "error", "error", "-", "-", "-"])
             verdicts.append(f"FAIL  {layer.name}: {type(e).__name__}: {e}")
             failed = True
             continue
         if layer.bound_key is None:
             rows.append([layer.name, layer.device, shape_of(layer.problem), "reference", "reference", "-",
-                         f"{seconds * 1e3:.1f}"])
+                         f"{seconds * 1e3:.1f}", runs_of(layer)])
             continue
         bound = TOLERANCES[layer.bound_key]
         ok = max(err_o, err_s) <= bound
         failed |= not ok
         rows.append([layer.name, layer.device, shape_of(layer.problem), f"{err_o:.1e}", f"{err_s:.1e}",
-                     f"{bound:.0e}", f"{seconds * 1e3:.1f}"])
+                     f"{bound:.0e}", f"{seconds * 1e3:.1f}", runs_of(layer)])
         verdicts.append(f"{'PASS' if ok else 'FAIL'}  {layer.name}: max error {max(err_o, err_s):.1e} "
-                        f"{'<=' if ok else '>'} {bound:.0e} ({layer.bound_key})")
+                        f"{'<=' if ok else '>'} {bound:.0e}, {BOUND_NAMES.get(layer.bound_key, layer.bound_key)} "
+                        f"(TOLERANCES['{layer.bound_key}'])")
 
-    header = ["layer", "device", "problem", "err(o)", "err(state)", "bound", "time ms"]
+    header = ["layer", "device", "problem", "err(o)", "err(state)", "bound", "time ms", "timed runs"]
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    print(f"KDA demo, seed {args.seed}: relative RMS error against naive.kda (float64); time is the median of "
-          f"{repeats} run{'s' if repeats > 1 else ''} after a warm-up")
+    print(f"KDA demo, seed {args.seed}: relative RMS error against naive.kda (float64) on the row's problem; "
+          "time ms is the median of the row's timed runs")
     for r in [header, ["-" * w for w in widths]] + rows:
-        print("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        cells = (c.ljust(w) if i < 3 or i == 7 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        print("  ".join(cells).rstrip())
     print()
     for line in verdicts + notes:
         print(line)
+    print()
+    if any("TRITON_INTERPRET" in layer.device for layer in layers):
+        print("The times are not a speed comparison: every layer ran on the CPU at a small size, and the fast layer "
+              "under the Triton interpreter (its GPU kernels emulated in NumPy) on a smaller problem.")
+    else:
+        print("The times are not a speed comparison: each layer ran one small problem.")
+    print("Speed is compared on a GPU, at real sizes, by the scripts in benchmarks/ (the docs' Benchmarks page).")
     return 1 if failed else 0
 
 
