@@ -27,10 +27,11 @@ Arguments of ``fla.ops.kda`` that change nothing here (``safe_gate``,
 ``disable_recompute``, ``cu_seqlens_cpu``) are passed as the grid passes them. Where
 the two libraries differ by design, the tests check this layer's contract:
 ``chunk_size=16`` is a valid chunk size here; ``return_intermediate_states`` gives
-``[NC, HV, K, V]`` float32 chunk states; ``fused_recurrent_kda`` (forward only) is
-called without inputs that require grad, since it refuses them; the gate is tested
-as stage 1 (``fast.chunk_local_cumsum`` and its backward), there being no separate
-gate kernel.
+``[NC, HV, K, V]`` float32 chunk states; ``fused_recurrent_kda`` is called with
+inputs that do not require grad (with such inputs it runs the differentiable chunk
+pipeline, and the token-by-token kernel would go untested); the gate is tested as
+stage 1 (``fast.chunk_local_cumsum`` and its backward), there being no separate gate
+kernel.
 
 Expected failures: on the CPU, the bfloat16 rows with the in-kernel L2 norm
 (``INTERPRETER_BF16_L2NORM``, an interpreter rounding); everywhere, the gate rows
