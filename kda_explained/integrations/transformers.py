@@ -8,7 +8,7 @@ otherwise. :func:`use_kda_explained` makes each of those modules run our layer i
 prefill, cached decoding and training alike, with the chunked or the fast backend.
 
 - The model keeps its own parameters, names and state dict. Each call runs our layer on
-  the module's own tensors through :func:`torch.func.functional_call`. Two of them
+  the module's own tensors through ``torch.func.functional_call``. Two of them
   (the stacked conv weight and ``A_log``) are seen in our layout through views, so
   gradients land on the transformers parameters and an optimizer built before or after
   the switch trains the same tensors. ``save_pretrained`` writes a checkpoint that
@@ -274,8 +274,8 @@ class KDAExplainedForward:
 
     Called as transformers' decoder layer calls its KDA layer:
     ``(hidden_states [B, T, D], cache=None, attention_mask=None, **kwargs) -> [B, T, D]``.
-    It runs :attr:`layer`, our ``KimiDeltaAttention`` built on the meta device (it holds
-    no memory), on the module's own parameters through :func:`torch.func.functional_call`.
+    It runs ``self.layer``, our ``KimiDeltaAttention`` built on the meta device (it holds
+    no memory), on the module's own parameters through ``torch.func.functional_call``.
 
     - ``cache``: transformers' ``Cache``; its KDA tensors are read and updated in place (module docstring, *The cache*).
     - ``attention_mask [B, T]``: 1 for tokens, 0 for padding, which never touches the state.
