@@ -227,7 +227,7 @@ def _check_module(module, name: str = "module") -> None:
         raise ValueError(f"{name}: expected conv1d without a bias (Kimi Linear's short convolutions have none)")
 
 
-def _layer_like(module, backend: str, device=None) -> KimiDeltaAttention:
+def _layer_like(module, backend: str) -> KimiDeltaAttention:
     """Our layer with the sizes of the transformers ``module`` (parameters freshly initialised)."""
     return KimiDeltaAttention(hidden_size=module.hidden_size, num_heads=module.num_heads, head_dim=module.head_dim,
                               conv_size=module.conv_kernel_size, norm_eps=module.o_norm.variance_epsilon,
@@ -238,8 +238,8 @@ def kda_layer_from_transformers(module, backend: str = "auto") -> KimiDeltaAtten
     """Our :class:`~kda_explained.layers.kda_layer.KimiDeltaAttention` with the sizes and weights of a transformers module.
 
     ``module`` is a transformers ``KimiLinearDeltaAttention``. The result is a separate copy,
-    on the module's device and in its dtype (``A_log`` and ``dt_bias`` float32, as in both
-    libraries). It computes the module's function: same outputs, same cache semantics
+    on the module's device and in its dtype (``A_log`` and ``dt_bias`` float32, as our layer
+    keeps them). It computes the module's function: same outputs, same cache semantics
     (with our :class:`~kda_explained.layers.kda_layer.KDACache`). ``backend`` as for the layer.
     A module of another class, or one with another activation than SiLU, raises.
     """
@@ -314,9 +314,9 @@ class KDAExplainedForward:
         """Our :class:`KDACache` over transformers' cache tensors of this layer; zero tensors on the first call."""
         i, layer = self.module.layer_idx, self.layer
         if cache.is_recording_past(i):
-            raise ValueError(f"cache: layer {i} records past states (cache.activate_past_recording, used by assisted "
-                             f"decoding to roll back), which use_kda_explained does not support; generate without "
-                             f"an assistant model, or call use_kda_explained on a model that does not need it")
+            raise ValueError(f"cache: layer {i} records past states (cache.activate_past_recording, which assisted "
+                             f"decoding uses to roll back), and the KDA layers of use_kda_explained do not keep them; "
+                             f"generate without an assistant model")
         C, W, HV, K = layer.num_heads * layer.head_dim, layer.conv_size, layer.num_v_heads, layer.head_dim
         if cache.get_conv_state(i) is None:
             # nothing cached for this layer yet: transformers' cache layer allocates its tensors (zeros: no tokens
