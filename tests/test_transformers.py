@@ -31,7 +31,16 @@ from transformers import DynamicCache, KimiLinearConfig, KimiLinearForCausalLM  
 from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearDeltaAttention  # noqa: E402
 
 BOUND = TOLERANCES["chunked_f32_vs_naive"]  # float32 on both sides, different order of operations
+#: Gradients of the fast backend: its kernels accumulate float32 in another order (products of
+#: whole chunks), and the A_log and dt_bias gradients are sums over every token of terms that
+#: partly cancel. Measured on this model: up to 1.3e-5 from transformers' path (A_log of the
+#: last KDA layer), where on one layer each of the two is within 3e-6 of a float64 reference. So
+#: the fast layer's own bound against float64, not the chunked one.
+GRAD_BOUND = {"chunked": BOUND, "fast": TOLERANCES["fast_f32_vs_f64"]}
 BACKENDS = ["chunked", "fast"]
+#: Batch rows per backend where the batch is not the point: the fast kernels run under the Triton
+#: interpreter on the CPU, whose time grows with the programs launched (one per row and head).
+ROWS = {"chunked": 2, "fast": 1}
 VOCAB = 64
 
 
@@ -70,8 +79,11 @@ def kda_modules(model):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("prompt_len", [9, 20])  # the token-by-token core for prefill, and the chunked one
+@pytest.mark.parametrize("backend, prompt_len", [
+    ("chunked", 9),  # a prefill by the token-by-token core
+    ("chunked", 20),  # a prefill by the chunked core
+    ("fast", 20),  # the chunk kernels for the prefill, the recurrent kernel for each step (as for 9 tokens)
+])
 def test_generate_matches_transformers(reference, backend, prompt_len):
     ours, theirs = ours_and_theirs(reference, backend)
     torch.manual_seed(1)
@@ -101,7 +113,7 @@ def test_cache_continuation_matches_transformers(reference, backend):
     """Prefill, a multi-token continuation from the cache, then single-token steps: each call as transformers'."""
     ours, theirs = ours_and_theirs(reference, backend)
     torch.manual_seed(2)
-    ids = torch.randint(3, VOCAB, (2, 14))
+    ids = torch.randint(3, VOCAB, (ROWS[backend], 14))
     cache_a, cache_b = DynamicCache(config=reference.config), DynamicCache(config=reference.config)
     with torch.no_grad():
         for lo, hi in ((0, 6), (6, 11), (11, 12), (12, 13), (13, 14)):
@@ -118,7 +130,8 @@ def test_training_step_gradients_match_transformers(reference, backend):
     ours, theirs = ours_and_theirs(reference, backend)
     ours.train(), theirs.train()
     torch.manual_seed(3)
-    ids, labels = torch.randint(3, VOCAB, (2, 20)), torch.randint(3, VOCAB, (2, 20))
+    # training takes the chunked core (or the chunk kernels) at any length: 10 tokens keep the interpreter quick
+    ids, labels = torch.randint(3, VOCAB, (ROWS[backend], 10)), torch.randint(3, VOCAB, (ROWS[backend], 10))
     # use_cache stays on (the config's default): transformers makes a cache in a training forward too
     loss_a, loss_b = theirs(ids, labels=labels).loss, ours(ids, labels=labels).loss
     loss_a.backward()
@@ -130,7 +143,7 @@ def test_training_step_gradients_match_transformers(reference, backend):
         if grads_a[name] is None:  # experts no token was routed to
             assert p.grad is None, name
             continue
-        assert_close(p.grad, grads_a[name], f"gradient of {name}")
+        assert_close(p.grad, grads_a[name], f"gradient of {name}", GRAD_BOUND[backend])
         checked += "self_attn" in name and name.split(".")[2] in "012"
     assert checked == 3 * 13  # every KDA parameter, conv1d, A_log and dt_bias included
 
@@ -138,7 +151,8 @@ def test_training_step_gradients_match_transformers(reference, backend):
     for model in (ours, theirs):
         torch.optim.SGD(model.parameters(), lr=0.1).step()
     with torch.no_grad():
-        assert_close(ours(ids, labels=labels).loss, theirs(ids, labels=labels).loss, "loss after a step")
+        assert_close(ours(ids, labels=labels).loss, theirs(ids, labels=labels).loss, "loss after a step",
+                     GRAD_BOUND[backend])
 
 
 def test_model_keeps_its_parameters_and_state_dict(reference):
