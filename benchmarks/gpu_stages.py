@@ -2,7 +2,8 @@
 
     python benchmarks/gpu_stages.py [--out DIR]
 
-Feeds the kernel notes in docs (METHOD.md: measure before changing anything).
+Feeds the docs' kernel page: measure before changing anything. Every variant is a launch plan
+(:mod:`kda_explained.fast.config`) passed to the call it times.
 """
 
 from __future__ import annotations
@@ -11,14 +12,17 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from kda_explained import fast  # noqa: E402
-from kda_explained.fast import local, output, recurrent, state  # noqa: E402
+from kda_explained.fast.config import DecodeConfig, KernelLaunch, plan_for  # noqa: E402
 from gpu_bench import bench, make_inputs  # noqa: E402
+
+PLAN = plan_for("cuda") if torch.cuda.is_available() else None
 
 
 def stage_times(B, T, H, D, C=64):
@@ -34,24 +38,17 @@ def stage_times(B, T, H, D, C=64):
         out["5_state"] = bench(lambda: fast.state_passing(f.kg, f.W, f.U, G, None, C, h_dtype=f.W.dtype))
         out["6_output"] = bench(lambda: fast.chunk_output(f.qg, h, vn, f.A_qk, C, out_dtype=v.dtype))
         out["total"] = bench(lambda: fast.chunk_kda(q, k, v, g, beta))
-        # launch-shape sweeps of the stages that have them (module-level tunables)
-        for pass_ in ("keys", "queries"):
-            local._PASSES = (pass_,)
-            out[f"2-4_local_{pass_}_only"] = bench(lambda: fast.chunk_local_factors(q, k, v, G, b32, scale, C))
-        local._PASSES = ("keys", "queries")
+        # launch-shape sweeps of the stages that have them (each a config passed to the call)
         for pass_, shapes in (("keys", ((16, 1), (32, 1))), ("queries", ((16, 1), (32, 2)))):
             for bk, w in shapes:
-                old = local.LOCAL_LAUNCH[pass_]
-                local.LOCAL_LAUNCH[pass_] = (bk, w)
+                config = replace(PLAN.local, **{pass_: KernelLaunch(warps=w, stages=PLAN.local.keys.stages, BK=bk)})
                 out[f"2-4_local_{pass_}_bk{bk}_w{w}"] = bench(
-                    lambda: fast.chunk_local_factors(q, k, v, G, b32, scale, C))
-                local.LOCAL_LAUNCH[pass_] = old
+                    lambda: fast.chunk_local_factors(q, k, v, G, b32, scale, C, config=config))
         for bv in (64, 128):
             for w in (4, 8):
-                output.OUTPUT_BV, output.OUTPUT_WARPS = bv, w
+                config = replace(PLAN.output, launch=replace(PLAN.output.launch, BV=bv, warps=w))
                 out[f"6_output_bv{bv}_w{w}"] = bench(
-                    lambda: fast.chunk_output(f.qg, h, vn, f.A_qk, C, out_dtype=v.dtype))
-        output.OUTPUT_BV, output.OUTPUT_WARPS = 64, 4
+                    lambda: fast.chunk_output(f.qg, h, vn, f.A_qk, C, out_dtype=v.dtype, config=config))
         # the exact diagonal fix-up: gates too strong for the tensor-core diagonal (span > SAFE_SPAN)
         G_strong = fast.chunk_local_cumsum(g * 4, C)
         out["2-4_local_strong_gates"] = bench(lambda: fast.chunk_local_factors(q, k, v, G_strong, b32, scale, C))
@@ -70,21 +67,20 @@ def lowp_sweep():
     res = {}
     for st in (False, True):
         for out in (False, True):
-            state.STATE_LOW_PRECISION_DOTS, output.OUTPUT_LOW_PRECISION_DOTS = st, out
+            plan = replace(PLAN, state=replace(PLAN.state, lowp=st), output=replace(PLAN.output, lowp=out))
             with torch.inference_mode():
-                err = rel_rms_error(fast.chunk_kda(qs, ks, vs, gs, bs)[0], ref)
-                ms = bench(lambda: fast.chunk_kda(q, k, v, g, beta))
+                err = rel_rms_error(fast.chunk_kda(qs, ks, vs, gs, bs, plan=plan)[0], ref)
+                ms = bench(lambda: fast.chunk_kda(q, k, v, g, beta, plan=plan))
             res[f"state{int(st)}_output{int(out)}"] = {"ms": ms, "rel_err": err}
             print(f"low-precision dots: state {st} output {out}: {ms:.3f} ms, rel err {err:.2e}", flush=True)
-    state.STATE_LOW_PRECISION_DOTS = output.OUTPUT_LOW_PRECISION_DOTS = True
     for prec in ("ieee", "tf32x3", "tf32"):
-        local.UT_PRECISION["tf32"] = prec
+        plan = replace(PLAN, local=replace(PLAN.local, ut_precision=prec),
+                       one_pass=replace(PLAN.one_pass, ut_precision=prec))
         with torch.inference_mode():
-            err = rel_rms_error(fast.chunk_kda(qs, ks, vs, gs, bs)[0], ref)
-            ms = bench(lambda: fast.chunk_kda(q, k, v, g, beta))
+            err = rel_rms_error(fast.chunk_kda(qs, ks, vs, gs, bs, plan=plan)[0], ref)
+            ms = bench(lambda: fast.chunk_kda(q, k, v, g, beta, plan=plan))
         res[f"ut_{prec}"] = {"ms": ms, "rel_err": err}
         print(f"UT transform products in {prec}: {ms:.3f} ms, rel err {err:.2e}", flush=True)
-    local.UT_PRECISION["tf32"] = "tf32"
     return res
 
 
@@ -97,11 +93,10 @@ def long_sequence_state_sweep(T=65536, H=16, D=128, C=64):
         f = fast.chunk_local_factors(q, k, v, G, b32, D ** -0.5, C)
         for bv in (16, 32, 64):
             for w in (2, 4):
-                state.STATE_BV, state.STATE_WARPS = bv, w
-                ms = bench(lambda: fast.state_passing(f.kg, f.W, f.U, G, None, C, h_dtype=f.W.dtype))
+                config = replace(PLAN.state, BV=bv, warps=w)
+                ms = bench(lambda: fast.state_passing(f.kg, f.W, f.U, G, None, C, h_dtype=f.W.dtype, config=config))
                 res[f"state_bv{bv}_w{w}"] = ms
                 print(f"T={T} state BV={bv} warps={w}: {ms:.3f} ms", flush=True)
-        state.STATE_BV, state.STATE_WARPS = None, 4
         res["total_default"] = bench(lambda: fast.chunk_kda(q, k, v, g, beta))
         print(f"T={T} chunk_kda: {res['total_default']:.3f} ms", flush=True)
     return res
@@ -130,9 +125,9 @@ def decode_sweep(N=256, H=32, D=128):
         print(f"decode slots, CUDA graph: {ms:.4f} ms {res['slots_cuda_graph']['GBps']:.0f} GB/s", flush=True)
         for bv in (16, 32, 64):
             for w in (2, 4):
-                recurrent.DECODE_BV, recurrent.DECODE_WARPS = bv, w
+                plan = replace(PLAN, decode=DecodeConfig(KernelLaunch(warps=w, BV=bv)))
                 ms = bench(lambda: fast.fused_recurrent_kda(q, k, v, g, beta, initial_state=pool,
-                                                            ssm_state_indices=slots))
+                                                            ssm_state_indices=slots, plan=plan))
                 res[f"BV{bv}_w{w}"] = {"ms": ms, "GBps": 2 * N * H * D * D * 4 / (ms * 1e-3) / 1e9}
                 print(f"decode BV={bv} warps={w}: {ms:.4f} ms {res[f'BV{bv}_w{w}']['GBps']:.0f} GB/s", flush=True)
     return res

@@ -1,18 +1,15 @@
-"""Forward + backward of chunk_kda: time and peak memory, fast (both backward paths) against fla.
+"""Forward + backward of chunk_kda: time and peak memory, fast against fla.
 
 Usage::
 
     python benchmarks/gpu_train_bench.py --out benchmarks/results   # on an H100 with fla-core
     python benchmarks/gpu_train_bench.py --cpu-smoke                # tiny sizes under the Triton interpreter
 
-For each shape (issue 5's: (B, T, H, D) = (8, 4096, 16, 128) and (1, 8192, 96, 128), bf16),
+For each shape ((B, T, H, D) = (8, 4096, 16, 128) and (1, 8192, 96, 128), bf16),
 one step is ``o, S = chunk_kda(...)`` then ``backward`` of ``(o * do).sum() + (S * dS).sum()``
 with every input requiring grad. Times are medians of ``triton.testing.do_bench`` (CUDA events);
 peak memory is ``torch.cuda.max_memory_allocated`` over one step minus what was allocated
-before it. The fast layer is measured with its Triton backward (the default), and on request
-(``--paths triton,fla,interim``) with the cross-check that recomputes through the chunked
-layer's autograd (``kda_explained.fast.chunk.TRITON_BACKWARD = False``: ~20x slower).
-Writes ``gpu_train_bench.json``.
+before it. The fast layer is measured with its Triton backward. Writes ``gpu_train_bench.json``.
 """
 
 from __future__ import annotations
@@ -81,17 +78,14 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (checks the script runs)")
     ap.add_argument("--paths", default="triton,fla",
-                    help="what to measure, in order: triton (fast, Triton backward), fla, interim (fast, "
-                         "backward through the chunked layer's autograd: slow, last)")
+                    help="what to measure, in order: triton (fast, Triton backward), fla")
     ap.add_argument("--shapes", default=",".join(s["name"] for s in SHAPES),
                     help="which shapes, by name (default all: " + ", ".join(s["name"] for s in SHAPES) + ")")
     args = ap.parse_args()
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"
     from kda_explained import fast
-    from kda_explained.fast import chunk as fast_chunk
 
-    default_backward = fast_chunk.TRITON_BACKWARD
     device = "cpu" if args.cpu_smoke else "cuda"
     dtype = torch.float32 if args.cpu_smoke else torch.bfloat16
     if args.cpu_smoke:
@@ -115,23 +109,19 @@ def main() -> None:
         do = torch.randn(B, T, H, D, device=device, generator=gen)
         dS = torch.randn(B, H, D, D, device=device, generator=gen)
         row = {"name": shp["name"], "B": B, "T": T, "H": H, "D": D}
-        paths = {"triton": ("fast_triton_backward", True), "interim": ("fast_interim_backward", False)}
         for path in args.paths.split(","):
             if path == "fla":
                 if fla_chunk_kda is not None and not args.cpu_smoke:
                     row["fla"] = measure(step_fn(fla_chunk_kda, xs, do, dS), device, bench)
                     log(f"{shp['name']} fla: {row['fla']}")
                 continue
-            name, triton_backward = paths[path]
-            fast_chunk.TRITON_BACKWARD = triton_backward
+            name = "fast_triton_backward"
             try:
                 row[name] = measure(step_fn(fast.chunk_kda, xs, do, dS), device, bench)
                 log(f"{shp['name']} {name}: {row[name]}")
             except Exception as exc:  # noqa: BLE001 - one path failing must not hide the others
                 row[name] = {"error": f"{type(exc).__name__}: {exc}"}
                 log(f"{shp['name']} {name}: FAILED {row[name]['error']}")
-            finally:
-                fast_chunk.TRITON_BACKWARD = default_backward
         results["rows"].append(row)
         del xs
         if device == "cuda":
@@ -156,8 +146,7 @@ def plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = [("fast_triton_backward", "kda_explained.fast"), ("fla", "fla chunk_kda"),
-             ("fast_interim_backward", "fast, chunked-autograd backward")]
+    paths = [("fast_triton_backward", "kda_explained.fast"), ("fla", "fla chunk_kda")]
     rows = results["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     width = 0.8 / len(paths)

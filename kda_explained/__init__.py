@@ -2,7 +2,7 @@
 
 - :mod:`kda_explained.naive`: NumPy float64, token by token (the definition);
 - :mod:`kda_explained.chunked`: PyTorch chunkwise WY / UT-transform algorithm;
-- :mod:`kda_explained.fast`: Triton kernels (forward and decode; the backward recomputes through ``chunked`` for now);
+- :mod:`kda_explained.fast`: Triton kernels (forward and decode, and the backward of the chunk pipeline);
 - :mod:`kda_explained.layers`: the Kimi Linear attention layer, its cache and a tiny hybrid model.
 
 Importing the package imports none of the layers, so ``kda_explained.naive``

@@ -36,9 +36,9 @@ for step in "${steps[@]}"; do
     case "$step" in
         tests)  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fast_gpu.py tests/test_layers.py ;;
         tests-fwd) python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fast_gpu.py \
-                       -k "not gradients and not long_sequence and not segmented" ;;
+                       -k "not gradients and not long_sequence" ;;
         tests-bwd) python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fast_gpu.py tests/test_layers.py \
-                       -k "gradients or long_sequence or segmented or test_layers" ;;
+                       -k "gradients or long_sequence or test_layers" ;;
         check)  python3 benchmarks/gpu_check.py ;;
         stages) python3 benchmarks/gpu_stages.py --out "$out" ;;
         bench)  python3 benchmarks/gpu_bench.py --out "$out" ;;
@@ -48,8 +48,7 @@ for step in "${steps[@]}"; do
         decode) python3 benchmarks/gpu_decode.py --quick --out "$out" ;;
         profile) python3 benchmarks/probe/train_profile.py ;;
         fwdprof) python3 benchmarks/probe/fla_profile.py --chunk-sizes 16 32 64 ;;
-        options) python3 benchmarks/probe/options_bwd.py ;;
         *) echo "unknown step: $step (tests, tests-fwd, tests-bwd, check, stages, bench, train, sweep, bwd, decode," \
-                "profile, fwdprof, options)"; exit 2 ;;
+                "profile, fwdprof)"; exit 2 ;;
     esac
 done

@@ -1,4 +1,4 @@
-"""The one place for hypothesis strategies (STYLE.md, practice 7).
+"""The one place for hypothesis strategies, shared by every test module.
 
 A drawn :class:`Problem` is a ``kda(...)`` call inside the valid domain of the
 design contract (docs/design.md): L2-normalised ``k``, ``beta`` in ``[0, 1]``, ``g <= 0``. Hypothesis

@@ -78,6 +78,10 @@ PACKED = make_problem(T=40, H=1, HV=2, K=5, V=3, cu_seqlens=[0, 0, 17, 17, 40], 
 @example(p=ODD_GVA, kind="kda_like", seed=1, chunk_size=16, dtype=torch.float32)
 @example(p=PACKED, kind="generic", seed=2, chunk_size=16, dtype=torch.float64)
 @example(p=PACKED, kind="kda_like", seed=3, chunk_size=32, dtype=torch.float32)
+# one 1 x 1 state through 97 tokens of lower-bound gates at C = 128: float32 exponents of a G near
+# -300 were off by 1e-5 until they were formed from the float64 G
+@example(p=make_problem(T=97, K=1, V=1, seed=252, gate="lowerbound"), kind="kda_like", seed=0, chunk_size=128,
+         dtype=torch.float32)
 @given(
     p=kda_problems(T=(1, 100), K=(1, 20), V=(1, 12)),
     kind=st.sampled_from(AB_KINDS),

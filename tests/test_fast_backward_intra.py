@@ -41,13 +41,13 @@ def dA_like(r, C: int, seed: int):
     return (torch.randn(r.beta.shape + (C,), generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(2))
 
 
-def matches_chunked(r, C: int, seed: int):
+def matches_chunked(r, C: int, seed: int, config=None):
     """Run the tensor-core kernel and the chunked backward on the same random ``dA`` (``dA_like``);
     assert each gradient within float32 rounding of the chunked one, and return the kernel's."""
     dA_kk, dA_qk = dA_like(r, C, seed)
     ref = reference_bwd(r.q, r.k, r.G, r.beta, r.scale, dA_kk, dA_qk, C, r.cu)
     ours = intra_chunk_matrices_bwd(f32(r.q), f32(r.k), f32(r.G), f32(r.beta), r.scale, f32(dA_kk), f32(dA_qk), C,
-                                    r.cu)
+                                    r.cu, config=config)
     for name, a, b in zip(NAMES, ours, ref):
         assert_close(a, b, F32, name)
     return ours
@@ -116,12 +116,14 @@ def test_intra_chunk_matrices_bwd_tensor_cores_rejects_short_chunks():
 
 
 @pytest.mark.parametrize("p, C", [*AWKWARD, *MORE])
-def test_intra_chunk_matrices_bwd_exact_diagonal_everywhere(p, C, monkeypatch):
+def test_intra_chunk_matrices_bwd_exact_diagonal_everywhere(p, C):
     """With the threshold below every span, each diagonal block takes the exact path: same answers."""
-    from kda_explained.fast import backward_intra
+    from dataclasses import replace
 
-    monkeypatch.setattr(backward_intra, "SAFE_SPAN", -1.0)  # span >= 0 > -1
-    matches_chunked(reference_stages(p, C), C, 4)
+    from kda_explained.fast.config import plan_for
+
+    exact = replace(plan_for(DEVICE).backward, span=-1.0)  # span >= 0 > -1
+    matches_chunked(reference_stages(p, C), C, 4, config=exact)
 
 
 @pytest.mark.parametrize("gate", EXTREME_GATES)

@@ -2,8 +2,7 @@
 
 Stage 1's backward with the in-kernel gate and the beta sigmoid, and the L2 norm's backward,
 each against float64 autograd through the chunked layer's PyTorch form of the same option.
-``test_fast.py::test_chunk_kda_gradients[...-triton_options]`` checks them composed in
-``chunk_kda`` (``fast.chunk.TRITON_OPTIONS_BACKWARD``).
+``test_fast.py::test_chunk_kda_gradients`` checks them composed in ``chunk_kda``.
 """
 
 from __future__ import annotations

@@ -23,7 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from kda_explained import chunked, fast
-from kda_explained.fast import chunk as fast_chunk
+from dataclasses import replace
+
+from kda_explained.fast import forward as fast_forward
+from kda_explained.fast.config import plan_for
 from kda_explained.chunked import stages as chunked_stages
 from kda_explained.testing import TOLERANCES
 
@@ -94,8 +97,8 @@ def assert_close(a: torch.Tensor, ref: torch.Tensor, bound: float, what: str) ->
     small.assert_close(a, ref, bound, what)
 
 
-def check_chunk_kda(args, kw, bound: float, chunk_size: int = 64, **opts):
-    o, S = fast.chunk_kda(*args, **kw, **opts, output_final_state=True, chunk_size=chunk_size)
+def check_chunk_kda(args, kw, bound: float, chunk_size: int = 64, plan=None, **opts):
+    o, S = fast.chunk_kda(*args, **kw, **opts, output_final_state=True, chunk_size=chunk_size, plan=plan)
     o_ref, S_ref = reference(*args, **kw, **opts)
     assert o.dtype == args[2].dtype and S.dtype == torch.float32
     assert_close(o, o_ref, bound, "o")
@@ -137,7 +140,7 @@ def test_stages_match_chunked(C):
     o_f, S_f = fast.state_passing_output(f32(kg), f32(W), f32(U), f32(G), f32(qg), f32(A_qk), f32(S0), C)
     assert_close(o_f, o, F32, "o (stages 5 and 6 fused)")
     assert_close(S_f, S, F32, "final state (stages 5 and 6 fused)")
-    if C <= fast.local.ONE_PASS_MAX_CHUNK:  # stages 1-4 in one pass, then 5 + 6 reading G at the chunk ends
+    if C <= plan_for(DEVICE).one_pass.max_chunk:  # stages 1-4 in one pass, then 5 + 6 reading G at the chunk ends
         f = fast.chunk_local_factors_one_pass(f32(q), f32(k), f32(v), f32(g), f32(beta), scale, C, store_akk=True)
         for name, ours, ref in (("A_kk", f.A_kk, A_kk), ("A_qk", f.A_qk, A_qk), ("W", f.W, W), ("U", f.U, U),
                                 ("qg", f.qg, qg), ("kg", f.kg, kg)):
@@ -145,10 +148,10 @@ def test_stages_match_chunked(C):
         o_f, S_f = fast.state_passing_output(f.kg, f.W, f.U, f.G_end, f.qg, f.A_qk, f32(S0), C)
         assert_close(o_f, o, F32, "o (one pass, G at the chunk ends)")
         assert_close(S_f, S, F32, "final state (one pass, G at the chunk ends)")
-        for fold in (1, 2):  # the UT transform left to the state pass: Mb = M Diag(beta) (and kG = Gamma K)
+        for fold in (1, 2):  # the UT transform left to the state pass: Mb = M Diag(beta) (and k_gamma = Gamma K)
             f = fast.chunk_local_factors_one_pass(f32(q), f32(k), f32(v), f32(g), f32(beta), scale, C, fold=fold)
             o_f, S_f = fast.state_passing_output(f.kg, f.W, None, f.G_end, f.qg, f.A_qk, f32(S0), C, Mb=f.Mb,
-                                                 v=f32(v), kG=f.kG)
+                                                 v=f32(v), k_gamma=f.k_gamma)
             assert_close(o_f, o, F32, f"o (one pass, fold {fold})")
             assert_close(S_f, S, F32, f"final state (one pass, fold {fold})")
 
@@ -166,22 +169,6 @@ def test_long_sequence():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("segments", [3, 16])
-def test_segmented_state_pass_equals_one_pass(segments, monkeypatch):
-    # one long sequence and a packed batch, cut into segments that run side by side (forced) against
-    # the one-pass state kernel and the float64 reference
-    for lengths in (None, [9000, 0, 300, 20000]):
-        T = 30000 if lengths is None else sum(lengths)
-        args, kw = draw(1, T, 2, 4, seed=13, lengths=lengths, gate="slow")
-        monkeypatch.setattr(fast_chunk, "state_segments", lambda *a: 1)
-        o1, S1 = check_chunk_kda(args, kw, LOW)
-        monkeypatch.setattr(fast_chunk, "state_segments", lambda *a: segments)
-        o, S = check_chunk_kda(args, kw, LOW)
-        assert_close(o, o1, 5e-3, "o: segments against one pass")
-        assert_close(S, S1, 1e-4, "final state: segments against one pass")
-
-
-@pytest.mark.gpu
 def test_many_heads_short_sequences():
     # B * H = 1536 programs per chunk, two chunks each
     args, kw = draw(96, 128, 16, 16, seed=3)
@@ -196,14 +183,13 @@ def test_packed_batch():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("K, V", [(128, 128), (96, 160)])
-def test_state_output_fused_equals_two_kernels(K, V, monkeypatch):
+def test_state_output_fused_equals_two_kernels(K, V):
     # stages 5 and 6 in one kernel (forced, whatever the grid) against the two kernels: a packed
     # batch with GVA, bf16; both against the float64 reference and against each other
     args, kw = draw(1, sum(VARLEN), 2, 4, K, V, seed=12, lengths=VARLEN, gate="lowerbound")
-    monkeypatch.setattr(fast_chunk, "output_fused", lambda *a: True)
-    o, S = check_chunk_kda(args, kw, LOW)
-    monkeypatch.setattr(fast_chunk, "FUSED_STATE_OUTPUT", False)
-    o2, S2 = check_chunk_kda(args, kw, LOW)
+    plan = plan_for(DEVICE)
+    o, S = check_chunk_kda(args, kw, LOW, plan=replace(plan, forward=replace(plan.forward, fused_min_programs_per_sm=0.0)))
+    o2, S2 = check_chunk_kda(args, kw, LOW, plan=replace(plan, forward=replace(plan.forward, fused_state_output=False)))
     assert_close(o, o2, 5e-3, "o: fused against two kernels")  # the same bf16 operands, sums in another order
     assert_close(S, S2, 1e-6, "final state: fused against two kernels")
 
@@ -273,26 +259,27 @@ def test_short_chunks_one_pass(C):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fold", [0, 1])
-def test_one_pass_fold(fold, monkeypatch):
-    # ONE_PASS_FOLD: how much of the UT transform the fused state pass applies itself (the default, 2,
-    # runs in every test above); 0 and 1 on the packed GVA batch, and with gates past the diagonal's limit
-    monkeypatch.setattr(fast_chunk, "ONE_PASS_FOLD", fold)
+@pytest.mark.parametrize("fold", [0])
+def test_one_pass_fold(fold):
+    # the plan's one_pass_fold: how much of the UT transform the fused state pass applies itself (the
+    # default, 2, runs in every test above); 0 on the packed GVA batch, and with gates past the diagonal's limit
+    base = plan_for(DEVICE)
+    plan = replace(base, forward=replace(base.forward, one_pass_fold=fold))
     args, kw = draw(1, sum(VARLEN), 4, 8, seed=4, lengths=VARLEN)
-    o, _ = check_chunk_kda(args, kw, LOW, chunk_size=16)
-    monkeypatch.setattr(fast_chunk, "ONE_PASS_FOLD", 2)
+    o, _ = check_chunk_kda(args, kw, LOW, chunk_size=16, plan=plan)
     o2, _ = check_chunk_kda(args, kw, LOW, chunk_size=16)
     assert_close(o, o2, 5e-3, f"o: fold {fold} against 2")
     q, k, v, g, beta = args
-    check_chunk_kda((q, k, v, torch.full_like(g, -5.0), beta), kw, LOW, chunk_size=16)
+    check_chunk_kda((q, k, v, torch.full_like(g, -5.0), beta), kw, LOW, chunk_size=16, plan=plan)
 
 
 @pytest.mark.gpu
 def test_default_chunk_size():
     # chunk_size=None: short chunks where the state pass fills the GPU, 64 where one sequence leaves it idle
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    assert fast_chunk.forward_chunk_size(sms * 2, 128, torch.device(DEVICE)) == fast_chunk.SHORT_CHUNK
-    assert fast_chunk.forward_chunk_size(16, 128, torch.device(DEVICE)) == 64
+    config = plan_for(DEVICE).forward
+    assert fast_forward.forward_chunk_size(sms * 2, 128, torch.device(DEVICE), config) == config.short_chunk
+    assert fast_forward.forward_chunk_size(16, 128, torch.device(DEVICE), config) == 64
     args, kw = draw(8, 1024, 16, 16, seed=5)
     o, S = check_chunk_kda(args, kw, LOW, chunk_size=None)
     o64, S64 = check_chunk_kda(args, kw, LOW, chunk_size=64)
@@ -476,13 +463,8 @@ def gradient_problem(gate: str):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backward", ["chunked", "triton", "triton_options"])
 @pytest.mark.parametrize("gate", ["none", "softplus", "lower_bound", "all_options"])
-def test_gradients_bf16(gate, backward, monkeypatch):
-    # "triton": the Triton backward kernels (the default); "chunked": TRITON_BACKWARD = False;
-    # "triton_options": the gate's backward in Triton too (TRITON_OPTIONS_BACKWARD)
-    monkeypatch.setattr(fast_chunk, "TRITON_BACKWARD", backward != "chunked")
-    monkeypatch.setattr(fast_chunk, "TRITON_OPTIONS_BACKWARD", backward == "triton_options")
+def test_gradients_bf16(gate):
     values, opts, cu, do, dS = gradient_problem(gate)
     leaves = {n: x.detach().clone().requires_grad_(True) for n, x in values.items()}
     leaves64 = {n: x.detach().double().requires_grad_(True) for n, x in values.items()}
@@ -496,7 +478,7 @@ def test_gradients_bf16(gate, backward, monkeypatch):
 
 
 # ==============================================================================================
-# The Triton backward stages (issue 5; fast.chunk.TRITON_BACKWARD, the default): each against its chunked
+# The Triton backward stages: each against its chunked
 # oracle at real sizes, and their composition against the chunked staged backward
 # ==============================================================================================
 

@@ -33,9 +33,11 @@ pipeline, and the token-by-token kernel would go untested); the gate is tested a
 stage 1 (``fast.chunk_local_cumsum`` and its backward), there being no separate gate
 kernel.
 
-Expected failures: on the CPU, the bfloat16 rows with the in-kernel L2 norm
-(``INTERPRETER_BF16_L2NORM``, an interpreter rounding); everywhere, the gate rows
-whose softplus gate passes the float32 floor (``GATE_BACKWARD_IGNORES_FLOOR``).
+The Triton interpreter casts float32 to bfloat16 by truncation where a GPU rounds to
+nearest even; the fast layer keeps its intermediates (the L2-normalised q and k
+included) in float32 under the interpreter, so the bf16 rows are compared on the
+inputs' rounding only. The gate rows include softplus gates past the float32 floor,
+whose gradient there is 0 (the forward raised them to it).
 """
 
 from __future__ import annotations
@@ -477,20 +479,7 @@ CHUNK = [
 ]
 
 
-#: The Triton interpreter casts float32 to bfloat16 by truncation (toward zero) where a GPU rounds to
-#: nearest even. The cast that matters here is the store of ``fast.l2norm``'s bfloat16 output
-#: (``_l2norm_kernel``, ``use_qk_l2norm_in_kernel``): truncation biases every normalised q and k
-#: toward zero and o misses the bf16 bound of 5e-3 (8.2e-3 and 5.7e-3 in the two bf16 rows of
-#: ``CHUNK`` with the L2 norm, 7.0e-3 and 7.5e-3 in ``test_chunk_all_inference_options``). With that
-#: one cast rounding to nearest (the interpreter patched to round it as a GPU does) every such row
-#: passes; o is then within 3.4e-3 (1.7e-3 with every float32 -> bfloat16 cast rounded).
-INTERPRETER_BF16_L2NORM = pytest.mark.xfail(
-    DEVICE == "cpu", strict=True,
-    reason="Triton interpreter: fast.l2norm's float32 -> bfloat16 output store truncates instead of rounding "
-           "to nearest even as a GPU does")
-
-
-@grid(CHUNK, CHUNK_GPU, xfail={c.id: INTERPRETER_BF16_L2NORM for c in CHUNK if c.dtype == "bf16" and c.l2norm})
+@grid(CHUNK, CHUNK_GPU)
 def test_chunk(case):
     args, kw = fla_inputs(case, Draw())
     check_forward_backward(case, args, kw, fla_kwargs=dict(safe_gate=case.safe_gate,
@@ -690,17 +679,7 @@ GATE_GPU = [
 #: The same rows with the widest ones (B = 4, H = 8) narrowed.
 GATE = [c if c.B < 4 else dataclasses.replace(c, B=1, H=2) for c in GATE_GPU]
 
-#: Stage 1 raises every log decay to the float32 floor (``gate_floor``, -104.28: ``exp`` is 0 there)
-#: before the cumulative sum; its backward does not: where the softplus gate of ``10 randn`` inputs
-#: (rates up to 16) falls below the floor (6 to 22 % of the entries of these rows) ``gate_cumsum_bwd``
-#: returns the gradient of the unfloored gate (it matches that within 3e-7) where the floored forward
-#: has none (relative error 0.3 to 2.8 in dg, dA_log, ddt_bias). The lower-bound gate never gets there.
-GATE_BACKWARD_IGNORES_FLOOR = pytest.mark.xfail(
-    strict=True, reason="gate_cumsum_bwd differentiates the gate without stage 1's floor: entries floored in "
-                        "the forward (g < gate_floor(float32)) get the unfloored gate's gradient instead of 0")
-
-
-@grid(GATE, GATE_GPU, xfail={c.id: GATE_BACKWARD_IGNORES_FLOOR for c in GATE + GATE_GPU if not c.safe_gate})
+@grid(GATE, GATE_GPU)
 def test_gate(case):
     """Stage 1 with the gate in the kernel (the gate, raised to the float32 floor, then the in-chunk
     cumsum: ``fast.chunk_local_cumsum``) and its backward (``gate_cumsum_bwd``: ``dg``, ``dA_log``,
@@ -779,16 +758,14 @@ ALL_OPTIONS_GPU = [
     Case(cu_seqlens=(0, 100, 300, 1200, 2000), H=8, D=128, **ALL_OPTIONS),
     Case(cu_seqlens=(0, 101, 303, 1205, 3007, 4096), H=16, D=128, **ALL_OPTIONS),
 ]
-#: The grid's rows are bfloat16, which the interpreter's L2 norm truncates (INTERPRETER_BF16_L2NORM):
-#: a float16 row besides checks the combination to a pass on the CPU too.
+#: The grid's rows are bfloat16; a float16 row besides.
 ALL_OPTIONS_CPU = [
     Case(1, 100, 2, D=64, **ALL_OPTIONS), Case(cu_seqlens=(0, 30, 50, 100), H=1, D=64, **ALL_OPTIONS),
     Case(cu_seqlens=(0, 30, 50, 100), H=1, D=64, **dict(ALL_OPTIONS, dtype="fp16")),
 ]
 
 
-@grid(ALL_OPTIONS_CPU, ALL_OPTIONS_GPU,
-      xfail={c.id: INTERPRETER_BF16_L2NORM for c in ALL_OPTIONS_CPU if c.dtype == "bf16"})
+@grid(ALL_OPTIONS_CPU, ALL_OPTIONS_GPU)
 def test_chunk_all_inference_options(case):
     """L2 norm, the lower-bound gate (``A_log [H]``, ``dt_bias [H * D]``), beta's sigmoid and a ``[V, K]``
     state in one inference call, as a serving engine's prefill makes it."""

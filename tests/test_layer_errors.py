@@ -264,3 +264,15 @@ def test_convert_fla_state_dict_refuses_expand_v(expand_v, num_v_heads, prefix):
     message = str(info.value)
     assert message.startswith(prefix + "f_proj.0.weight:"), message
     assert f"expand_v = {expand_v:g}" in message and f"head_dim = {K}" in message, message
+
+
+@pytest.mark.parametrize("backend", ["chunked", "fast"])
+def test_backward_after_a_forward_with_a_cache(backend):
+    """A forward that updates a cache in place can still be differentiated (the core keeps a copy)."""
+    torch.manual_seed(0)
+    layer = KimiDeltaAttention(hidden_size=32, num_heads=2, head_dim=16, backend=backend)
+    x = torch.randn(1, 5, 32, requires_grad=True)
+    cache = layer.init_cache(1)
+    layer(x, cache=cache).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert layer.A_log.grad is not None

@@ -1,4 +1,4 @@
-"""The model layer (issue 6): ``KimiDeltaAttention``, its cache, the fla converter and the tiny hybrid LM.
+"""The model layer: ``KimiDeltaAttention``, its cache, the fla converter and the tiny hybrid LM.
 
 Sizes are tiny (hidden 64, 2 heads of 16) so the file runs in well under two
 minutes on two CPU cores. Exact comparisons run the chunked backend in float64
@@ -476,7 +476,7 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
 
 
 # ----------------------------------------------------------------------------------------------
-# training through the fast backend (issue 5): the loss curve of the chunked backend
+# training through the fast backend: the loss curve of the chunked backend
 # ----------------------------------------------------------------------------------------------
 
 
@@ -497,11 +497,7 @@ def train_losses(backend: str, steps: int, *, cfg: HybridConfig, ids: torch.Tens
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("triton_backward", [False, True], ids=["chunked_backward", "triton_backward"])
-def test_training_loss_curve_fast_equals_chunked(triton_backward, monkeypatch):
-    from kda_explained.fast import chunk as fast_chunk
-
-    monkeypatch.setattr(fast_chunk, "TRITON_BACKWARD", triton_backward)
+def test_training_loss_curve_fast_equals_chunked():
     cfg = HybridConfig(vocab_size=128, hidden_size=256, num_layers=4, num_heads=2, head_dim=128,
                        intermediate_size=512)
     ids = torch.randint(0, 128, (4, 256), generator=torch.Generator().manual_seed(3)).cuda()

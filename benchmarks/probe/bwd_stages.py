@@ -4,7 +4,7 @@
 
 Prints the median time of every forward-recompute and backward stage (``triton.testing.do_bench``),
 so the kernel page can say where the backward's time goes: the output, state per-chunk and WY
-backward both apart (``STATE_WY_FUSED = False``) and as the one kernel ``kda_backward`` runs.
+backward both apart (the plan's ``state_wy_fused`` off) and as the one kernel ``kda_backward`` runs.
 """
 
 import os

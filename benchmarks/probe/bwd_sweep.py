@@ -2,9 +2,9 @@
 
     python benchmarks/probe/bwd_sweep.py [--out DIR]      (B=8, T=4096, H=16, K=V=128, bf16)
 
-For each stage of ``fast.backward.kda_backward`` and each candidate launch shape (the entries of
-``fast.backward.BWD_LAUNCH``, ``fast.backward_intra.INTRA_BWD_LAUNCH`` and
-``fast.local.WY_FACTORS_LAUNCH``), the stage runs on the
+For each stage of ``fast.backward.kda_backward`` and each candidate launch shape (a
+:class:`~kda_explained.fast.config.KernelLaunch` of the plan's ``backward.launches``, or its
+``wy_factors``), the stage runs on the
 same inputs; its outputs must match those of the current launch (relative RMS error below 1e-3,
 1e-2 for bf16 outputs: another tiling only reorders sums) before its median time counts. Then a whole ``chunk_kda``
 forward + backward step is timed with the current shapes and with the fastest of each stage.
@@ -12,6 +12,7 @@ Writes ``bwd_sweep.json``.
 """
 
 import argparse
+from dataclasses import asdict, replace
 import itertools
 import json
 import os
@@ -28,23 +29,24 @@ from bwd_stages import make_inputs  # noqa: E402
 from kda_explained import fast  # noqa: E402
 from kda_explained.fast import backward as fb  # noqa: E402
 from kda_explained.fast import backward_intra as fbi  # noqa: E402
-from kda_explained.fast import local as fl  # noqa: E402
+from kda_explained.fast.config import KernelLaunch as L, plan_for  # noqa: E402
 from kda_explained.fast._meta import seq_meta  # noqa: E402
 from kda_explained.fast.local import chunk_local_factors  # noqa: E402
 from kda_explained.fast.prepare import chunk_local_cumsum  # noqa: E402
 from kda_explained.fast.state import state_passing  # noqa: E402
 
 CANDIDATES = {
-    "wy_factors": [(64, 64, 8), (64, 64, 4), (32, 32, 4), (32, 32, 8), (64, 64, 16), (128, 128, 8)],
-    "output": [dict(BV=bv, warps=w) for bv, w in itertools.product((32, 64), (4, 8))],
-    "recurrence": [dict(BV=bv, warps=w) for bv, w in itertools.product((16, 32, 64), (4, 8))],
-    "state_chunks": [dict(BK=bk, BV=bv, warps=w) for bk, bv, w in itertools.product((32, 64), (32, 64), (4, 8))],
-    "wy": [dict(BK=bk, BV=bv, warps=w) for bk, bv, w in itertools.product((32, 64), (32, 64), (4, 8))],
-    "state_wy": [dict(BK=32, BV=64, warps=4), dict(BK=32, BV=64, warps=4, maxnreg=168),
-                 dict(BK=32, BV=64, warps=8, maxnreg=128), dict(BK=64, BV=64, warps=8),
-                 dict(BK=32, BV=128, warps=8), dict(BK=16, BV=64, warps=4)],
-    "ut": [dict(warps=w) for w in (4, 8)],
-    "intra": [(64, 4, 1), (64, 4, 1, 168), (64, 4, 1, 128), (32, 4, 1, 168), (32, 4, 1), (32, 2, 1)],
+    "wy_factors": [L(w, BK=bk, BV=bv) for bk, bv, w in ((64, 64, 8), (64, 64, 4), (32, 32, 4), (32, 32, 8),
+                                                        (64, 64, 16), (128, 128, 8))],
+    "output": [L(w, BV=bv) for bv, w in itertools.product((32, 64), (4, 8))],
+    "recurrence": [L(w, BV=bv) for bv, w in itertools.product((16, 32, 64), (4, 8))],
+    "state_chunks": [L(w, BK=bk, BV=bv) for bk, bv, w in itertools.product((32, 64), (32, 64), (4, 8))],
+    "wy": [L(w, BK=bk, BV=bv) for bk, bv, w in itertools.product((32, 64), (32, 64), (4, 8))],
+    "state_wy": [L(4, BK=32, BV=64), L(4, BK=32, BV=64, maxnreg=168), L(8, BK=32, BV=64, maxnreg=128),
+                 L(8, BK=64, BV=64), L(8, BK=32, BV=128), L(4, BK=16, BV=64)],
+    "ut": [L(w) for w in (4, 8)],
+    "intra": [L(4, BK=64), L(4, BK=64, maxnreg=168), L(4, BK=64, maxnreg=128), L(4, BK=32, maxnreg=168),
+              L(4, BK=32), L(2, BK=32)],
 }
 
 
@@ -73,33 +75,35 @@ def main() -> None:
     dk, dW, _ = fb.state_passing_bwd_chunks(f.kg, G, h, v_new, dS_out, dv_tot, C, None, dW_dtype=f.W.dtype, meta=meta)
     dM = fb.wy_representation_bwd(k, v, G, beta32, f.M, dW, dv_tot, C, None, meta=meta)[4]
     dA_kk = fb.ut_transform_bwd(f.M, dM, C, None, meta=meta)
+    # each stage on the plan it is given (p), so a candidate launch is a plan passed to the call
     stages = {
-        "wy_factors": lambda: fast.chunk_wy_factors(q, k, v, G, beta32, f.M, scale, C, None, meta=meta)[1:5],
-        "output": lambda: fb.chunk_output_bwd(q, h, v_new, G, f.A_qk, scale, do, C, None, state_grads=False,
-                                              meta=meta),
-        "state_chunks": lambda: fb.state_passing_bwd_chunks(f.kg, G, h, v_new, dS_out, dv_tot, C, None,
-                                                            dW_dtype=f.W.dtype, meta=meta),
-        "wy": lambda: fb.wy_representation_bwd(k, v, G, beta32, f.M, dW, dv_tot, C, None, meta=meta),
-        "state_wy": lambda: fb.state_wy_bwd(k, v, G, beta32, f.M, h, v_new, dS_out, dv_tot, C, None,
-                                            output=(q, do, scale), meta=meta),
-        "ut": lambda: fb.ut_transform_bwd(f.M, dM, C, None, meta=meta),
-        "intra": lambda: fbi.intra_chunk_matrices_bwd(q, k, G, beta32, scale, dA_kk, dA_qk, C, None, meta=meta),
-        # last: one of its shapes once lost the CUDA context (docs: the kernel page), which ends the sweep
-        "recurrence": lambda: fb.state_passing_bwd_recurrence(f.kg, f.W, G, h, None, None, dSf, C, None, **fused),
+        "wy_factors": lambda p: fast.chunk_wy_factors(q, k, v, G, beta32, f.M, scale, C, None, meta=meta,
+                                                      config=p.wy_factors)[1:5],
+        "output": lambda p: fb.chunk_output_bwd(q, h, v_new, G, f.A_qk, scale, do, C, None, state_grads=False,
+                                                meta=meta, config=p.backward),
+        "state_chunks": lambda p: fb.state_passing_bwd_chunks(f.kg, G, h, v_new, dS_out, dv_tot, C, None,
+                                                              dW_dtype=f.W.dtype, meta=meta, config=p.backward),
+        "wy": lambda p: fb.wy_representation_bwd(k, v, G, beta32, f.M, dW, dv_tot, C, None, meta=meta,
+                                                 config=p.backward),
+        "state_wy": lambda p: fb.state_wy_bwd(k, v, G, beta32, f.M, h, v_new, dS_out, dv_tot, C, None,
+                                              output=(q, do, scale), meta=meta, config=p.backward),
+        "ut": lambda p: fb.ut_transform_bwd(f.M, dM, C, None, meta=meta, config=p.backward),
+        "intra": lambda p: fbi.intra_chunk_matrices_bwd(q, k, G, beta32, scale, dA_kk, dA_qk, C, None, meta=meta,
+                                                        config=p.backward),
+        # last: one of its shapes once lost the CUDA context (docs: kernels_history), which ends the sweep
+        "recurrence": lambda p: fb.state_passing_bwd_recurrence(f.kg, f.W, G, h, None, None, dSf, C, None,
+                                                                config=p.backward, **fused),
     }
+    plan = plan_for(q.device)
 
-    def get(stage):
-        if stage == "wy_factors":
-            return fl.WY_FACTORS_LAUNCH
-        return fbi.INTRA_BWD_LAUNCH if stage == "intra" else dict(fb.BWD_LAUNCH[stage])
+    def get(stage, p):
+        return p.wy_factors.launch if stage == "wy_factors" else p.backward[stage]
 
-    def put(stage, launch):
+    def put(stage, launch, p):
+        """``p`` with ``launch`` for ``stage``."""
         if stage == "wy_factors":
-            fl.WY_FACTORS_LAUNCH = launch
-        elif stage == "intra":
-            fbi.INTRA_BWD_LAUNCH = launch
-        else:
-            fb.BWD_LAUNCH[stage] = dict(launch)
+            return replace(p, wy_factors=replace(p.wy_factors, launch=launch))
+        return replace(p, backward=replace(p.backward, launches={**p.backward.launches, stage: launch}))
 
     def bench(fn):
         if args.cpu_smoke:
@@ -109,46 +113,46 @@ def main() -> None:
         return float(triton.testing.do_bench(fn, warmup=5, rep=60, return_mode="median"))
 
     results = {"device": "cpu (interpreter)" if args.cpu_smoke else torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M"),
-               "shape": [B, T, H, D], "current": {s: get(s) for s in stages}, "stages": {}}
+               "shape": [B, T, H, D], "current": {s: asdict(get(s, plan)) for s in stages}, "stages": {}}
     if args.stages:
         stages = {name: fn for name, fn in stages.items() if name in args.stages.split(",")}
     best = {}
     for stage, fn in stages.items():
-        current = get(stage)
-        ref = [x for x in fn() if isinstance(x, torch.Tensor)]
+        current = get(stage, plan)
+        ref = [x for x in fn(plan) if isinstance(x, torch.Tensor)]
         rows = []
         for launch in CANDIDATES[stage]:
-            put(stage, launch)
+            candidate = put(stage, launch, plan)
             try:
-                outs = [x for x in fn() if isinstance(x, torch.Tensor)]
+                outs = [x for x in fn(candidate) if isinstance(x, torch.Tensor)]
                 err = max(rel_rms(a, b) for a, b in zip(outs, ref))
                 # another tiling only reorders float32 sums; a 16-bit output may round a few entries the other way
                 tol = 1e-2 if any(x.dtype in (torch.bfloat16, torch.float16) for x in outs) else 1e-3
-                ms = bench(fn) if err < tol else None
-                rows.append({"launch": launch, "ms": ms, "err": err})
+                ms = bench(lambda: fn(candidate)) if err < tol else None
+                rows.append({"launch": asdict(launch), "ms": ms, "err": err})
             except Exception as exc:  # noqa: BLE001 - a shape that does not fit is a row, not a crash
-                rows.append({"launch": launch, "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
-            print(f"{stage:13s} {str(launch):40s} {rows[-1]}", flush=True)
-        put(stage, current)
-        timed = [r for r in rows if r.get("ms") is not None]
-        best[stage] = min(timed, key=lambda r: r["ms"])["launch"] if timed else current
+                rows.append({"launch": asdict(launch), "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
+            print(f"{stage:13s} {str(launch):60s} {rows[-1]}", flush=True)
+        timed = [(r, launch) for r, launch in zip(rows, CANDIDATES[stage]) if r.get("ms") is not None]
+        best[stage] = min(timed, key=lambda rl: rl[0]["ms"])[1] if timed else current
         results["stages"][stage] = rows
 
     xs = [x.detach().requires_grad_(True) for x in (q, k, v, g, beta, S0)]
 
-    def step():
+    def step(p):
         for x in xs:
             x.grad = None
-        o, S = fast.chunk_kda(*xs[:5], initial_state=xs[5], output_final_state=True)
+        o, S = fast.chunk_kda(*xs[:5], initial_state=xs[5], output_final_state=True, plan=p)
         ((o.float() * do.float()).sum() + (S * dSf).sum()).backward()
 
-    step()
-    results["step_ms_current"] = bench(step)
+    step(plan)
+    results["step_ms_current"] = bench(lambda: step(plan))
+    best_plan = plan
     for stage, launch in best.items():
-        put(stage, launch)
-    step()
-    results["step_ms_best"] = bench(step)
-    results["best"] = best
+        best_plan = put(stage, launch, best_plan)
+    step(best_plan)
+    results["step_ms_best"] = bench(lambda: step(best_plan))
+    results["best"] = {stage: asdict(launch) for stage, launch in best.items()}
     print(f"training step: current {results['step_ms_current']:.3f} ms, best per stage {results['step_ms_best']:.3f} ms",
           flush=True)
     print(f"best: {best}", flush=True)

@@ -2,8 +2,9 @@
 
     python benchmarks/probe/intra_precision.py      (H100; B=8, T=4096, H=16, K=V=128, bf16)
 
-``fast.backward_intra`` runs its block products in ``tf32x3`` for bf16 inputs (three tf32 passes,
-near float32) because one pass left the gate parameters' gradients at 2.5e-2 against float64.
+``fast.backward_intra`` runs its block products in full float32 (``ieee``, the plan's
+``backward.intra_precision``) for bf16 inputs too: one tf32 pass left the gate parameters'
+gradients at 2.5e-2 against float64. Every candidate is a plan passed to the calls it times.
 For each candidate precision (``tf32x3``, ``tf32``, ``bf16x3``, ``bf16x6``, ``ieee``; a candidate this
 Triton does not know is reported and skipped) and launch shape this prints:
 
@@ -19,6 +20,7 @@ Triton does not know is reported and skipped) and launch shape this prints:
 import json
 import os
 import sys
+from dataclasses import replace
 
 import torch
 import triton
@@ -32,10 +34,11 @@ from bwd_stages import make_inputs  # noqa: E402
 from kda_explained import fast  # noqa: E402
 from kda_explained.fast import backward_intra as fbi  # noqa: E402
 from kda_explained.fast._meta import seq_meta  # noqa: E402
+from kda_explained.fast.config import KernelLaunch, plan_for  # noqa: E402
 from kda_explained.fast.prepare import chunk_local_cumsum  # noqa: E402
 
 PRECISIONS = ["tf32x3", "tf32", "bf16x3", "bf16x6", "ieee"]
-LAUNCHES = [(64, 4, 1), (32, 4, 1), (64, 8, 1), (32, 2, 1)]
+LAUNCHES = [KernelLaunch(4, BK=64), KernelLaunch(4, BK=32), KernelLaunch(8, BK=64), KernelLaunch(2, BK=32)]
 GATES = ["none", "softplus", "lower_bound"]
 
 
@@ -52,8 +55,8 @@ def grads(fn, values, opts, cu, do, dS, dtype=None):
     return {n: x.grad for n, x in leaves.items()}
 
 
-def fast_fn(**kw):
-    return fast.chunk_kda(**kw, output_final_state=True)
+def fast_fn(plan):
+    return lambda **kw: fast.chunk_kda(**kw, output_final_state=True, plan=plan)
 
 
 def fla_fn(**kw):
@@ -77,16 +80,16 @@ def main() -> None:
     dA_kk = 0.1 * torch.randn(B, T, H, C, device=dev, generator=gen)
     dA_qk = 0.1 * torch.randn(B, T, H, C, device=dev, generator=gen)
     scale = D ** -0.5
-    default_prec, default_launch = dict(fbi.INTRA_BWD_PRECISION), fbi.INTRA_BWD_LAUNCH
-    ref = fbi.intra_chunk_matrices_bwd(q, k, G, beta32, scale, dA_kk, dA_qk, C, None, meta=meta)
+    base = plan_for(q.device)
+    ref = fbi.intra_chunk_matrices_bwd(q, k, G, beta32, scale, dA_kk, dA_qk, C, None, meta=meta, config=base.backward)
     results = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "intra": [], "step": [],
                "accuracy": []}
 
     # the step's inputs
     leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g, beta, S0)]
 
-    def step():
-        o, S = fast.chunk_kda(*leaves[:5], initial_state=leaves[5], output_final_state=True)
+    def step(plan):
+        o, S = fast.chunk_kda(*leaves[:5], initial_state=leaves[5], output_final_state=True, plan=plan)
         torch.autograd.backward((o, S), (do, dSf))
 
     problems = {gate: gradient_problem(gate) for gate in GATES}
@@ -103,33 +106,33 @@ def main() -> None:
         print(f"fla accuracy skipped: {type(e).__name__}: {e}")
 
     for prec in PRECISIONS:
-        fbi.INTRA_BWD_PRECISION = {"tf32": prec, "ieee": "ieee"}
         for launch in LAUNCHES:
-            fbi.INTRA_BWD_LAUNCH = launch
+            config = replace(base.backward, intra_precision=prec, launches={**base.backward.launches, "intra": launch})
             try:
-                out = fbi.intra_chunk_matrices_bwd(q, k, G, beta32, scale, dA_kk, dA_qk, C, None, meta=meta)
+                out = fbi.intra_chunk_matrices_bwd(q, k, G, beta32, scale, dA_kk, dA_qk, C, None, meta=meta,
+                                                   config=config)
                 torch.cuda.synchronize()
             except Exception as e:  # noqa: BLE001 - a precision this Triton lacks
                 print(f"{prec} {launch}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 break
             diff = {n: rel_rms(a, b) for n, a, b in zip(("dq", "dk", "dG", "dbeta"), out, ref)}
             ms = triton.testing.do_bench(
-                lambda: fbi.intra_chunk_matrices_bwd(q, k, G, beta32, scale, dA_kk, dA_qk, C, None, meta=meta),
+                lambda: fbi.intra_chunk_matrices_bwd(q, k, G, beta32, scale, dA_kk, dA_qk, C, None, meta=meta,
+                                                     config=config),
                 warmup=5, rep=100, return_mode="median")
-            results["intra"].append(dict(precision=prec, launch=launch, ms=ms, diff_from_default=diff))
+            results["intra"].append(dict(precision=prec, launch=str(launch), ms=ms, diff_from_default=diff))
             print(f"intra {prec:7s} {str(launch):14s} {ms:7.3f} ms   vs default: "
                   + " ".join(f"{n} {d:.1e}" for n, d in diff.items()), flush=True)
         else:
-            fbi.INTRA_BWD_LAUNCH = default_launch
-            ms = triton.testing.do_bench(step, warmup=3, rep=50, return_mode="median")
+            plan = replace(base, backward=replace(base.backward, intra_precision=prec))
+            ms = triton.testing.do_bench(lambda: step(plan), warmup=3, rep=50, return_mode="median")
             results["step"].append(dict(precision=prec, ms=ms))
             print(f"step  {prec:7s} {ms:7.3f} ms", flush=True)
             for gate, (values, opts, cu, do64, dS64) in problems.items():
-                got = grads(fast_fn, values, opts, cu, do64, dS64)
+                got = grads(fast_fn(plan), values, opts, cu, do64, dS64)
                 errs = {n: rel_rms(got[n], refs[gate][n]) for n in got}
                 results["accuracy"].append(dict(impl=f"fast {prec}", gate=gate, errors=errs))
                 print(f"fast {prec:7s} {gate:12s} " + " ".join(f"d{n} {e:.2e}" for n, e in errs.items()), flush=True)
-    fbi.INTRA_BWD_PRECISION, fbi.INTRA_BWD_LAUNCH = default_prec, default_launch
     out_dir = os.environ.get("OUT", os.path.join(ROOT, "benchmarks", "results"))
     with open(os.path.join(out_dir, "intra_precision.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -7,7 +7,7 @@ copies to shared memory issued iterations ahead, but only the loads it judges wo
 Triton 3.6 those that feed a product (``tl.dot``) and are at least 4 bytes per thread and copy.
 A load it leaves alone stays a plain load in the loop body, and each iteration waits for it:
 in the state pass that one load (``G``'s chunk-end row) cost a third of every step on the
-H100 (docs: kernel page, "Issue 8, fourth session").
+H100 (docs: the kernel page, "The sequential loop's loads").
 
 This probe runs ``fast.chunk_kda`` (and with ``--backward`` a training step) on CPU tensors with
 every kernel launch captured instead of run, so each kernel gets exactly the compile-time
@@ -36,7 +36,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 sys.path.insert(0, ROOT)
 
 from kda_explained import fast  # noqa: E402
-from kda_explained.fast import _meta, chunk as fast_chunk  # noqa: E402
+from kda_explained.fast import _meta  # noqa: E402
 
 #: (B, T, H) with the launch rules of the benchmark shapes: T does not change any compile-time
 #: constant, so it is short here (the batch and head counts pick the chunk size and value tile).
@@ -134,8 +134,10 @@ def main() -> None:
     for mod in list(sys.modules.values()):
         if getattr(mod, "__name__", "").startswith("kda_explained.fast") and hasattr(mod, "sm_count"):
             mod.sm_count = _meta.sm_count
-    fast_chunk.interpreting = lambda: True  # only to pass chunk_kda's CUDA-tensor check: the kernels' own
-    JITFunction.run = _capture                # choices still see the compiler, not the interpreter
+    # only to pass the CUDA-tensor check of the module that holds it: the kernels' own choices still
+    # see the compiler, not the interpreter
+    sys.modules[fast.chunk_kda.__globals__["check_fast_inputs"].__module__].interpreting = lambda: True
+    JITFunction.run = _capture
     print(f"triton {triton.__version__}, sm_90a; loads inside loops: async (pipelined) / SYNC (waited for)")
     seen = set()
     for name in a.shapes:

@@ -56,13 +56,13 @@ def snapshot(out_dir: str, root: str) -> None:
 
     import loop_loads
     from kda_explained import fast
-    from kda_explained.fast import _meta, chunk as fast_chunk
+    from kda_explained.fast import _meta
 
     _meta.sm_count = lambda device: loop_loads.SMS  # the H100/H200 launch rules (132 SMs)
     for mod in list(sys.modules.values()):
         if getattr(mod, "__name__", "").startswith("kda_explained.fast") and hasattr(mod, "sm_count"):
             mod.sm_count = _meta.sm_count
-    fast_chunk.interpreting = lambda: True  # only to pass the CUDA-tensor check (see loop_loads.py)
+    sys.modules[fast.chunk_kda.__globals__["check_fast_inputs"].__module__].interpreting = lambda: True  # the CUDA check only
     JITFunction.run = loop_loads._capture
     os.makedirs(out_dir, exist_ok=True)
     print(f"triton {triton.__version__}, sm_90a, kda_explained from {os.path.abspath(root)}")
@@ -119,25 +119,46 @@ def snapshot(out_dir: str, root: str) -> None:
     print(f"{len(seen)} distinct launches written to {out_dir}")
 
 
+def _read(folder: str) -> dict:
+    """``{file: (kernel, header, PTX without its header line)}``."""
+    out = {}
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name)) as f:
+            header, _, body = f.read().partition("\n")
+        out[name] = (name.split("__")[0], header, body)
+    return out
+
+
 def compare(before: str, after: str) -> int:
-    a, b = set(os.listdir(before)), set(os.listdir(after))
-    differ = 0
-    for name in sorted(a | b):
-        if name not in a or name not in b:
-            print(f"only in {'after' if name in b else 'before'}: {name}")
-            differ += 1
-            continue
-        x = open(os.path.join(before, name)).read().splitlines()
-        y = open(os.path.join(after, name)).read().splitlines()
-        if x != y:
-            differ += 1
-            changed = [d for d in difflib.unified_diff(x, y, lineterm="", n=0) if d[:1] in "+-"][2:]
-            print(f"differs: {name} ({len(changed)} lines)\n  {x[0]}")
-            for d in changed[:8]:
-                print(f"    {d}")
-    same = len(a & b) - sum(1 for n in a & b if open(os.path.join(before, n)).read() != open(os.path.join(after, n)).read())
-    print(f"{same} launches identical, {differ} differ or are on one side only")
-    return 1 if differ else 0
+    """Pair each launch after with one before: by file name (kernel and compile-time constants), or,
+    for a launch whose constants changed name only (a constant removed or renamed), by identical
+    PTX of the same kernel. Lists what has no identical partner; exit code 1 if anything has none."""
+    a, b = _read(before), _read(after)
+    by_body = {}
+    for name, (kernel, _, body) in a.items():
+        by_body.setdefault((kernel, body), []).append(name)
+    differ, same, renamed = [], 0, 0
+    for name, (kernel, header, body) in sorted(b.items()):
+        if name in a and a[name][2] == body:
+            same += 1
+        elif (kernel, body) in by_body:
+            renamed += 1
+        else:
+            differ.append(name)
+            print(f"differs: {name}\n  {header}")
+            if name in a:
+                x, y = a[name][2].splitlines(), body.splitlines()
+                changed = [d for d in difflib.unified_diff(x, y, lineterm="", n=0) if d[:1] in "+-"][2:]
+                print(f"  {len(changed)} lines changed")
+                for d in changed[:8]:
+                    print(f"    {d}")
+    matched = {n for (k, body) in ((v[0], v[2]) for v in b.values()) for n in by_body.get((k, body), [])}
+    lost = [n for n in sorted(a) if n not in b and n not in matched]
+    for name in lost:
+        print(f"only before: {name}\n  {a[name][1]}")
+    print(f"{same} launches identical, {renamed} identical under renamed constants, {len(differ)} differ, "
+          f"{len(lost)} only before")
+    return 1 if differ or lost else 0
 
 
 def main() -> None:

@@ -2,8 +2,8 @@
 
     python benchmarks/probe/variants.py [--fwd NAME ...] [--train NAME ...] [--out DIR]
 
-A variant is a set of module settings of :mod:`kda_explained.fast` (launch shapes, precisions,
-fusions), applied for its measurement and restored after. For each variant this times
+A variant is a launch plan of :mod:`kda_explained.fast.config` (launch shapes, precisions, fusions)
+and optionally a chunk size, passed to the calls it times. For each variant this times
 
 - the inference forward (``chunk_kda`` under ``torch.inference_mode``) at the four prefill shapes of
   ``benchmarks/gpu_bench.py``, with its output's relative RMS error against a float64 reference on
@@ -13,15 +13,16 @@ fusions), applied for its measurement and restored after. For each variant this 
 
 and flash-linear-attention's ``chunk_kda`` once per shape beside them (with ``--fla-safe-gate`` also
 its ``safe_gate=True`` path, for gates bounded in ``[-5, 0)`` as the benchmark's are). Writes ``variants.json`` (``--json``: another name).
-What each variant changed and measured goes to the kernel page (docs/kernels.md).
+What each variant changed and measured is written up in the docs: on the kernel page (docs/kernels.md)
+where it supports the current code, and on its appendix (docs/kernels_history.md) in every case.
 """
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 import time
+from dataclasses import replace
 
 import torch
 import triton
@@ -33,97 +34,78 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from gpu_bench import PREFILL, make_inputs  # noqa: E402
 from gpu_train_bench import SHAPES as TRAIN_SHAPES, leaves, step_fn  # noqa: E402
 from kda_explained import chunked, fast  # noqa: E402
-from kda_explained.fast import backward as fb, backward_intra as fbi, chunk as fc, local as fl, state as fs  # noqa: E402
+from kda_explained.fast.config import KernelLaunch, plan_for  # noqa: E402
 from kda_explained.testing import rel_rms_error  # noqa: E402
 
+R = replace
 
 
-def _chunk_size(C: int):
-    """``chunk_kda_fwd`` with its chunk size forced to ``C`` (the forward is exact at 16, 32 and 64)."""
-    inner = fc.chunk_kda_fwd
-
-    def fwd(*args, **kwargs):
-        kwargs["chunk_size"] = C
-        return inner(*args, **kwargs)
-
-    return fwd
+def _fwd(base, **changes):
+    return R(base, forward=R(base.forward, **changes))
 
 
-#: name -> [(module, attribute, value)]
+def _bwd_launch(base, name, **changes):
+    launches = {**base.backward.launches, name: R(base.backward[name], **changes)}
+    return R(base, backward=R(base.backward, launches=launches))
+
+
+#: name -> (plan -> plan, chunk_size): a variant is a launch plan (and a chunk size) passed to the calls it times
 VARIANTS = {
-    "chunk64": [(fc, "SHORT_CHUNK", None)],
-    "short32": [(fc, "SHORT_CHUNK", 32)],
-    "one_pass_bk16": [(fl, "ONE_PASS_LAUNCH", (16, 1))],
-    "one_pass_w2": [(fl, "ONE_PASS_LAUNCH", (32, 2))],
-    "one_pass_bk64": [(fl, "ONE_PASS_LAUNCH", (64, 1))],
-    "one_pass_bk64_w2": [(fl, "ONE_PASS_LAUNCH", (64, 2))],
-    "one_pass_bk128_w4": [(fl, "ONE_PASS_LAUNCH", (128, 4))],
-    "state_bv32": [(fs, "STATE_BV", 32)],
-    "state_bv128_w8": [(fs, "STATE_BV", 128), (fs, "STATE_WARPS", 8)],
-    "state_stages2": [(fs, "STATE_STAGES_LOWP", 2)],
-    "one_pass_stages1": [(fl, "LOCAL_STAGES", 1)],
-    "chunk16": [(fc, "chunk_kda_fwd", _chunk_size(16))],
-    "chunk32": [(fc, "chunk_kda_fwd", _chunk_size(32))],
-    "chunk16_two_kernels": [(fc, "chunk_kda_fwd", _chunk_size(16)), (fc, "FUSED_STATE_OUTPUT", False)],
-    "chunk32_two_kernels": [(fc, "chunk_kda_fwd", _chunk_size(32)), (fc, "FUSED_STATE_OUTPUT", False)],
-    "chunk16_fused_all": [(fc, "chunk_kda_fwd", _chunk_size(16)), (fc, "output_fused", lambda *a: True)],
-    "default": [],
-    "chunks_first": [(fl, "HEADS_FIRST", False)],
-    "one_pass_maxnreg168": [(fl, "ONE_PASS_MAXNREG", 168)],
-    "one_pass_maxnreg128": [(fl, "ONE_PASS_MAXNREG", 128)],
-    "one_pass_maxnreg152": [(fl, "ONE_PASS_MAXNREG", 152)],
-    "fold0": [(fc, "ONE_PASS_FOLD", 0)],
-    "fold1": [(fc, "ONE_PASS_FOLD", 1)],
-    "fold2": [(fc, "ONE_PASS_FOLD", 2)],
-    "two_kernels": [(fc, "FUSED_STATE_OUTPUT", False)],
-    "local_ieee": [(fl, "LOCAL_PRECISION", {"ieee": "ieee", "tf32": "ieee"})],
-    "state_warps8": [(fs, "STATE_WARPS", 8)],
-    "state_bv32_w8": [(fs, "STATE_BV", 32), (fs, "STATE_WARPS", 8)],
-    "state_stages4": [(fs, "STATE_STAGES_LOWP", 4)],
-    "state_warps2": [(fs, "STATE_WARPS", 2)],
-    "local_bk16": [(fl, "LOCAL_LAUNCH", {"keys": (16, 1), "queries": (16, 1)})],
-    "local_stages1": [(fl, "LOCAL_STAGES", 1)],
-    "local_bk16_stages1": [(fl, "LOCAL_LAUNCH", {"keys": (16, 1), "queries": (16, 1)}), (fl, "LOCAL_STAGES", 1)],
-    "keys_bk16": [(fl, "LOCAL_LAUNCH", {"keys": (16, 1), "queries": (32, 1)})],
-    "queries_bk16": [(fl, "LOCAL_LAUNCH", {"keys": (32, 1), "queries": (16, 1)})],
-    "no_segments": [(fs, "STATE_SEGMENTS", False)],
-    "segments_pps1": [(fs, "SEGMENT_PROGRAMS_PER_SM", 1)],
-    "segments_pps4": [(fs, "SEGMENT_PROGRAMS_PER_SM", 4)],
-    "segments_pps8": [(fs, "SEGMENT_PROGRAMS_PER_SM", 8)],
-    "fused_all": [(fc, "output_fused", lambda *a: True)],
-    "fused_all_bv32": [(fc, "output_fused", lambda *a: True), (fs, "STATE_BV", 32)],
-    "state_no_prefetch": [(fs, "STATE_PREFETCH", False), (fb, "RECURRENCE_PREFETCH", False)],
-    "rec_stages2": [(fb, "BWD_LAUNCH", {**fb.BWD_LAUNCH, "recurrence": dict(BV=64, warps=4, stages=2)})],
-    "rec_stages3": [(fb, "BWD_LAUNCH", {**fb.BWD_LAUNCH, "recurrence": dict(BV=64, warps=4, stages=3)})],
-    "swy_stages2": [(fb, "BWD_LAUNCH", {**fb.BWD_LAUNCH, "state_wy": {**fb.BWD_LAUNCH["state_wy"], "stages": 2}})],
-    "swy_stages3": [(fb, "BWD_LAUNCH", {**fb.BWD_LAUNCH, "state_wy": {**fb.BWD_LAUNCH["state_wy"], "stages": 3}})],
-    "intra_stages2": [(fbi, "INTRA_BWD_LAUNCH", (64, 4, 2))],
-    "intra_stages3": [(fbi, "INTRA_BWD_LAUNCH", (64, 4, 3))],
-    "state_bv64": [(fs, "STATE_BV", 64)],
-    "state_pps1": [(fs, "STATE_PROGRAMS_PER_SM", 1.0)],
-    "ut_bwd_ieee": [(fb, "UT_BWD_PRECISION", "ieee")],
-    "intra_128_4": [(fbi, "INTRA_BWD_LAUNCH", (128, 4, 1))],
-    "intra_128_8": [(fbi, "INTRA_BWD_LAUNCH", (128, 8, 1))],
-    "intra_64_2": [(fbi, "INTRA_BWD_LAUNCH", (64, 2, 1))],
-    "intra_32_2": [(fbi, "INTRA_BWD_LAUNCH", (32, 2, 1))],
-    "intra_tf32x3": [(fbi, "INTRA_BWD_PRECISION", {"tf32": "tf32x3", "ieee": "ieee"})],
+    "default": (lambda p: p, None),
+    "chunk64": (lambda p: _fwd(p, short_chunk=None), None),
+    "short32": (lambda p: _fwd(p, short_chunk=32), None),
+    "chunk16": (lambda p: p, 16),
+    "chunk32": (lambda p: p, 32),
+    "chunk16_two_kernels": (lambda p: _fwd(p, fused_state_output=False), 16),
+    "chunk32_two_kernels": (lambda p: _fwd(p, fused_state_output=False), 32),
+    "chunk16_fused_all": (lambda p: _fwd(p, fused_min_programs_per_sm=0.0), 16),
+    "two_kernels": (lambda p: _fwd(p, fused_state_output=False), None),
+    "fused_all": (lambda p: _fwd(p, fused_min_programs_per_sm=0.0), None),
+    "fused_all_bv32": (lambda p: R(_fwd(p, fused_min_programs_per_sm=0.0), state=R(p.state, BV=32)), None),
+    "fold0": (lambda p: _fwd(p, one_pass_fold=0), None),
+    "one_pass_bk16": (lambda p: R(p, one_pass=R(p.one_pass, launch=R(p.one_pass.launch, BK=16))), None),
+    "one_pass_w2": (lambda p: R(p, one_pass=R(p.one_pass, launch=R(p.one_pass.launch, warps=2))), None),
+    "one_pass_bk64": (lambda p: R(p, one_pass=R(p.one_pass, launch=R(p.one_pass.launch, BK=64))), None),
+    "one_pass_maxnreg_none": (lambda p: R(p, one_pass=R(p.one_pass, launch=R(p.one_pass.launch, maxnreg=None))), None),
+    "one_pass_maxnreg128": (lambda p: R(p, one_pass=R(p.one_pass, launch=R(p.one_pass.launch, maxnreg=128))), None),
+    "one_pass_stages1": (lambda p: R(p, one_pass=R(p.one_pass, launch=R(p.one_pass.launch, stages=1))), None),
+    "local_bk16": (lambda p: R(p, local=R(p.local, keys=KernelLaunch(1, 2, 16), queries=KernelLaunch(1, 2, 16))),
+                   None),
+    "local_stages1": (lambda p: R(p, local=R(p.local, keys=R(p.local.keys, stages=1),
+                                             queries=R(p.local.queries, stages=1))), None),
+    "local_ut_ieee": (lambda p: R(p, local=R(p.local, ut_precision="ieee"),
+                                  one_pass=R(p.one_pass, ut_precision="ieee")), None),
+    "state_bv32": (lambda p: R(p, state=R(p.state, BV=32)), None),
+    "state_bv64": (lambda p: R(p, state=R(p.state, BV=64)), None),
+    "state_bv128_w8": (lambda p: R(p, state=R(p.state, BV=128, warps=8)), None),
+    "state_warps2": (lambda p: R(p, state=R(p.state, warps=2)), None),
+    "state_warps8": (lambda p: R(p, state=R(p.state, warps=8)), None),
+    "state_stages2": (lambda p: R(p, state=R(p.state, stages_lowp=2)), None),
+    "state_stages4": (lambda p: R(p, state=R(p.state, stages_lowp=4)), None),
+    "state_pps1": (lambda p: R(p, state=R(p.state, fused_programs_per_sm=1.0)), None),
+    "state_no_prefetch": (lambda p: R(p, state=R(p.state, prefetch=False),
+                                      backward=R(p.backward, recurrence_prefetch=False)), None),
+    "rec_stages2": (lambda p: _bwd_launch(p, "recurrence", stages=2), None),
+    "rec_stages3": (lambda p: _bwd_launch(p, "recurrence", stages=3), None),
+    "swy_stages2": (lambda p: _bwd_launch(p, "state_wy", stages=2), None),
+    "swy_stages3": (lambda p: _bwd_launch(p, "state_wy", stages=3), None),
+    "intra_stages2": (lambda p: _bwd_launch(p, "intra", stages=2), None),
+    "intra_128_4": (lambda p: _bwd_launch(p, "intra", BK=128), None),
+    "intra_64_2": (lambda p: _bwd_launch(p, "intra", warps=2), None),
+    "intra_tf32x3": (lambda p: R(p, backward=R(p.backward, intra_precision="tf32x3")), None),
+    "ut_bwd_ieee": (lambda p: R(p, backward=R(p.backward, ut_precision="ieee")), None),
+    "state_wy_unfused": (lambda p: R(p, backward=R(p.backward, state_wy_fused=False)), None),
 }
+
+
+def variant(name: str):
+    """``(plan, chunk_size)`` of a variant, on the plan of the GPU at hand."""
+    make_plan, chunk_size = VARIANTS[name]
+    return make_plan(plan_for("cuda")), chunk_size
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-@contextlib.contextmanager
-def variant(name: str):
-    saved = [(m, a, getattr(m, a)) for m, a, _ in VARIANTS[name]]
-    for m, a, v in VARIANTS[name]:
-        setattr(m, a, v)
-    try:
-        yield
-    finally:
-        for m, a, v in saved:
-            setattr(m, a, v)
 
 
 def bench(fn, rep_ms: int = 200) -> float:
@@ -178,12 +160,13 @@ def main() -> None:
                     if shp is PREFILL[0]:
                         row["fla_safe_gate_err"] = rel_rms_error(fla_kda(*sl, safe_gate=True)[0], ref)
             for name in args.fwd:
-                with variant(name):
-                    o = fast.chunk_kda(q, k, v, g, beta, cu_seqlens=cu)[0]
-                    torch.cuda.synchronize()
-                    row[f"{name}_ms"] = bench(lambda: fast.chunk_kda(q, k, v, g, beta, cu_seqlens=cu))
-                    if shp is PREFILL[0]:
-                        row[f"{name}_err"] = rel_rms_error(fast.chunk_kda(*sl)[0], ref)
+                plan, C = variant(name)
+                o = fast.chunk_kda(q, k, v, g, beta, cu_seqlens=cu, plan=plan, chunk_size=C)[0]
+                torch.cuda.synchronize()
+                row[f"{name}_ms"] = bench(lambda: fast.chunk_kda(q, k, v, g, beta, cu_seqlens=cu, plan=plan,
+                                                                 chunk_size=C))
+                if shp is PREFILL[0]:
+                    row[f"{name}_err"] = rel_rms_error(fast.chunk_kda(*sl, plan=plan, chunk_size=C)[0], ref)
                 del o
         log(f"fwd {shp['name']:14s} " + "  ".join(
             f"{kk[:-3]} {vv:.3f}" + (f" ({vv / row['fla_ms']:.2f})" if "fla_ms" in row else "")
@@ -211,11 +194,11 @@ def main() -> None:
                 st()
                 row["fla_safe_gate_ms"] = bench(st, 400)
         for name in args.train:
-            with variant(name):
-                st = step_fn(fast.chunk_kda, xs, do, dS)
-                st()
-                torch.cuda.synchronize()
-                row[f"{name}_ms"] = bench(st, 400)
+            plan, _ = variant(name)  # training takes 64-token chunks
+            st = step_fn(lambda *a, **kw: fast.chunk_kda(*a, **kw, plan=plan), xs, do, dS)
+            st()
+            torch.cuda.synchronize()
+            row[f"{name}_ms"] = bench(st, 400)
         log(f"train {shp['name']:14s} " + "  ".join(
             f"{kk[:-3]} {vv:.3f}" + (f" ({vv / row['fla_ms']:.2f})" if "fla_ms" in row else "")
             for kk, vv in row.items() if kk.endswith("_ms")))

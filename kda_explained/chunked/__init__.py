@@ -7,7 +7,7 @@ The stages (:mod:`kda_explained.chunked.stages`) are what the Triton kernels of
 from .dplr import dplr
 from .gates import beta_sigmoid, kda_gate, l2norm, lowerbound_gate
 from .kda import CHUNK_SIZES, kda
-from .recurrent import recurrent_kda
+from .recurrent import RECURRENT_MAX_LEN, recurrent_kda
 from .stages import (
     chunk_local_cumsum,
     chunk_output,
@@ -20,6 +20,7 @@ from .stages import (
 __all__ = [
     "kda",
     "recurrent_kda",
+    "RECURRENT_MAX_LEN",
     "dplr",
     "CHUNK_SIZES",
     "chunk_local_cumsum",

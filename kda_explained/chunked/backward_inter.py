@@ -4,7 +4,7 @@ Each function here is the vector-Jacobian product of the forward stage of the sa
 name in :mod:`kda_explained.chunked.stages` (``wy_representation_bwd`` of
 ``wy_representation``, ...): same token layout ``[B, T, HV, ...]``, same chunk
 grid inside, and the gradients autograd would give through that stage. They are
-the references the Triton backward kernels mirror (issue 5); stages 1-3 are in
+the references the Triton backward kernels mirror; stages 1-3 are in
 :mod:`kda_explained.chunked.backward_intra`.
 
 Glossary (one chunk of ``C`` tokens, local index ``r``, one value head; ``d`` = gradient)

@@ -1,6 +1,6 @@
 """The backward of stages 1-3 of :mod:`kda_explained.chunked.stages`, in plain PyTorch.
 
-These are the references the Triton backward kernels mirror (issue 5): each
+These are the references the Triton backward kernels mirror: each
 function is the vector-Jacobian product of one forward stage, written out by
 hand, in the same token layout ``[B, T, HV, ...]`` and on the same chunk grid
 (:class:`~kda_explained.chunked.layout.ChunkLayout`). Each is tested against

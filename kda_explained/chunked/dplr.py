@@ -115,13 +115,13 @@ def _decayed_products(
         e = s + BC  # sub-chunk b = tokens [s, e)
         diff = G_left[..., s:e, None, :] - G_right[..., None, s:e, :]  # [..., BC(r), BC(j), K]
         causal = torch.ones(BC, BC, dtype=torch.bool, device=G_right.device).tril(-1 if strict else 0)
-        ratio = torch.exp(diff.masked_fill(~causal[:, :, None], float("-inf")))
+        ratio = torch.exp(diff.masked_fill(~causal[:, :, None], float("-inf"))).to(left.dtype)
         pair = left[..., s:e, None, :] * right[..., None, s:e, :]  # [..., BC(r), BC(j), K]
         P[..., s:e, s:e] = (pair * ratio).sum(-1)
         if e < C:
             G_ref = G_right[..., e - 1 : e, :]  # [..., 1, K]
-            left_dec = left[..., e:, :] * torch.exp(G_left[..., e:, :] - G_ref)  # exp(<= 0)
-            right_dec = right[..., s:e, :] * torch.exp(G_ref - G_right[..., s:e, :])  # exp(<= 0)
+            left_dec = left[..., e:, :] * torch.exp(G_left[..., e:, :] - G_ref).to(left.dtype)  # exp(<= 0)
+            right_dec = right[..., s:e, :] * torch.exp(G_ref - G_right[..., s:e, :]).to(right.dtype)  # exp(<= 0)
             P[..., e:, s:e] = left_dec @ right_dec.transpose(-1, -2)
     return P
 
@@ -146,8 +146,10 @@ def dplr_intra_chunk_matrices(
     """
     lay = _layout(q, chunk_size, cu_seqlens)
     dt = _compute_dtype(q)
-    G_c = _chunk_G(lay, G.to(dt))  # [N, NT, HV, C, K]
-    G_prev = _chunk_G_prev(lay, G.to(dt))  # [N, NT, HV, C, K]
+    # exponents from the float64 G, as in the KDA stages: a float32 G of several hundred would
+    # carry its rounding into every ratio
+    G_c = _chunk_G(lay, G.to(torch.float64))  # [N, NT, HV, C, K]
+    G_prev = _chunk_G_prev(lay, G.to(torch.float64))  # [N, NT, HV, C, K]
     HV = G_c.shape[2]
     q_c = _expand_heads(lay.to_chunks(q.to(dt)), HV)  # [N, NT, HV, C, K]
     k_c = _expand_heads(lay.to_chunks(k.to(dt)), HV)  # [N, NT, HV, C, K]
@@ -181,9 +183,9 @@ def dplr_wy_representation(
     """
     lay = _layout(b, chunk_size, cu_seqlens)
     dt = M.dtype
-    G_prev = _chunk_G_prev(lay, G.to(dt))  # [N, NT, HV, C, K]
+    G_prev = _chunk_G_prev(lay, G.to(torch.float64))  # [N, NT, HV, C, K]
     M_c = lay.to_chunks(M)  # [N, NT, HV, C, C]
-    W = M_c @ (lay.to_chunks(b.to(dt)) * torch.exp(G_prev))  # M (B * exp(G_prev))      [N, NT, HV, C, K]
+    W = M_c @ (lay.to_chunks(b.to(dt)) * torch.exp(G_prev).to(dt))  # M (B * exp(G_prev))  [N, NT, HV, C, K]
     U = -(M_c @ (lay.to_chunks(A_bk) @ lay.to_chunks(v.to(dt))))  # -M (A_bk V)           [N, NT, HV, C, V]
     return lay.from_chunks(W), lay.from_chunks(U)
 
@@ -213,11 +215,11 @@ def dplr_state_passing(
     """
     lay = _layout(k, chunk_size, cu_seqlens)
     dt = W.dtype
-    W_c, U_c, G_c = lay.to_chunks(W), lay.to_chunks(U), _chunk_G(lay, G.to(dt))
+    W_c, U_c, G_c = lay.to_chunks(W), lay.to_chunks(U), _chunk_G(lay, G.to(torch.float64))
     N, NT, HV, C, K = W_c.shape
     v_c = lay.to_chunks(v.to(dt))  # [N, NT, HV, C, V]
     G_last = G_c[..., -1:, :]  # [N, NT, HV, 1, K]: G_C (padding repeats the last real G)
-    to_end = torch.exp(G_last - G_c)  # exp(G_C - G_t), exponents <= 0          [N, NT, HV, C, K]
+    to_end = torch.exp(G_last - G_c).to(dt)  # exp(G_C - G_t), exponents <= 0    [N, NT, HV, C, K]
     a_dec = lay.to_chunks(a.to(dt)) * to_end  # A * exp(G_C - G)               [N, NT, HV, C, K]
     k_dec = _expand_heads(lay.to_chunks(k.to(dt)), HV) * to_end  # K * exp(G_C - G)
     S = W.new_zeros(N, HV, K, v_c.shape[-1]) if initial_state is None else initial_state.to(dt)
@@ -226,7 +228,7 @@ def dplr_state_passing(
         h.append(S)
         x = U_c[:, i] - W_c[:, i] @ S  # [N, HV, C, V]
         S = (
-            torch.exp(G_last[:, i]).transpose(-1, -2) * S  # Diag(exp(G_C)) S_0
+            torch.exp(G_last[:, i]).to(dt).transpose(-1, -2) * S  # Diag(exp(G_C)) S_0
             + a_dec[:, i].transpose(-1, -2) @ x  # + (A * exp(G_C - G))^T x
             + k_dec[:, i].transpose(-1, -2) @ v_c[:, i]  # + (K * exp(G_C - G))^T V
         )

@@ -53,7 +53,7 @@ def kda(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """KDA by the chunkwise WY / UT-transform algorithm (report Eq. 2–9).
 
-    Shapes as ``DESIGN.md``: ``q, k: [B, T, H, K]``, ``v: [B, T, HV, V]``,
+    Shapes as the design contract (docs/design.md): ``q, k: [B, T, H, K]``, ``v: [B, T, HV, V]``,
     ``g: [B, T, HV, K]`` (log decay in ``[-inf, 0]``: a CPU ``g`` outside it raises
     :class:`ValueError`; a GPU ``g`` is not read back, and ``g > 0`` is then computed
     as the recurrence defines it), ``beta: [B, T, HV]``,

@@ -1,8 +1,8 @@
 """Where the chunks are: token layout ``[B, T, ...]`` <-> chunk grid ``[N, NT, HV, C, ...]``.
 
 Every stage of the chunked algorithm takes and returns tensors in the token
-layout of ``DESIGN.md`` (``[B, T, HV, D]``), like the Triton kernels that
-mirror them. Inside, a stage works on the *chunk grid*: sequence ``n`` is cut
+layout of the design contract, docs/design.md (``[B, T, HV, D]``), like the
+Triton kernels that mirror them. Inside, a stage works on the *chunk grid*: sequence ``n`` is cut
 into ``NT`` chunks of ``C`` tokens, padded with zeros at its end (the ragged
 last chunk) and after its end (sequences with fewer chunks than the longest).
 

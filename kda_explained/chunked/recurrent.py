@@ -23,7 +23,12 @@ import torch
 from ..validation import check_kda_inputs
 from .kda import as_tensor_cu_seqlens, require_tensors
 
-__all__ = ["recurrent_kda"]
+__all__ = ["recurrent_kda", "RECURRENT_MAX_LEN"]
+
+#: Sequences of at most this many tokens take the recurrence itself (here, or the fast layer's
+#: decode kernel), longer ones the chunk pipeline. The one threshold where decoding ends and
+#: prefill begins, read by every dispatch (``fast.kda``, the model layer).
+RECURRENT_MAX_LEN = 16
 
 
 def recurrent_kda(

@@ -1,8 +1,9 @@
 """The chunkwise KDA algorithm (report §3.1, Eq. 2–9) as pure PyTorch stage functions.
 
-Each stage takes and returns tensors in the token layout ``[B, T, HV, ...]``
-(the layout of ``DESIGN.md`` and of the Triton kernels that mirror these
-stages), and works inside on the chunk grid of :class:`~kda_explained.chunked.layout.ChunkLayout`.
+Each stage takes and returns tensors in the token layout ``[B, T, HV, ...]`` (the
+layout of the design contract, docs/design.md, and of the Triton kernels that mirror
+these stages), and works inside on the chunk grid of
+:class:`~kda_explained.chunked.layout.ChunkLayout`.
 
 Glossary (one chunk of ``C`` tokens, local index ``r``, one value head)
 -----------------------------------------------------------------------

@@ -4,17 +4,20 @@
 ``fla.ops.kda``'s functions of the same names, so a model can switch by
 changing the import; ``kda`` has the shared signature of every layer.
 ``chunk_kda`` is differentiable: its backward runs the Triton kernels of
-:mod:`kda_explained.fast.backward`, stage by stage.
+:mod:`kda_explained.fast.backward`, stage by stage. The gates of every layer,
+``kda_gate`` and ``lowerbound_gate``, run as a kernel too.
 On a machine without a GPU the kernels run under the Triton interpreter when
 ``TRITON_INTERPRET=1`` is set before this package is imported.
 """
 
-from .api import RECURRENT_MAX_LEN, fused_recurrent_kda, kda
-from .chunk import FAST_CHUNK_SIZES, MAX_HEAD_DIM, chunk_kda
+from ..chunked.recurrent import RECURRENT_MAX_LEN
+from .api import chunk_kda, fused_recurrent_kda, kda
+from .config import Plan, plan_for
+from .inputs import FAST_CHUNK_SIZES, MAX_HEAD_DIM
 from .local import chunk_local_factors, chunk_local_factors_one_pass, chunk_wy_factors
 from .output import chunk_output
-from .prepare import chunk_local_cumsum, l2norm
-from .state import state_passing, state_passing_output, state_passing_output_segmented
+from .prepare import chunk_local_cumsum, kda_gate, l2norm, lowerbound_gate
+from .state import state_passing, state_passing_output
 
 __all__ = [
     "kda",
@@ -26,10 +29,13 @@ __all__ = [
     "chunk_wy_factors",
     "state_passing",
     "state_passing_output",
-    "state_passing_output_segmented",
     "chunk_output",
     "l2norm",
+    "kda_gate",
+    "lowerbound_gate",
     "FAST_CHUNK_SIZES",
     "MAX_HEAD_DIM",
     "RECURRENT_MAX_LEN",
+    "Plan",
+    "plan_for",
 ]

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
+import triton
 
 __all__ = ["SeqMeta", "seq_meta", "build_seq_meta", "packed_offsets", "max_chunks", "host_offsets", "device_offsets",
-           "dot_precision", "interpreting", "sm_count"]
+           "dot_precision", "tile", "interpreting", "interpreter_set_too_late", "sm_count"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,16 @@ def build_seq_meta(cu: List[int], chunk_size: int, device) -> SeqMeta:
                    chunk_bos=i32(chunk_bos), chunk_off=i32(chunk_off))
 
 
+def tile(n: int, cap: Optional[int] = None) -> int:
+    """A power-of-two tile for a dimension of size ``n``: at least 16 (a tensor-core side), at most ``cap``.
+
+    >>> tile(12), tile(100), tile(100, 64), tile(256, 32)
+    (16, 128, 64, 32)
+    """
+    t = max(16, triton.next_power_of_2(n))
+    return t if cap is None else min(cap, t)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` precision for inputs of ``dtype``: full float32 for float32 inputs, tf32 otherwise.
 
@@ -119,13 +130,24 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
+#: Whether ``TRITON_INTERPRET=1`` was set when this package was imported: Triton decides when it
+#: defines a kernel (at import) whether it will run compiled or interpreted, so that moment counts.
+INTERPRETED_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    """True when the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, on the CPU).
+    """True when the kernels run under the Triton interpreter (``TRITON_INTERPRET=1`` set before
+    the import of :mod:`kda_explained.fast`, on the CPU).
 
     The interpreter computes ``tl.dot`` on bf16/fp16 operands wrongly (NumPy has no bf16
     matmul), so kernels keep their float32 operands there.
     """
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return INTERPRETED_AT_IMPORT
+
+
+def interpreter_set_too_late() -> bool:
+    """True when ``TRITON_INTERPRET=1`` is set now but was not when the kernels were defined."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1" and not INTERPRETED_AT_IMPORT
 
 
 def sm_count(device) -> int:

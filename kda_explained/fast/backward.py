@@ -23,7 +23,8 @@ their composition (the mirror of :func:`kda_explained.chunked.backward.kda_backw
   the recurrence, then the rest of the state stage's backward, every chunk in parallel;
 - ``state_wy_bwd``: the per-chunk backward of stages 6, 5 and 4 (the output, the state stage
   after its recurrence, the WY factors) in one kernel, what :func:`kda_backward` runs
-  (``STATE_WY_FUSED``; the three kernels above stay, each tested against its oracle).
+  (the three kernels above run where the plan's ``state_wy_fused`` is off; each is tested
+  against its oracle).
 
 **The state recurrence.** One program owns the gradient ``dS [K, BV]``
 of one sequence's state (one value head, one tile of ``BV`` value columns) in
@@ -64,8 +65,8 @@ program per chunk and value head, looping over tiles of ``V``::
     dv_new = A_qk^T dO
     dq     = scale exp(G) dqg (per value head; GVA sums the group after)   dG = dqg * qg
 
-``chunk_kda`` differentiates through :func:`kda_backward` (``fast.chunk.TRITON_BACKWARD``,
-on by default). Between forward and backward it keeps the inputs and ``A_qk``, ``M`` and
+``chunk_kda`` differentiates through :func:`kda_backward`
+(:mod:`kda_explained.fast.autograd`). Between forward and backward it keeps the inputs and ``A_qk``, ``M`` and
 ``G`` (``factors=``, ``G=``); the backward recomputes the WY factors from ``M``
 (:func:`kda_explained.fast.local.chunk_wy_factors`) and the chunk states.
 """
@@ -78,57 +79,26 @@ import torch
 import triton
 import triton.language as tl
 
+from ..validation import check_chunk_size
 from ._grad import accumulator as _accumulator, chunk_span as _chunk_span, per_key_head as _per_key_head
-from ._meta import SeqMeta, dot_precision, interpreting, seq_meta
+from ._meta import SeqMeta, dot_precision, interpreting, seq_meta, tile
 from .backward_intra import intra_chunk_matrices_bwd
-from .state import _chunk_gate_end, state_value_tile
+from .config import BackwardConfig, Plan, plan_for
+from .inputs import FAST_CHUNK_SIZES, check_fast_inputs
+from .local import chunk_local_factors, chunk_wy_factors
+from .prepare import chunk_local_cumsum
+from .state import chunk_gate_end, state_passing, state_value_tile
 
-__all__ = ["BWD_LAUNCH", "kda_backward", "core_backward", "checked_backward_inputs",
+__all__ = ["kda_backward", "core_backward", "checked_backward_inputs",
            "chunk_local_cumsum_bwd", "intra_chunk_matrices_bwd_by_columns", "ut_transform_bwd",
            "wy_representation_bwd", "state_wy_bwd", "state_passing_bwd_recurrence", "state_passing_bwd",
            "state_passing_bwd_chunks", "chunk_output_bwd"]
-
-#: The launch shape of each backward kernel, the widest tile of ``K`` (``BK``) and of ``V`` (``BV``)
-#: a program takes and its warps (``state_wy`` may also cap registers per thread, ``maxnreg``: on the
-#: H100 every cap tried was slower). Every kernel runs one pipeline stage: at three, the output
-#: backward asked 245760 bytes of shared memory on the H100 (its limit is 232448) and the loops
-#: are short. Picked by ``benchmarks/probe/bwd_sweep.py`` on the H100 (B=8, T=4096, H=16, bf16;
-#: ``results/bwd_sweep*.json``): each the fastest of 2-8 shapes, ms before -> after.
-BWD_LAUNCH = {
-    "output": dict(BV=64, warps=8),  # 1.48 -> 1.36
-    "recurrence": dict(BV=64, warps=4, stages=1),  # 1.37 -> 0.94 (BV 32); fused, bf16 products: 0.74 -> 0.50 (BV 64, at most)
-    "state_chunks": dict(BK=64, BV=64, warps=4),  # 1.41 -> 1.17 (bf16 products: 0.84)
-    "wy": dict(BK=64, BV=64, warps=4),  # 1.30 -> 1.11
-    "ut": dict(warps=4),  # 0.44 -> 0.22
-    # stages 6, 5 (per chunk) and 4 in one kernel (the default path): 2.37 -> 2.07 (BK 64, 8 warps ->
-    # BK 32, 4 warps; the three kernels apart: 0.75 + 0.84 + 1.11)
-    "state_wy": dict(BK=32, BV=64, warps=4, stages=1),
-}
-
-
-#: The state stage's per-chunk backward and the WY backward as one kernel (:func:`state_wy_bwd`);
-#: ``False``: two (:func:`state_passing_bwd_chunks`, then :func:`wy_representation_bwd`).
-STATE_WY_FUSED = True
-
-#: The state recurrence's products on bf16/fp16 operands (the intermediates' dtype; the state
-#: gradient rounded to it for its products, float32 sums), as the forward state pass
-#: (``fast.state.STATE_LOW_PRECISION_DOTS``) and fla's ``dhu`` do; ``False``: float32 operands, tf32
-#: products. Float32 inputs (and the interpreter, whose intermediates are float32) never take it.
-RECURRENCE_LOW_PRECISION_DOTS = True
-#: Load ``G`` at each chunk's last token one chunk ahead (as the forward's ``STATE_PREFETCH``).
-RECURRENCE_PREFETCH = True
-
 
 def _native(*xs: torch.Tensor) -> bool:
     """True when the tensors share one 16-bit dtype: products of them loaded as they are stored run on
     that dtype's tensor cores with float32 sums, exactly as tf32 products of the same values (a bf16
     or fp16 value is a tf32 value), at twice tf32's rate."""
     return xs[0].dtype in (torch.bfloat16, torch.float16) and all(x.dtype == xs[0].dtype for x in xs)
-
-
-def _tile(n: int, cap: int) -> int:
-    """A power-of-two tile for a dimension of size ``n``: at least 16 (a tensor-core side), at most ``cap``."""
-    return min(cap, max(16, triton.next_power_of_2(n)))
 
 
 
@@ -189,14 +159,14 @@ def _state_bwd_recurrence_kernel(
 
     n_chunks = tl.cdiv(eos - bos, BT)
     if PREFETCH:  # G's chunk-end row one chunk ahead (the pipeliner leaves it a load each step waits for)
-        b_Gnext = _chunk_gate_end(G, bos, eos, c0, n_chunks - 1, i_hv, HV, K, BT, BK, False)
+        b_Gnext = chunk_gate_end(G, bos, eos, c0, n_chunks - 1, i_hv, HV, K, BT, BK, False)
     for i_r in range(0, n_chunks):
         i_t = n_chunks - 1 - i_r  # last chunk first
         if PREFETCH:
             b_Glast = b_Gnext
-            b_Gnext = _chunk_gate_end(G, bos, eos, c0, i_t - 1, i_hv, HV, K, BT, BK, False)
+            b_Gnext = chunk_gate_end(G, bos, eos, c0, i_t - 1, i_hv, HV, K, BT, BK, False)
         else:
-            b_Glast = _chunk_gate_end(G, bos, eos, c0, i_t, i_hv, HV, K, BT, BK, False)
+            b_Glast = chunk_gate_end(G, bos, eos, c0, i_t, i_hv, HV, K, BT, BK, False)
         t0 = bos + i_t * BT
         m_t = t0 + o_t < eos
         m_tk = m_t[:, None] & m_k[None, :]
@@ -243,6 +213,7 @@ def state_passing_bwd_recurrence(
     output: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
     grad_dtype: torch.dtype = torch.float32,
     meta: Optional[SeqMeta] = None,
+    config: Optional[BackwardConfig] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``dS_out: [NC, HV, K, V]``, ``dv_tot: [B, T, HV, V]`` (both ``grad_dtype``), ``dS0: [N, HV, K, V]``
     (float32).
@@ -264,20 +235,21 @@ def state_passing_bwd_recurrence(
     dv_tot = torch.empty(B, T, HV, V, dtype=grad_dtype, device=kg.device)
     dS0 = torch.empty(meta.N, HV, K, V, dtype=torch.float32, device=kg.device)
     qg, A_qk, do = (x.contiguous() for x in output) if output is not None else (kg, kg, dv_tot)
-    launch = BWD_LAUNCH["recurrence"]
+    config = config or plan_for(kg.device).backward
+    launch = config["recurrence"]
     # as the forward state pass: the widest value tile, halved while that leaves SMs without a program
-    BV = min(_tile(V, launch["BV"]), state_value_tile(meta.N * HV, V, kg.device))
+    BV = min(tile(V, launch.BV), state_value_tile(meta.N * HV, V, kg.device))
     if meta.N > 0:
         _state_bwd_recurrence_kernel[(triton.cdiv(V, BV), meta.N, HV)](
             kg.contiguous(), W.contiguous(), G.contiguous(),
             dh.contiguous() if dh is not None else dS_out, dv_new.contiguous() if dv_new is not None else dv_tot,
             qg, A_qk, do, dS_final.contiguous() if dS_final is not None else dS0, dS_out, dv_tot, dS0,
             meta.cu, meta.chunk_off,
-            HV=HV, K=K, V=V, BT=chunk_size, BK=max(16, triton.next_power_of_2(K)), BV=BV,
+            HV=HV, K=K, V=V, BT=chunk_size, BK=tile(K), BV=BV,
             HAS_DH=dh is not None, HAS_DVN=dv_new is not None, FUSED=output is not None,
             HAS_DSF=dS_final is not None, PRECISION=dot_precision(W.dtype),
-            LOWP=RECURRENCE_LOW_PRECISION_DOTS and W.dtype in (torch.bfloat16, torch.float16) and kg.dtype == W.dtype,
-            PREFETCH=RECURRENCE_PREFETCH, num_warps=launch["warps"], num_stages=launch["stages"],
+            LOWP=config.recurrence_lowp and W.dtype in (torch.bfloat16, torch.float16) and kg.dtype == W.dtype,
+            PREFETCH=config.recurrence_prefetch, num_warps=launch.warps, num_stages=launch.stages,
         )
     return dS_out, dv_tot, dS0
 
@@ -370,6 +342,7 @@ def chunk_output_bwd(
     per_value_head: bool = False,
     state_grads: bool = True,
     meta: Optional[SeqMeta] = None,
+    config: Optional[BackwardConfig] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     """``dq: [B, T, H, K]``, ``dh: [NC, HV, K, V]``, ``dv_new: [B, T, HV, V]``, ``dG: [B, T, HV, K]``,
     ``dA_qk: [B, T, HV, C]``, all float32; arguments as
@@ -383,6 +356,7 @@ def chunk_output_bwd(
     B, T, H, K = q.shape
     HV, V = v_new.shape[2], v_new.shape[3]
     meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, q.device)
+    launch = (config or plan_for(q.device).backward)["output"]
     f32 = dict(dtype=torch.float32, device=q.device)
     # every token lies in one chunk, whose program writes all of its rows: no zero fill
     dq = torch.empty(B, T, HV, K, **f32)
@@ -396,9 +370,9 @@ def chunk_output_bwd(
             A_qk.contiguous() if A_qk is not None else do, do.contiguous(),
             dq, dG, dh if state_grads else dA, dv_new if state_grads else dA, dA,
             meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale),
-            H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=max(16, triton.next_power_of_2(K)),
-            BV=_tile(V, BWD_LAUNCH["output"]["BV"]), PRECISION=dot_precision(q.dtype), STATE_GRADS=state_grads,
-            NATIVE=_native(do, h, v_new), num_warps=BWD_LAUNCH["output"]["warps"], num_stages=1,
+            H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=tile(K),
+            BV=tile(V, launch.BV), PRECISION=dot_precision(q.dtype), STATE_GRADS=state_grads,
+            NATIVE=_native(do, h, v_new), num_warps=launch.warps, num_stages=launch.stages,
         )
     return _per_key_head(dq, H, per_value_head), dh, dv_new, dG, dA
 
@@ -530,6 +504,7 @@ def state_passing_bwd(
     dG_acc: Optional[torch.Tensor] = None,
     per_value_head: bool = False,
     meta: Optional[SeqMeta] = None,
+    config: Optional[BackwardConfig] = None,
 ):
     """The whole state stage's backward: ``(dk, dW, dU, dG, dS0)``, float32.
 
@@ -542,9 +517,9 @@ def state_passing_bwd(
     """
     meta = meta or seq_meta(kg.shape[0], kg.shape[1], chunk_size, cu_seqlens, kg.device)
     dS_out, dv_tot, dS0 = state_passing_bwd_recurrence(kg, W, G, h, dh, dv_new, dS_final, chunk_size, cu_seqlens,
-                                                       meta=meta)
+                                                       meta=meta, config=config)
     dk, dW, dG = state_passing_bwd_chunks(kg, G, h, v_new, dS_out, dv_tot, chunk_size, cu_seqlens, H=H,
-                                          dG_acc=dG_acc, per_value_head=per_value_head, meta=meta)
+                                          dG_acc=dG_acc, per_value_head=per_value_head, meta=meta, config=config)
     return dk, dW, dv_tot, dG, (dS0 if initial_state is not None else None)
 
 
@@ -563,6 +538,7 @@ def state_passing_bwd_chunks(
     per_value_head: bool = False,
     dW_dtype: torch.dtype = torch.float32,
     meta: Optional[SeqMeta] = None,
+    config: Optional[BackwardConfig] = None,
 ):
     """The state stage's backward after its recurrence, every chunk in parallel: ``(dk, dW, dG)``.
 
@@ -578,14 +554,14 @@ def state_passing_bwd_chunks(
     dk, dW = torch.empty(B, T, HV, K, **f32), torch.empty(B, T, HV, K, dtype=dW_dtype, device=kg.device)
     dG = _accumulator(dG_acc, kg, (B, T, HV, K))
     if meta.NC > 0:
-        launch = BWD_LAUNCH["state_chunks"]
-        BK = _tile(K, launch["BK"])
+        launch = (config or plan_for(kg.device).backward)["state_chunks"]
+        BK = tile(K, launch.BK)
         _state_bwd_chunk_kernel[(meta.NC, HV, triton.cdiv(K, BK))](
             kg.contiguous(), G.contiguous(), h.contiguous(), v_new.contiguous(), dS_out, dv_tot, dk, dW, dG,
             meta.cu, meta.chunk_seq, meta.chunk_bos,
-            HV=HV, K=K, V=V, BT=chunk_size, BK=BK, BV=_tile(V, launch["BV"]),
+            HV=HV, K=K, V=V, BT=chunk_size, BK=BK, BV=tile(V, launch.BV),
             PRECISION=dot_precision(kg.dtype), ACC=dG_acc is not None, NATIVE=_native(h, v_new, dS_out, dv_tot),
-            num_warps=launch["warps"], num_stages=1,
+            num_warps=launch.warps, num_stages=launch.stages,
         )
     return _per_key_head(dk, H, per_value_head), dW, dG
 
@@ -676,6 +652,7 @@ def wy_representation_bwd(
     per_value_head: bool = False,
     dv_dtype: torch.dtype = torch.float32,
     meta: Optional[SeqMeta] = None,
+    config: Optional[BackwardConfig] = None,
 ):
     """``(dk [B, T, H, K], dv, dG, dbeta, dM)``, float32; arguments as
     :func:`kda_explained.chunked.backward_inter.wy_representation_bwd`. ``dk_acc``, ``dG_acc``:
@@ -686,6 +663,7 @@ def wy_representation_bwd(
     B, T, H, K = k.shape
     HV, V = v.shape[2], v.shape[3]
     meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, k.device)
+    launch = (config or plan_for(k.device).backward)["wy"]
     f32 = dict(dtype=torch.float32, device=k.device)
     if (dk_acc is None) != (dG_acc is None):
         raise ValueError("dk_acc, dG_acc: give both accumulators or neither")
@@ -697,9 +675,9 @@ def wy_representation_bwd(
         _wy_bwd_kernel[(meta.NC, HV)](
             k.contiguous(), v.contiguous(), G.contiguous(), beta.contiguous(), M.contiguous(), dW.contiguous(),
             dU.contiguous(), dk, dv, dG, dbeta, dM, meta.cu, meta.chunk_seq, meta.chunk_bos,
-            H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=_tile(K, BWD_LAUNCH["wy"]["BK"]),
-            BV=_tile(V, BWD_LAUNCH["wy"]["BV"]), PRECISION=dot_precision(k.dtype),
-            ACC=dk_acc is not None, num_warps=BWD_LAUNCH["wy"]["warps"], num_stages=1,
+            H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=tile(K, launch.BK),
+            BV=tile(V, launch.BV), PRECISION=dot_precision(k.dtype),
+            ACC=dk_acc is not None, num_warps=launch.warps, num_stages=launch.stages,
         )
     return _per_key_head(dk, H, per_value_head), dv, dG, dbeta, dM
 
@@ -845,6 +823,7 @@ def state_wy_bwd(
     per_value_head: bool = False,
     dv_dtype: torch.dtype = torch.float32,
     meta: Optional[SeqMeta] = None,
+    config: Optional[BackwardConfig] = None,
 ):
     """The state stage's per-chunk backward and the WY factors' backward in one kernel:
     ``(dk [B, T, H, K], dv, dG, dbeta, dM, dq, dA_qk)``, as :func:`state_passing_bwd_chunks`
@@ -873,25 +852,20 @@ def state_wy_bwd(
     dq = torch.empty(B, T, HV, K, **f32) if output is not None else None
     dA = torch.empty(B, T, HV, chunk_size, **f32) if output is not None else None
     if meta.NC > 0:
-        launch = BWD_LAUNCH["state_wy"]
+        launch = (config or plan_for(k.device).backward)["state_wy"]
         _state_wy_bwd_kernel[(meta.NC, HV)](
             k.contiguous(), v.contiguous(), G.contiguous(), beta.contiguous(), M.contiguous(), h.contiguous(),
             v_new.contiguous(), dS_out.contiguous(), dv_tot.contiguous(), q.contiguous(), do.contiguous(),
             dq if dq is not None else dk, dA if dA is not None else dM, dk, dv, dG, dbeta, dM,
             meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale),
-            H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=_tile(K, launch["BK"]), BV=_tile(V, launch["BV"]),
+            H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=tile(K, launch.BK), BV=tile(V, launch.BV),
             PRECISION=dot_precision(k.dtype), ACC=dG_acc is not None,
             NATIVE=_native(h, v_new, dS_out, dv_tot, *((do,) if output is not None else ())),
-            OUTPUT=output is not None, num_warps=launch["warps"], num_stages=launch["stages"],
-            **({"maxnreg": launch["maxnreg"]} if launch.get("maxnreg") and not interpreting() else {}),
+            OUTPUT=output is not None, num_warps=launch.warps, num_stages=launch.stages,
+            **({"maxnreg": launch.maxnreg} if launch.maxnreg and not interpreting() else {}),
         )
     return (_per_key_head(dk, H, per_value_head), dv, dG, dbeta, dM,
             None if dq is None else _per_key_head(dq, H, per_value_head), dA)
-
-
-#: Precision of the UT transform's backward products ``dA = -M^T dM M^T`` (``M``, ``dM`` float32):
-#: ``tf32x3`` (near float32) for every input dtype.
-UT_BWD_PRECISION = "tf32x3"
 
 
 @triton.jit
@@ -926,17 +900,19 @@ def _ut_bwd_kernel(
 def ut_transform_bwd(
     M: torch.Tensor, dM: torch.Tensor, chunk_size: int, cu_seqlens: Optional[torch.Tensor] = None, *,
     meta: Optional[SeqMeta] = None,
+    config: Optional[BackwardConfig] = None,
 ) -> torch.Tensor:
     """``dA_kk: [B, T, HV, C]`` float32 from ``M, dM: [B, T, HV, C]``; as
     :func:`kda_explained.chunked.backward_intra.ut_transform_bwd`.
     """
     B, T, HV, C = M.shape
     meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, M.device)
+    config = config or plan_for(M.device).backward
     dA = torch.empty(B, T, HV, C, dtype=torch.float32, device=M.device)
     if meta.NC > 0:
         _ut_bwd_kernel[(meta.NC, HV)](M.contiguous(), dM.contiguous(), dA, meta.cu, meta.chunk_seq, meta.chunk_bos,
-                                      HV=HV, BT=chunk_size, UTP=UT_BWD_PRECISION,
-                                      num_warps=BWD_LAUNCH["ut"]["warps"], num_stages=1)
+                                      HV=HV, BT=chunk_size, UTP=config.ut_precision,
+                                      num_warps=config["ut"].warps, num_stages=config["ut"].stages)
     return dA
 
 
@@ -1030,8 +1006,8 @@ def intra_chunk_matrices_bwd_by_columns(
     on or above the diagonal, and of ``dA_qk`` above it, are ignored).
 
     The exact form, one column of the chunk at a time, every exponent masked before the
-    ``exp``: simple and safe for any gate, but no tensor cores (8.1 ms at ``B=8, T=4096,
-    H=16``, H100). The pipeline uses the tensor-core kernel
+    ``exp``: simple and safe for any gate, but no tensor cores (several times slower). The pipeline
+    uses the tensor-core kernel
     :func:`kda_explained.fast.backward_intra.intra_chunk_matrices_bwd`; this one stays as its
     second, independent check.
     """
@@ -1039,7 +1015,7 @@ def intra_chunk_matrices_bwd_by_columns(
     HV = G.shape[2]
     meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, q.device)
     f32 = dict(dtype=torch.float32, device=q.device)
-    BK = min(32, max(16, triton.next_power_of_2(K)))
+    BK = tile(K, 32)
     NK = triton.cdiv(K, BK)
     dq, dk, dG = (torch.zeros(B, T, HV, K, **f32) for _ in range(3))
     dbeta = torch.zeros(NK, B, T, HV, **f32)
@@ -1085,7 +1061,7 @@ def chunk_local_cumsum_bwd(
     B, T, HV, K = dG.shape
     meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, dG.device)
     dg = torch.empty(B, T, HV, K, dtype=torch.float32, device=dG.device)
-    BK = min(32, max(16, triton.next_power_of_2(K)))
+    BK = tile(K, 32)
     if meta.NC > 0:
         _cumsum_bwd_kernel[(meta.NC, HV, triton.cdiv(K, BK))](dG.contiguous(), dg, meta.cu, meta.chunk_seq,
                                                              meta.chunk_bos, HV=HV, K=K, BT=chunk_size, BK=BK)
@@ -1096,9 +1072,6 @@ def checked_backward_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens, 
     """The forward's input checks for a backward entry point: ``(scale, cu_seqlens, C, meta)``, the
     scale resolved (``K ** -0.5`` by default), the offsets validated, the chunk size one the fast layer
     takes and the chunk tables built once."""
-    from ..validation import check_chunk_size
-    from .chunk import FAST_CHUNK_SIZES, check_fast_inputs
-
     p, cu_seqlens = check_fast_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                                       cu_seqlens=cu_seqlens)
     C = check_chunk_size(chunk_size, FAST_CHUNK_SIZES)
@@ -1121,21 +1094,21 @@ def kda_backward(
     factors: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     G: Optional[torch.Tensor] = None,
     out_dtype: Optional[torch.dtype] = None,
+    plan: Optional[Plan] = None,
 ) -> Tuple[torch.Tensor, ...]:
     """Gradients of KDA through the Triton stage kernels: the mirror of
     :func:`kda_explained.chunked.backward.kda_backward` (same arguments and returns,
     ``(dq, dk, dv, dg, dbeta, dinitial_state)``, float32).
 
     The forward is recomputed by the fast kernels, keeping what the backward reads; every
-    stage is a Triton kernel. The backward of :func:`~kda_explained.fast.chunk.chunk_kda`.
-    ``factors``: ``(A_qk, M)`` as the forward kept them (:func:`~kda_explained.fast.chunk.chunk_kda_fwd`'s
+    stage is a Triton kernel. The backward of :func:`~kda_explained.fast.api.chunk_kda`.
+    ``factors``: ``(A_qk, M)`` as the forward kept them (:func:`~kda_explained.fast.forward.chunk_kda_fwd`'s
     ``keep_for_backward``), see :func:`core_backward`; ``G``: stage 1's output as the forward kept
     it (then stage 1 is not recomputed, and ``g`` may be ``None``: the backward never reads it);
     ``out_dtype``: ``dq``, ``dk`` and ``dv`` in that dtype, written
-    by their last kernels (:func:`core_backward`).
+    by their last kernels (:func:`core_backward`); ``plan``: the kernels' launch settings
+    (default :func:`~kda_explained.fast.config.plan_for` the device).
     """
-    from .prepare import chunk_local_cumsum
-
     if g is None and G is None:
         raise ValueError("g: expected the gate (or its in-chunk cumsum as G=), got None for both")
     # the checks read g's shape and dtype; G (float32, the same shape) stands in for it when g is not given
@@ -1146,7 +1119,8 @@ def kda_backward(
     else:
         beta32 = beta.float()
     dq, dk, dv, dG, dbeta, dS0 = core_backward(q, k, v, G, beta32, do, dS_final, scale, initial_state, C,
-                                               cu_seqlens, factors=factors, out_dtype=out_dtype, meta=meta)
+                                               cu_seqlens, factors=factors, out_dtype=out_dtype, meta=meta,
+                                               plan=plan or plan_for(q.device))
     dg = chunk_local_cumsum_bwd(dG, C, cu_seqlens, meta=meta)  # 1.
     return dq, dk, dv, dg, dbeta, dS0
 
@@ -1167,6 +1141,7 @@ def core_backward(
     factors: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     out_dtype: Optional[torch.dtype] = None,
     meta: SeqMeta,
+    plan: Plan,
 ) -> Tuple[torch.Tensor, ...]:
     """Stages 2-6 of the backward, given stage 1's forward output ``G`` (float32 in-chunk
     cumulative log decay) and ``beta32`` (float32): ``(dq, dk, dv, dG, dbeta, dS0)``, float32,
@@ -1182,18 +1157,18 @@ def core_backward(
     (the intra and the WY backward; the sums in float32 before), instead of a cast pass over each
     afterwards; only where no GVA sum follows (``HV == H``), else they stay float32.
     """
-    from .local import chunk_local_factors, chunk_wy_factors
-    from .state import state_passing
-
     H = q.shape[2]
+    bwd = plan.backward
     # ---- forward, keeping what the backward reads
     if factors is None:
-        f = chunk_local_factors(q, k, v, G, beta32, scale, C, cu_seqlens, store_m=True, meta=meta)  # 2.-4.
+        f = chunk_local_factors(q, k, v, G, beta32, scale, C, cu_seqlens, store_m=True, meta=meta,
+                                config=plan.local)  # 2.-4.
     else:
-        f = chunk_wy_factors(q, k, v, G, beta32, factors[1], scale, C, cu_seqlens, meta=meta)._replace(
-            A_qk=factors[0])  # 4.
+        f = chunk_wy_factors(q, k, v, G, beta32, factors[1], scale, C, cu_seqlens, meta=meta,
+                             config=plan.wy_factors)._replace(A_qk=factors[0])  # 4.
     # the states in the intermediate dtype, as the forward keeps them (bf16 for bf16 inputs)
-    h, v_new, _ = state_passing(f.kg, f.W, f.U, G, initial_state, C, cu_seqlens, h_dtype=f.W.dtype, meta=meta)  # 5.
+    h, v_new, _ = state_passing(f.kg, f.W, f.U, G, initial_state, C, cu_seqlens, h_dtype=f.W.dtype, meta=meta,
+                                config=plan.state)  # 5.
     A_qk, W, kg, qg, M = f.A_qk, f.W, f.kg, f.qg, f.M
     del f  # with it U: only the forward's state pass reads it
     # ---- backward, stage 6 down to stage 2. dq, dk (per value head) and dG are sums of several
@@ -1202,32 +1177,32 @@ def core_backward(
     # 5.: the recurrence, which also forms the output's dh = qg^T dO and dv_new = A_qk^T dO chunk by
     # chunk; its outputs dS_out, dU (= dv_tot) in the intermediate dtype, as fla keeps its dh
     dS_out, dU, dS0 = state_passing_bwd_recurrence(kg, W, G, h, None, None, dS_final, C, cu_seqlens,
-                                                   output=(qg, A_qk, do), grad_dtype=W.dtype, meta=meta)
+                                                   output=(qg, A_qk, do), grad_dtype=W.dtype, meta=meta, config=bwd)
     del A_qk, qg, W
     if initial_state is None:
         dS0 = None
     dv_dtype = out_dtype or torch.float32
-    if STATE_WY_FUSED:
+    if bwd.state_wy_fused:
         # 6., 5. (per chunk) and 4. in one kernel: each chunk's h, v_new, G read once; dW and the
         # partial dq, dk, dG never leave registers (kg is formed again from k and G)
         del kg
         dk, dv, dG, dbeta, dM, dq, dA_qk = state_wy_bwd(k, v, G, beta32, M, h, v_new, dS_out, dU, C, cu_seqlens,
                                                         output=(q, do, scale), per_value_head=True,
-                                                        dv_dtype=dv_dtype, meta=meta)
+                                                        dv_dtype=dv_dtype, meta=meta, config=bwd)
         del dS_out, h, v_new, dU
     else:
         dq, _, _, dG, dA_qk = chunk_output_bwd(q, h, v_new, G, None, scale, do, C, cu_seqlens,
-                                               per_value_head=True, state_grads=False, meta=meta)  # 6.
+                                               per_value_head=True, state_grads=False, meta=meta, config=bwd)  # 6.
         dk, dW, _ = state_passing_bwd_chunks(kg, G, h, v_new, dS_out, dU, C, cu_seqlens, H=H, dG_acc=dG,
-                                             per_value_head=True, dW_dtype=dS_out.dtype, meta=meta)  # 5.
+                                             per_value_head=True, dW_dtype=dS_out.dtype, meta=meta, config=bwd)  # 5.
         del dS_out, h, v_new, kg
         _, dv, _, dbeta, dM = wy_representation_bwd(k, v, G, beta32, M, dW, dU, C, cu_seqlens, dk_acc=dk,
                                                     dG_acc=dG, per_value_head=True, dv_dtype=dv_dtype,
-                                                    meta=meta)  # 4.
+                                                    meta=meta, config=bwd)  # 4.
         del dW, dU
-    dA_kk = ut_transform_bwd(M, dM, C, cu_seqlens, meta=meta)  # 3.
+    dA_kk = ut_transform_bwd(M, dM, C, cu_seqlens, meta=meta, config=bwd)  # 3.
     dq, dk, _, dbeta2 = intra_chunk_matrices_bwd(q, k, G, beta32, scale, dA_kk, dA_qk, C, cu_seqlens, dq_acc=dq,
                                                  dk_acc=dk, dG_acc=dG, per_value_head=True,
                                                  out_dtype=out_dtype if q.shape[2] == dq.shape[2] else None,
-                                                 meta=meta)  # 2.
+                                                 meta=meta, config=bwd)  # 2.
     return _per_key_head(dq, H), _per_key_head(dk, H), dv, dG, dbeta + dbeta2, dS0

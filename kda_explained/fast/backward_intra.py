@@ -49,12 +49,14 @@ a row scaling times a column scaling, so for a block of rows ``I`` and columns `
                                      + D_kk[I, J]^T @ (k_I exp(G_I - G_last)))
 
 with ``G_first`` of row block ``I`` and ``G_last`` of column block ``J``: ``16 x 16`` by
-``16 x BK`` products (``tl.dot``; in full float32 for every input dtype, see
-``INTRA_BWD_PRECISION``). Below the diagonal (``I > J``) every exponent is ``<= 0`` (``G`` never
+``16 x BK`` products (``tl.dot``; in full float32 for every input dtype, the
+:class:`~kda_explained.fast.config.BackwardConfig`'s ``intra_precision``: the kernel
+page says why). Below the diagonal (``I > J``) every exponent is ``<= 0`` (``G`` never
 grows along the chunk), so no factor exceeds 1 and the product is exact (when a factor
 underflows, so does the true ratio). On a diagonal block (``I = J``) the inner factor
 exceeds 1 by up to the sub-chunk's ``span``; the kernel clamps its exponent at
-``SAFE_SPAN = 80`` (``exp(80) ~ 5.5e34``, float32 holds ``3.4e38``), as the forward
+:data:`~kda_explained.fast.config.SAFE_SPAN` ``= 80`` (``exp(80) ~ 5.5e34``, float32 holds
+``3.4e38``), as the forward
 (:mod:`kda_explained.fast.local`) does, which is exact while ``span <= SAFE_SPAN``: every
 gate with ``lower_bound >= -5`` (15 steps of 5). A sub-chunk with a larger span takes
 the exact form on its diagonal block instead, one column at a time, with every exponent
@@ -89,29 +91,10 @@ import triton
 import triton.language as tl
 
 from ._grad import accumulator as _accumulator, chunk_span as _chunk_span, per_key_head
-from ._meta import SeqMeta, dot_precision, interpreting, seq_meta
-from .local import SAFE_SPAN
+from ._meta import SeqMeta, dot_precision, interpreting, seq_meta, tile
+from .config import BackwardConfig, plan_for
 
-__all__ = ["intra_chunk_matrices_bwd", "INTRA_BWD_LAUNCH", "INTRA_BWD_PRECISION"]
-
-#: Launch shape ``(BK, num_warps, num_stages)``, optionally a fourth entry: a cap on registers per
-#: thread (``maxnreg``: more programs per SM, what does not fit spilled). Timed on the H100 (B=8, T=4096, H=16, bf16,
-#: ``benchmarks/probe/bwd_sweep.py``): tiles of 64 channels on 4 warps 2.27 ms, of 32 on 2 warps
-#: 2.44, on 4 warps 3.48, 64 on 8 warps 3.74, 32 on 8 warps 6.74. The ``K`` tiles of one chunk
-#: run side by side and read its ``dA`` blocks from L2. One stage: the block loops are short
-#: (at most three blocks), nothing to pipeline.
-INTRA_BWD_LAUNCH = (64, 4, 1)
-#: Precision of the block products, by the inputs' ``dot_precision`` ("tf32" for bf16/fp16, "ieee" for float32).
-#: ``dG = q dq + k dk_row - k dk_col`` is a difference of products, and the gate's parameters
-#: sum it over every token: with one tf32 pass the bf16 gradients of ``A_log`` and ``dt_bias``
-#: came out at 2.3e-2 and 2.5e-2 against float64 (H100, the inputs of ``test_gradients_bf16``).
-#: Full float32 (``ieee``: the products on the FMA units) is both the exact choice and the
-#: fastest: ``16 x 16`` by ``16 x 64`` blocks are too small for the tensor cores to pay for their
-#: operand conversions. H100, B=8, T=4096, H=16 (``benchmarks/probe/intra_precision.py``):
-#: ieee 1.81 ms, tf32 2.01, bf16x3 2.15, tf32x3 2.31, bf16x6 2.41; a training step 8.49 ms with
-#: ieee against 9.43 with tf32x3, gradients unchanged (dA_log 1.10e-3 against 1.11e-3).
-INTRA_BWD_PRECISION = {"tf32": "ieee", "ieee": "ieee"}
-
+__all__ = ["intra_chunk_matrices_bwd"]
 
 @triton.jit
 def _block(x, t0, eos, stride_t: tl.constexpr, c0, NCOL: tl.constexpr, BC: tl.constexpr, BX: tl.constexpr):
@@ -355,6 +338,7 @@ def intra_chunk_matrices_bwd(
     per_value_head: bool = False,
     out_dtype: Optional[torch.dtype] = None,
     meta: Optional[SeqMeta] = None,
+    config: Optional[BackwardConfig] = None,
 ):
     """``(dq [B, T, H, K], dk [B, T, H, K], dG [B, T, HV, K], dbeta [B, T, HV])``, float32; as
     :func:`kda_explained.chunked.backward_intra.intra_chunk_matrices_bwd` (entries of ``dA_kk``
@@ -380,10 +364,11 @@ def intra_chunk_matrices_bwd(
     if chunk_size % BC != 0:
         raise ValueError(f"chunk_size: expected a multiple of {BC} (16, 32 or 64 in the fast layer), got {chunk_size}")
     meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, q.device)
-    BK_MAX, warps, stages = INTRA_BWD_LAUNCH[:3]
+    config = config or plan_for(q.device).backward
+    launch = config["intra"]
     # a register cap per thread (more programs per SM, spilling what does not fit), when given
-    cap = dict(maxnreg=INTRA_BWD_LAUNCH[3]) if len(INTRA_BWD_LAUNCH) > 3 and not interpreting() else {}
-    BK = min(BK_MAX, max(16, triton.next_power_of_2(K)))
+    cap = dict(maxnreg=launch.maxnreg) if launch.maxnreg and not interpreting() else {}
+    BK = tile(K, launch.BK)
     NK = triton.cdiv(K, BK)
     accs = (dq_acc, dk_acc, dG_acc)
     if any(a is None for a in accs) and any(a is not None for a in accs):
@@ -406,9 +391,9 @@ def intra_chunk_matrices_bwd(
             _intra_bwd_tc_kernel[(meta.NC * NK, HV)](
                 *inputs, dq, dk, dq_out, dk_out, dG, dbeta, flags, meta.cu, meta.chunk_seq, meta.chunk_bos,
                 float(scale), B * T,
-                H=H, HV=HV, K=K, BT=chunk_size, BC=BC, BK=BK, SPAN=SAFE_SPAN,
-                PRECISION=INTRA_BWD_PRECISION[dot_precision(q.dtype)],
-                EXACT_DIAG=exact, ACC=dq_acc is not None, num_warps=warps, num_stages=stages, **cap,
+                H=H, HV=HV, K=K, BT=chunk_size, BC=BC, BK=BK, SPAN=config.span,
+                PRECISION=config.intra_precision if dot_precision(q.dtype) == "tf32" else "ieee",
+                EXACT_DIAG=exact, ACC=dq_acc is not None, num_warps=launch.warps, num_stages=launch.stages, **cap,
             )
     # GVA: the value heads of a group share one q/k head
     dq, dk = per_key_head(dq_out, H, per_value_head), per_key_head(dk_out, H, per_value_head)

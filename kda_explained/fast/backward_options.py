@@ -1,10 +1,9 @@
 """The options' backward in Triton: the in-kernel gate, the beta sigmoid and the L2 norm.
 
-:func:`~kda_explained.fast.chunk.chunk_kda` can apply three element-wise options inside its
+:func:`~kda_explained.fast.api.chunk_kda` can apply three element-wise options inside its
 first kernels (``use_gate_in_kernel``, ``use_beta_sigmoid_in_kernel``,
-``use_qk_l2norm_in_kernel``). By default their backward is PyTorch autograd around the Triton
-core; this module computes it in Triton instead, behind the switch
-``kda_explained.fast.chunk.TRITON_OPTIONS_BACKWARD`` (off until it has run compiled on a GPU).
+``use_qk_l2norm_in_kernel``). This module computes their backward in Triton, around the
+core's (:mod:`kda_explained.fast.autograd`'s ``ChunkKDAOptionsFunction``).
 
 **The gate and the beta sigmoid**, fused into stage 1's backward. Stage 1 made
 ``G = cumsum(g)`` inside each chunk from ``g = gate(x)``, with ``z = x + dt_bias`` and
@@ -36,8 +35,11 @@ import triton
 import triton.language as tl
 
 from ._grad import chunk_span
-from ._meta import SeqMeta, seq_meta
-from .prepare import gate_argument, softplus
+from ._meta import SeqMeta, seq_meta, tile
+from .backward import checked_backward_inputs, core_backward
+from .config import Plan, plan_for
+from .local import intermediate_dtype
+from .prepare import G_FLOOR, chunk_local_cumsum, gate_argument, l2norm, softplus
 
 __all__ = ["kda_backward_with_options", "gate_cumsum_bwd", "l2norm_bwd", "OptionGrads"]
 
@@ -72,6 +74,7 @@ def _gate_cumsum_bwd_kernel(
     USE_LOWER_BOUND: tl.constexpr,
     BETA_SIGMOID: tl.constexpr,
     BETA_SCALE: tl.constexpr,
+    HAS_G: tl.constexpr = False,  # x holds g itself (without the gate): zero the gradient where it was floored
 ):
     i_c, i_hv, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NK: tl.constexpr = (K + BK - 1) // BK
@@ -90,17 +93,25 @@ def _gate_cumsum_bwd_kernel(
                                     o_k, m_k, K, HAS_A, HAS_BIAS)
         if USE_LOWER_BOUND:
             b_s = tl.sigmoid(b_rate * b_z)
+            b_g = lower_bound * b_s
             b_dz = b_dg * lower_bound * b_s * (1.0 - b_s) * b_rate
             b_dA = b_dz * b_z  # d/dA_log of rate z is rate z
         else:
+            b_g = -b_rate * softplus(b_z)
             b_dz = -b_dg * b_rate * tl.sigmoid(b_z)
-            b_dA = -b_dg * b_rate * softplus(b_z)  # dg/dA_log = g = -rate softplus(z)
-        b_dz = tl.where(m_tk, b_dz, 0.0)
+            b_dA = b_dg * b_g  # dg/dA_log = g = -rate softplus(z)
+        # a gate the forward raised to the floor (stage 1) is a constant there: its gradient is 0
+        live = m_tk & (b_g >= G_FLOOR)
+        b_dz = tl.where(live, b_dz, 0.0)
+        b_dA = tl.where(live, b_dA, 0.0)
         tl.store(dx + p_tk, b_dz, mask=m_tk)
         if HAS_A:
             tl.store(dA_part + (i_c * NK + i_k) * HV + i_hv, tl.sum(tl.sum(tl.where(m_tk, b_dA, 0.0), axis=1), axis=0))
         if HAS_BIAS:
             tl.store(dbias_part + (i_c * HV + i_hv) * K + o_k, tl.sum(b_dz, axis=0), mask=m_k)
+    elif HAS_G:  # g itself, raised to the floor by the forward: no gradient below it
+        b_g = tl.load(x + p_tk, mask=m_tk, other=0).to(tl.float32)
+        tl.store(dx + p_tk, tl.where(b_g >= G_FLOOR, b_dg, 0.0), mask=m_tk)
     else:
         tl.store(dx + p_tk, b_dg, mask=m_tk)
     if BETA_SIGMOID:
@@ -151,7 +162,7 @@ def gate_cumsum_bwd(
     if use_beta_sigmoid_in_kernel and (beta is None or dbeta is None):
         raise ValueError("beta, dbeta: both are needed with use_beta_sigmoid_in_kernel")
     meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, dG.device)
-    BK = min(32, max(16, triton.next_power_of_2(K)))
+    BK = tile(K, 32)
     NK = triton.cdiv(K, BK)
     f32 = dict(dtype=torch.float32, device=dG.device)
     dx = torch.empty(B, T, HV, K, **f32)
@@ -161,7 +172,7 @@ def gate_cumsum_bwd(
     db_raw = torch.empty(B, T, HV, **f32) if use_beta_sigmoid_in_kernel else None
     if meta.NC > 0:
         _gate_cumsum_bwd_kernel[(meta.NC, HV, NK)](
-            dG.contiguous(), g.contiguous() if use_gate_in_kernel else dG,
+            dG.contiguous(), g.contiguous() if g is not None else dG,
             A_log.reshape(-1).contiguous() if has_a else dG, dt_bias.reshape(HV, K).contiguous() if has_bias else dG,
             dx, dA_part, dbias_part,
             beta.contiguous() if use_beta_sigmoid_in_kernel else dG,
@@ -170,7 +181,7 @@ def gate_cumsum_bwd(
             meta.cu, meta.chunk_seq, meta.chunk_bos, float(lower_bound) if lower_bound is not None else 0.0,
             HV=HV, K=K, BT=chunk_size, BK=BK, USE_GATE=use_gate_in_kernel, HAS_A=has_a, HAS_BIAS=has_bias,
             USE_LOWER_BOUND=lower_bound is not None, BETA_SIGMOID=use_beta_sigmoid_in_kernel,
-            BETA_SCALE=2.0 if allow_neg_eigval else 1.0,
+            BETA_SCALE=2.0 if allow_neg_eigval else 1.0, HAS_G=g is not None and not use_gate_in_kernel,
         )
     return OptionGrads(dx, dA_part.sum((0, 1)) if has_a else None, dbias_part.sum(0) if has_bias else None, db_raw)
 
@@ -223,6 +234,7 @@ def kda_backward_with_options(
     use_beta_sigmoid_in_kernel: bool = False,
     allow_neg_eigval: bool = False,
     factors: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    plan: Optional[Plan] = None,
 ):
     """Gradients of ``chunk_kda`` with its in-kernel options, every stage in Triton.
 
@@ -230,20 +242,22 @@ def kda_backward_with_options(
     gradients of the raw inputs ``chunk_kda`` took; ``None`` for what is absent). The forward
     is recomputed with the options applied by the forward's own kernels, then
     :func:`~kda_explained.fast.backward.core_backward` (``factors``: ``(A_qk, M)`` as the
-    forward kept them, see there), then the options' backward.
+    forward kept them, see there), then the options' backward. ``plan``: the kernels' launch
+    settings (default :func:`~kda_explained.fast.config.plan_for` the device).
     """
-    from .backward import checked_backward_inputs, core_backward
-    from .prepare import chunk_local_cumsum, l2norm
-
     scale, cu_seqlens, C, meta = checked_backward_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens,
                                                          chunk_size)
-    qn, kn = (l2norm(q), l2norm(k)) if use_qk_l2norm_in_kernel else (q, k)
+    if use_qk_l2norm_in_kernel:  # as the forward made them (chunk_kda_fwd)
+        qn, kn = l2norm(q, out_dtype=intermediate_dtype(q.dtype)), l2norm(k, out_dtype=intermediate_dtype(k.dtype))
+    else:
+        qn, kn = q, k
     G, beta32 = chunk_local_cumsum(g, C, cu_seqlens, beta=beta, use_gate_in_kernel=use_gate_in_kernel, A_log=A_log,
                                    dt_bias=dt_bias, lower_bound=lower_bound,
                                    use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
                                    allow_neg_eigval=allow_neg_eigval, meta=meta)  # 1.
     dq, dk, dv, dG, dbeta, dS0 = core_backward(qn, kn, v, G, beta32, do, dS_final, scale, initial_state, C,
-                                               cu_seqlens, factors=factors, meta=meta)  # 6. down to 2.
+                                               cu_seqlens, factors=factors, meta=meta,
+                                               plan=plan or plan_for(q.device))  # 6. down to 2.
     del G, qn, kn
     o = gate_cumsum_bwd(dG, C, cu_seqlens, g=g, use_gate_in_kernel=use_gate_in_kernel, A_log=A_log, dt_bias=dt_bias,
                         lower_bound=lower_bound, beta=beta, dbeta=dbeta,

@@ -63,7 +63,7 @@ where the batch fills the GPU): with at most three blocks each of ``A_kk`` and
 is summed from ``g`` on the fly (``_gate_block``) and only its row at each chunk's
 last token is written, ``G_end``, which is all the state pass reads of it. With ``fold``
 (the inference forward's default) it leaves the UT transform's last products to the state
-pass: it writes ``Mb = M Diag(beta)`` and ``kG = Gamma * K`` instead of ``W = Mb kG`` and
+pass: it writes ``Mb = M Diag(beta)`` and ``k_gamma = Gamma * K`` instead of ``W = Mb k_gamma`` and
 ``U = Mb V``, so it never reads ``v`` and needs no second sweep over ``k`` and ``g``.
 """
 
@@ -76,32 +76,12 @@ import triton
 import triton.language as tl
 
 from ._grad import chunk_span
-from ._meta import SeqMeta, dot_precision, interpreting, seq_meta
+from ._meta import SeqMeta, dot_precision, interpreting, seq_meta, tile
+from .config import LocalConfig, OnePassConfig, WYFactorsConfig, plan_for
 from .prepare import G_FLOOR
 
-__all__ = ["chunk_local_factors", "chunk_local_factors_one_pass", "chunk_wy_factors", "LocalFactors", "SAFE_SPAN",
+__all__ = ["chunk_local_factors", "chunk_local_factors_one_pass", "chunk_wy_factors", "LocalFactors",
            "intermediate_dtype"]
-
-#: Largest in-sub-chunk decay span ``G_ref - G_r`` the tensor-core diagonal takes.
-SAFE_SPAN = 80.0
-#: Launch shape of each pass, ``(BK, num_warps)``: the width of the ``K`` tiles and the warps per
-#: program. Every ``[16, 16]`` block costs a warp ~8 registers however many warps share it, so
-#: few warps waste least; measured on the H100 (docs: kernel notes).
-LOCAL_LAUNCH = {"keys": (32, 1), "queries": (32, 1)}
-#: Software pipelining of the K loops.
-LOCAL_STAGES = 2
-#: Precision of the UT transform's products: float32 inputs get "ieee"; for bf16/fp16 inputs
-#: "tf32" measured 0.03 ms faster than "ieee" at the same output error (3.07e-3, H100).
-UT_PRECISION = {"ieee": "ieee", "tf32": "tf32"}
-#: Precision of the other block products (``A``'s blocks, ``M`` into the keys and values), by the
-#: inputs' ``dot_precision``.
-LOCAL_PRECISION = {"ieee": "ieee", "tf32": "tf32"}
-#: Program order of the local kernels: the heads of one chunk side by side (``True``: programs
-#: running together read whole token rows of q, k, v, g) or a head's chunks side by side.
-HEADS_FIRST = True
-#: Which passes the launcher runs (all, but the benchmarks time each alone).
-_PASSES = ("keys", "queries")
-
 
 @triton.jit
 def _load_block(x, t0, eos, stride_t, c0, NCOL: tl.constexpr, BC: tl.constexpr, BX: tl.constexpr):
@@ -306,12 +286,9 @@ def _chunk_local_kernel(
     EXACT_DIAG: tl.constexpr,  # the second launch: flagged chunks again, with exact diagonal blocks
     STORE_A: tl.constexpr,
     STORE_M: tl.constexpr,
-    HEADS_FIRST: tl.constexpr,  # 1-D grid, the heads of one chunk side by side (else a (chunk, head) grid)
 ):
-    if HEADS_FIRST:
-        i_c, i_hv = tl.program_id(0) // HV, tl.program_id(0) % HV
-    else:
-        i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    # a 1-D grid, the heads of one chunk side by side: programs running together read whole token rows
+    i_c, i_hv = tl.program_id(0) // HV, tl.program_id(0) % HV
     if EXACT_DIAG:
         if tl.load(flags + i_c * HV + i_hv) == 0:
             return  # the first launch's tensor-core diagonal was exact enough
@@ -539,7 +516,7 @@ def _one_pass_kernel(
     A_kk,  # [TT, HV, BT] float32 out (STORE_AKK)
     W,  # [TT, HV, K] out
     U,  # [TT, HV, V] out (FOLD 0)
-    Mb,  # [TT, HV, BT] float32 out: Mb = M Diag(beta) (FOLD 1 and 2)
+    Mb,  # [TT, HV, BT] float32 out: Mb = M Diag(beta) (FOLD 2)
     qg,  # [TT, HV, K] out: scale * q * exp(G)
     kg,  # [TT, HV, K] out: k * exp(G_last - G)
     G_end,  # [NC, HV, K] float32 out: G at each chunk's last token (all the state pass reads of G)
@@ -565,13 +542,10 @@ def _one_pass_kernel(
     CUMSUM: tl.constexpr,
     EXACT_DIAG: tl.constexpr,
     STORE_AKK: tl.constexpr,
-    FOLD: tl.constexpr,  # 0: W and U; 1: W and Mb (U = Mb v left to the state pass); 2: kG and Mb (W too)
-    HEADS_FIRST: tl.constexpr,  # 1-D grid, the heads of one chunk side by side (else a (chunk, head) grid)
+    FOLD: tl.constexpr,  # 0: W and U; 2: k_gamma and Mb (W = Mb k_gamma and U = Mb v left to the state pass)
 ):
-    if HEADS_FIRST:
-        i_c, i_hv = tl.program_id(0) // HV, tl.program_id(0) % HV
-    else:
-        i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    # a 1-D grid, the heads of one chunk side by side: programs running together read whole token rows
+    i_c, i_hv = tl.program_id(0) // HV, tl.program_id(0) % HV
     if EXACT_DIAG:
         if tl.load(flags + i_c * HV + i_hv) == 0:
             return
@@ -627,7 +601,7 @@ def _one_pass_kernel(
                 s1 = tl.maximum(s1, tl.max(Gr1[None, :] - G1, axis=1))
                 Ek11, Eq11 = _diag_exact_pair(Ek11, Eq11, k1, q1, G1, eos - t1, BC)
             G_last = Ge1
-            x1 = tl.exp(G1)  # Gamma of the sub-chunk, shared by qg and (FOLD 2) kG
+            x1 = tl.exp(G1)  # Gamma of the sub-chunk, shared by qg and (FOLD 2) k_gamma
             _store_block(qg_h, q1 * x1 * scale, t1, eos, SG, c0, K, BC, BK)
             _store_block(kg_h, k1 * tl.exp(tl.minimum(G_last[None, :] - G1, 0.0)), t1, eos, SG, c0, K, BC, BK)
             if FOLD == 2:
@@ -635,7 +609,7 @@ def _one_pass_kernel(
         x0 = tl.exp(G0)
         _store_block(qg_h, q0 * x0 * scale, t0, eos, SG, c0, K, BC, BK)
         _store_block(kg_h, k0 * tl.exp(tl.minimum(G_last[None, :] - G0, 0.0)), t0, eos, SG, c0, K, BC, BK)
-        if FOLD == 2:  # kG = Gamma * K, W's right factor: the state pass applies Mb to it
+        if FOLD == 2:  # k_gamma = Gamma * K, W's right factor: the state pass applies Mb to it
             _store_block(W_h, k0 * x0, t0, eos, SG, c0, K, BC, BK)
         tl.store(G_end + (i_c * HV + i_hv) * K + o_k, G_last, mask=o_k < K)
 
@@ -667,7 +641,7 @@ def _one_pass_kernel(
     M00, M11, M22, M33 = _unit_lower_inverse4(Ak00, Ak11, Z, Z, BC, NS)  # M22, M33: unused identities
     M10 = -tl.dot(M11, tl.dot(Ak10, M00, input_precision=UT_PREC), input_precision=UT_PREC)
 
-    if FOLD > 0:  # Mb = M Diag(beta), for the state pass to apply to the values (and, FOLD 2, to kG)
+    if FOLD > 0:  # Mb = M Diag(beta), for the state pass to apply to the values (and, FOLD 2, to k_gamma)
         b0 = tl.load(beta + (t0 + o_i) * HV + i_hv, mask=t0 + o_i < eos, other=0).to(tl.float32)[None, :]
         b1 = tl.load(beta + (t1 + o_i) * HV + i_hv, mask=t1 + o_i < eos, other=0).to(tl.float32)[None, :]
         _store_lower(Mb + i_hv * BT, M00 * b0, M10 * b0, M11 * b1, Z, Z, Z, Z, Z, Z, Z, bos, eos, HV * BT, NS, BT, BC)
@@ -706,8 +680,8 @@ class LocalFactors(NamedTuple):
     #: ``[B, T, HV, C]`` float32 ``Mb = M Diag(beta)``, the UT transform the state pass applies itself
     #: (:func:`chunk_local_factors_one_pass` with ``fold``; ``U = Mb V`` is then ``None``)
     Mb: Optional[torch.Tensor] = None
-    #: ``[B, T, HV, K]``: ``Gamma * K``, ``W``'s right factor (``fold=2``; ``W = Mb kG`` is then ``None``)
-    kG: Optional[torch.Tensor] = None
+    #: ``[B, T, HV, K]``: ``Gamma * K``, ``W``'s right factor (``fold=2``; ``W = Mb k_gamma`` is then ``None``)
+    k_gamma: Optional[torch.Tensor] = None
 
 
 def intermediate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -736,6 +710,7 @@ def chunk_local_factors(
     store_akk: bool = False,
     store_m: bool = False,
     meta: Optional[SeqMeta] = None,
+    config: Optional[LocalConfig] = None,
 ) -> LocalFactors:
     """Everything stages 5 and 6 need from one chunk, in one launch.
 
@@ -744,6 +719,7 @@ def chunk_local_factors(
             cumulative log decay; beta: ``[B, T, HV]`` float32.
         store_akk: also return ``A_kk`` (for tests; the pipeline never reads it).
         store_m: also return ``M = (I + A_kk)^{-1}`` (the backward reads it).
+        config: the launch of each pass (default: :func:`~kda_explained.fast.config.plan_for` the device).
 
     Returns:
         :class:`LocalFactors`; ``A_qk``, ``W``, ``U``, ``qg``, ``kg`` in
@@ -755,6 +731,7 @@ def chunk_local_factors(
     if chunk_size % BC != 0 or chunk_size > 4 * BC:
         raise ValueError(f"chunk_size: expected 16, 32 or 64 for the fast layer, got {chunk_size}")
     meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, q.device)
+    config = config or plan_for(q.device).local
     dt = intermediate_dtype(q.dtype)
     dev = q.device
     A_qk = torch.empty(B, T, HV, chunk_size, dtype=dt, device=dev)
@@ -767,36 +744,23 @@ def chunk_local_factors(
     if meta.NC > 0:
         flags = torch.empty(meta.NC, HV, dtype=torch.int32, device=dev)
         inputs = (q.contiguous(), k.contiguous(), v.contiguous(), G.contiguous(), beta.contiguous().float())
-        consts = dict(H=H, HV=HV, K=K, V=V, BT=chunk_size, BC=BC, BV=min(64, max(16, triton.next_power_of_2(V))),
-                      SPAN=SAFE_SPAN, PRECISION=LOCAL_PRECISION[dot_precision(q.dtype)],
-                      UT_PREC=UT_PRECISION[dot_precision(q.dtype)])
+        consts = dict(H=H, HV=HV, K=K, V=V, BT=chunk_size, BC=BC, BV=tile(V, 64),
+                      SPAN=config.span, PRECISION=dot_precision(q.dtype),
+                      UT_PREC=config.ut_precision if dot_precision(q.dtype) == "tf32" else "ieee")
         tables = (flags, meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale))
-        grid = (meta.NC * HV,) if HEADS_FIRST else (meta.NC, HV)
         # the keys' pass (A_kk -> M -> W, U, kg), then the queries' pass (A_qk, qg); each launched
         # twice: every chunk with the tensor-core diagonal, then the chunks the first keys' pass
         # flagged, exactly (the other programs read their flag and exit: typical gates never pay)
         for qk, out in ((False, A_kk if store_akk else A_qk), (True, A_qk)):
-            if ("queries" if qk else "keys") not in _PASSES:
-                continue
-            BK, warps = LOCAL_LAUNCH["queries" if qk else "keys"]
+            launch = config.queries if qk else config.keys
             for exact in (False, True):
-                _chunk_local_kernel[grid](*inputs, out, W, U, qg, kg, M if store_m else out, *tables, **consts,
-                                          BK=min(BK, max(16, triton.next_power_of_2(K))), QK=qk, EXACT_DIAG=exact,
-                                          STORE_A=qk or store_akk, STORE_M=store_m and not qk, HEADS_FIRST=HEADS_FIRST,
-                                          num_warps=warps, num_stages=LOCAL_STAGES)
+                _chunk_local_kernel[(meta.NC * HV,)](
+                    *inputs, out, W, U, qg, kg, M if store_m else out, *tables, **consts,
+                    BK=tile(K, launch.BK), QK=qk, EXACT_DIAG=exact,
+                    STORE_A=qk or store_akk, STORE_M=store_m and not qk, num_warps=launch.warps,
+                    num_stages=launch.stages)
     return LocalFactors(A_qk, W, U, qg, kg, A_kk, M)
 
-
-#: Launch shape of :func:`chunk_local_factors_one_pass`, ``(BK, num_warps)``.
-ONE_PASS_LAUNCH = (32, 1)
-#: Register cap of the one pass (``maxnreg``; ``None``: the compiler's choice). Triton 3.6 gave it 168
-#: registers at H=16 but 201 at H=96 (the head count is a compile-time constant), 8 resident warps per
-#: SM instead of 12; capped at 168, H100: T=8192, H=96 1.911 -> 1.670 ms, B=8 unchanged (0.952), varlen
-#: 1.160 -> 1.153; at 128 it spills (B=8 1.050).
-ONE_PASS_MAXNREG = 168
-#: Longest chunk the one-pass kernel takes: at 32 tokens its six ``[16, 16]`` blocks of ``A_kk``
-#: and ``A_qk`` fit one program (at 64, twenty blocks spilled: the keys' and queries' passes).
-ONE_PASS_MAX_CHUNK = 32
 
 
 def chunk_local_factors_one_pass(
@@ -813,6 +777,7 @@ def chunk_local_factors_one_pass(
     store_akk: bool = False,
     fold: int = 0,
     meta: Optional[SeqMeta] = None,
+    config: Optional[OnePassConfig] = None,
 ) -> LocalFactors:
     """Stages 1-4 for chunks of 16 or 32 tokens in one pass: ``g``, ``q``, ``k``, ``v`` read once.
 
@@ -832,28 +797,29 @@ def chunk_local_factors_one_pass(
         fold: how much of the WY representation is left to the state pass, which applies
             ``Mb = M Diag(beta)`` (returned, float32) to each chunk itself: 0 none (``W`` and ``U``
             returned), 1 the values (``U = Mb V`` is not formed: ``v`` is never read here),
-            2 the values and the keys (neither ``U`` nor ``W = Mb kG``: ``kG = Gamma * K`` is
+            2 the values and the keys (neither ``U`` nor ``W = Mb k_gamma``: ``k_gamma = Gamma * K`` is
             returned instead, and the second sweep over ``k`` and ``g`` that ``W`` needs is gone).
 
     Returns:
         :class:`LocalFactors` with ``A_qk``, ``W``, ``U``, ``qg``, ``kg`` (in
         :func:`intermediate_dtype` of ``q``), ``G_end: [NC, HV, K]`` float32 and, with
         ``store_akk``, ``A_kk``; ``M`` is ``None``. With ``fold``: ``Mb``, and ``U`` is ``None``
-        (and for ``fold=2`` ``kG``, with ``W`` ``None``).
+        (and for ``fold=2`` ``k_gamma``, with ``W`` ``None``).
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     BC = 16
     if chunk_size not in (16, 32):
         raise ValueError(f"chunk_size: expected 16 or 32 for the one-pass kernel, got {chunk_size}")
-    if fold not in (0, 1, 2):
-        raise ValueError(f"fold: expected 0, 1 or 2, got {fold!r}")
+    if fold not in (0, 2):
+        raise ValueError(f"fold: expected 0 or 2, got {fold!r}")
     meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, q.device)
+    config = config or plan_for(q.device).one_pass
     dt = intermediate_dtype(q.dtype)
     dev = q.device
     A_qk = torch.empty(B, T, HV, chunk_size, dtype=dt, device=dev)
     A_kk = torch.empty(B, T, HV, chunk_size, dtype=torch.float32, device=dev) if store_akk else None
-    W = torch.empty(B, T, HV, K, dtype=dt, device=dev)  # kG with fold=2
+    W = torch.empty(B, T, HV, K, dtype=dt, device=dev)  # k_gamma with fold=2
     U = torch.empty(B, T, HV, V, dtype=dt, device=dev) if fold == 0 else None
     Mb = torch.empty(B, T, HV, chunk_size, dtype=torch.float32, device=dev) if fold else None
     qg = torch.empty(B, T, HV, K, dtype=dt, device=dev)
@@ -861,19 +827,20 @@ def chunk_local_factors_one_pass(
     G_end = torch.empty(meta.NC, HV, K, dtype=torch.float32, device=dev)
     if meta.NC > 0:
         flags = torch.empty(meta.NC, HV, dtype=torch.int32, device=dev)
-        BK, warps = ONE_PASS_LAUNCH
-        cap = {} if ONE_PASS_MAXNREG is None or interpreting() else {"maxnreg": ONE_PASS_MAXNREG}
+        launch = config.launch
+        cap = {} if launch.maxnreg is None or interpreting() else {"maxnreg": launch.maxnreg}
         for exact in (False, True):  # every chunk, then the flagged ones with exact diagonal blocks
-            _one_pass_kernel[(meta.NC * HV,) if HEADS_FIRST else (meta.NC, HV)](
+            _one_pass_kernel[(meta.NC * HV,)](
                 q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(),
                 A_qk, A_kk if store_akk else A_qk, W, W if U is None else U, A_qk if Mb is None else Mb, qg, kg,
                 G_end, flags,
                 meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale),
-                H=H, HV=HV, K=K, V=V, BT=chunk_size, BC=BC, BK=min(BK, max(16, triton.next_power_of_2(K))),
-                BV=min(64, max(16, triton.next_power_of_2(V))), SPAN=SAFE_SPAN,
-                PRECISION=LOCAL_PRECISION[dot_precision(q.dtype)], UT_PREC=UT_PRECISION[dot_precision(q.dtype)],
-                CUMSUM=not cumulative, EXACT_DIAG=exact, STORE_AKK=store_akk, FOLD=fold, HEADS_FIRST=HEADS_FIRST,
-                num_warps=warps, num_stages=LOCAL_STAGES, **cap,
+                H=H, HV=HV, K=K, V=V, BT=chunk_size, BC=BC, BK=tile(K, launch.BK),
+                BV=tile(V, 64), SPAN=config.span,
+                PRECISION=dot_precision(q.dtype),
+                UT_PREC=config.ut_precision if dot_precision(q.dtype) == "tf32" else "ieee",
+                CUMSUM=not cumulative, EXACT_DIAG=exact, STORE_AKK=store_akk, FOLD=fold,
+                num_warps=launch.warps, num_stages=launch.stages, **cap,
             )
     if fold == 2:
         return LocalFactors(A_qk, None, None, qg, kg, A_kk, None, G_end, Mb, W)
@@ -943,10 +910,6 @@ def _wy_factors_kernel(
         tl.store(U + p_v, tl.dot(b_M, b_vb, input_precision=PRECISION).to(U.dtype.element_ty), mask=m_tv)
 
 
-#: Launch shape of :func:`chunk_wy_factors`: ``(BK, BV, num_warps)``.
-WY_FACTORS_LAUNCH = (64, 64, 8)
-
-
 def chunk_wy_factors(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -959,6 +922,7 @@ def chunk_wy_factors(
     cu_seqlens: Optional[torch.Tensor] = None,
     *,
     meta: Optional[SeqMeta] = None,
+    config: Optional[WYFactorsConfig] = None,
 ) -> LocalFactors:
     """Stage 4 alone, given ``M``: the WY factors and the decayed operands, without ``A_kk`` or the UT solve.
 
@@ -985,13 +949,13 @@ def chunk_wy_factors(
     W = torch.empty(B, T, HV, K, dtype=dt, device=q.device)
     U = torch.empty(B, T, HV, V, dtype=dt, device=q.device)
     qg, kg = torch.empty_like(W), torch.empty_like(W)
+    launch = (config or plan_for(q.device).wy_factors).launch
     if meta.NC > 0:
-        BK, BV, warps = WY_FACTORS_LAUNCH
         _wy_factors_kernel[(meta.NC, HV)](
             q.contiguous(), k.contiguous(), v.contiguous(), G.contiguous(), beta.contiguous().float(), M.contiguous(),
             W, U, qg, kg, meta.cu, meta.chunk_seq, meta.chunk_bos, float(scale),
-            H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=min(BK, max(16, triton.next_power_of_2(K))),
-            BV=min(BV, max(16, triton.next_power_of_2(V))), PRECISION=dot_precision(q.dtype),
-            num_warps=warps, num_stages=1,
+            H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=tile(K, launch.BK),
+            BV=tile(V, launch.BV), PRECISION=dot_precision(q.dtype),
+            num_warps=launch.warps, num_stages=launch.stages,
         )
     return LocalFactors(None, W, U, qg, kg, None, M)

@@ -15,16 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._meta import SeqMeta, dot_precision, interpreting, seq_meta
+from ._meta import SeqMeta, dot_precision, interpreting, seq_meta, tile
+from .config import OutputConfig, plan_for
 
 __all__ = ["chunk_output"]
-
-#: Value columns per program and warps per program.
-OUTPUT_BV = 64
-OUTPUT_WARPS = 4
-#: For bf16/fp16 inputs, feed the products in the input dtype (as flash-linear-attention does)
-#: instead of float32 operands in tf32: half the shared-memory traffic, at a small accuracy cost.
-OUTPUT_LOW_PRECISION_DOTS = True  # H100: chunk_kda 5.31 -> 4.47 ms, error 2.4e-3 -> 3.1e-3 (docs: kernel notes)
 
 
 @triton.jit
@@ -97,6 +91,7 @@ def chunk_output(
     out_dtype: Optional[torch.dtype] = None,
     state_v_first: bool = False,
     meta: Optional[SeqMeta] = None,
+    config: Optional[OutputConfig] = None,
 ) -> torch.Tensor:
     """``o: [B, T, HV, V]`` (``out_dtype``, default float32) from the chunk states and pseudo-values.
 
@@ -107,14 +102,15 @@ def chunk_output(
     V = v_new.shape[3]
     meta = meta or seq_meta(B, T, chunk_size, cu_seqlens, qg.device)
     o = torch.empty(B, T, HV, V, dtype=out_dtype or torch.float32, device=qg.device)
-    BV = min(OUTPUT_BV, max(16, triton.next_power_of_2(V)))
+    config = config or plan_for(qg.device).output
+    BV = tile(V, config.launch.BV)
     if meta.NC > 0:
         _chunk_output_kernel[(triton.cdiv(V, BV), meta.NC, HV)](
             qg.contiguous(), h.contiguous(), v_new.contiguous(), A_qk.contiguous(), o,
             meta.cu, meta.chunk_seq, meta.chunk_bos,
-            HV=HV, K=K, V=V, BT=chunk_size, BK=min(64, max(16, triton.next_power_of_2(K))), BV=BV,
-            STATE_V_FIRST=state_v_first, PRECISION=dot_precision(qg.dtype), num_stages=2,
-            LOWP=OUTPUT_LOW_PRECISION_DOTS and qg.dtype in (torch.bfloat16, torch.float16) and not interpreting(),
-            num_warps=OUTPUT_WARPS,
+            HV=HV, K=K, V=V, BT=chunk_size, BK=tile(K, 64), BV=BV,
+            STATE_V_FIRST=state_v_first, PRECISION=dot_precision(qg.dtype), num_stages=config.launch.stages,
+            LOWP=config.lowp and qg.dtype in (torch.bfloat16, torch.float16) and not interpreting(),
+            num_warps=config.launch.warps,
         )
     return o

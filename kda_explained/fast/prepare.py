@@ -19,9 +19,10 @@ import triton
 import triton.language as tl
 
 from ..numerics import gate_floor
-from ._meta import SeqMeta, seq_meta
+from ..validation import check_floating, check_gate_params
+from ._meta import SeqMeta, seq_meta, tile
 
-__all__ = ["chunk_local_cumsum", "l2norm", "G_FLOOR"]
+__all__ = ["chunk_local_cumsum", "l2norm", "kda_gate", "lowerbound_gate", "G_FLOOR"]
 
 #: The floor of every log decay before the in-chunk cumulative sum, in float32 (where ``G`` is summed).
 G_FLOOR = tl.constexpr(gate_floor("float32"))
@@ -128,9 +129,9 @@ def chunk_local_cumsum(
 ) -> torch.Tensor | Tuple[torch.Tensor, torch.Tensor]:
     """``G = in-chunk cumsum of g``: ``g: [B, T, HV, K]`` -> ``G: [B, T, HV, K]`` float32.
 
-    With ``use_gate_in_kernel``, ``g`` is the raw gate input and the gate of
-    ``DESIGN.md`` is applied first (the lower-bound form when ``lower_bound`` is
-    given). With ``beta`` given, also returns ``beta`` as float32 (after the
+    With ``use_gate_in_kernel``, ``g`` is the raw gate input and the gate of the
+    design contract (docs/design.md) is applied first (the lower-bound form when
+    ``lower_bound`` is given). With ``beta`` given, also returns ``beta`` as float32 (after the
     sigmoid if ``use_beta_sigmoid_in_kernel``; ``2 * sigmoid`` with ``allow_neg_eigval``).
     """
     B, T, HV, K = g.shape
@@ -140,7 +141,7 @@ def chunk_local_cumsum(
     beta_out = torch.empty(B, T, HV, dtype=torch.float32, device=g.device) if beta is not None else G
     dt = dt_bias.reshape(HV, K).contiguous() if dt_bias is not None else g
     if meta.NC > 0:
-        BK = min(32, max(16, triton.next_power_of_2(K)))
+        BK = tile(K, 32)
         _chunk_local_cumsum_kernel[(meta.NC, HV, triton.cdiv(K, BK))](
             g, beta.contiguous() if beta is not None else g, A_log.contiguous() if A_log is not None else g, dt, G, beta_out,
             meta.cu, meta.chunk_seq, meta.chunk_bos,
@@ -173,13 +174,93 @@ def _l2norm_kernel(
     tl.store(y + p, b_y.to(y.dtype.element_ty), mask=m)
 
 
-def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``x / sqrt(sum(x ** 2) + eps)`` over the last axis, like :func:`kda_explained.chunked.gates.l2norm`."""
+def l2norm(x: torch.Tensor, eps: float = 1e-6, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``x / sqrt(sum(x ** 2) + eps)`` over the last axis, like :func:`kda_explained.chunked.gates.l2norm`;
+    in ``x``'s dtype, or ``out_dtype`` (the pipeline passes its intermediate dtype)."""
     x = x.contiguous()
     D = x.shape[-1]
     R = x.numel() // D
-    y = torch.empty_like(x)
+    y = torch.empty_like(x, dtype=out_dtype or x.dtype)
     BR = 16
     if R > 0:
         _l2norm_kernel[(triton.cdiv(R, BR),)](x, y, R, D=D, BD=triton.next_power_of_2(D), BR=BR, EPS=eps)
     return y
+
+
+@triton.jit
+def _gate_kernel(
+    x,  # [R, HV, K] gate input, rows of every leading index
+    A_log,  # [HV] (HAS_A)
+    dt_bias,  # [HV, K] (HAS_BIAS)
+    g,  # [R, HV, K] float32 out: the log decay
+    R,
+    lower_bound,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    BR: tl.constexpr,
+    BK: tl.constexpr,
+    HAS_A: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    USE_LOWER_BOUND: tl.constexpr,
+):
+    i_r, i_hv = tl.program_id(0), tl.program_id(1)
+    o_r = i_r * BR + tl.arange(0, BR)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    m = (o_r < R)[:, None] & m_k[None, :]
+    p = (o_r[:, None].to(tl.int64) * HV + i_hv) * K + o_k[None, :]
+    b_z, b_rate = gate_argument(tl.load(x + p, mask=m, other=0).to(tl.float32), A_log, dt_bias, i_hv, o_k, m_k, K,
+                                HAS_A, HAS_BIAS)
+    if USE_LOWER_BOUND:
+        b_g = lower_bound * tl.sigmoid(b_rate * b_z)
+    else:
+        b_g = -b_rate * softplus(b_z)
+    tl.store(g + p, b_g, mask=m)
+
+
+def _gate(x, A_log, dt_bias, lower_bound):
+    check_floating("x", x)
+    if x.dim() < 2:
+        raise ValueError(f"x: expected shape [..., HV, K], got {list(x.shape)}")
+    HV, K = x.shape[-2:]
+    check_gate_params(HV, K, A_log, dt_bias, lower_bound)
+    x = x.contiguous()
+    g = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    R = x.numel() // max(1, HV * K)
+    BR = 16
+    if R > 0:
+        _gate_kernel[(triton.cdiv(R, BR), HV)](
+            x, A_log.reshape(-1).contiguous() if A_log is not None else x,
+            dt_bias.reshape(HV, K).contiguous() if dt_bias is not None else x, g, R,
+            float(lower_bound) if lower_bound is not None else 0.0, HV=HV, K=K, BR=BR,
+            BK=triton.next_power_of_2(K), HAS_A=A_log is not None, HAS_BIAS=dt_bias is not None,
+            USE_LOWER_BOUND=lower_bound is not None,
+        )
+    return g
+
+
+def kda_gate(x: torch.Tensor, A_log: torch.Tensor, dt_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``g = -exp(A_log[h]) * softplus(x + dt_bias[h, :])``: ``x [..., HV, K]`` -> ``g [..., HV, K]`` float32.
+
+    The gate :func:`chunk_local_cumsum` applies with ``use_gate_in_kernel``, on its own; the
+    twin of :func:`kda_explained.chunked.gates.kda_gate` (same arguments). Forward only.
+    """
+    if A_log is None:
+        raise ValueError("A_log: expected a tensor of shape [HV] for the softplus gate, got None")
+    return _gate(x, A_log, dt_bias, None)
+
+
+def lowerbound_gate(
+    x: torch.Tensor,
+    A_log: Optional[torch.Tensor] = None,
+    dt_bias: Optional[torch.Tensor] = None,
+    lower_bound: float = -5.0,
+) -> torch.Tensor:
+    """``g = lower_bound * sigmoid(exp(A_log[h]) * (x + dt_bias[h, :]))`` in ``(lower_bound, 0)``, float32.
+
+    The twin of :func:`kda_explained.chunked.gates.lowerbound_gate`. Forward only.
+    """
+    if lower_bound is None:
+        raise ValueError("lower_bound: expected a finite negative number, got None")
+    return _gate(x, A_log, dt_bias, lower_bound)
+

@@ -27,11 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["fused_recurrent_kda_fwd"]
+from ._meta import tile
+from .config import DecodeConfig, plan_for
 
-#: Launch shape of the decode kernel, value columns per program and warps per program.
-DECODE_BV = 64
-DECODE_WARPS = 2  # measured best of {2, 4} x BV {16, 32, 64} on the H100 (docs: kernel notes)
+__all__ = ["fused_recurrent_kda_fwd"]
 
 
 @triton.jit
@@ -180,6 +179,7 @@ def fused_recurrent_kda_fwd(
     lower_bound: Optional[float] = None,
     use_beta_sigmoid_in_kernel: bool = False,
     allow_neg_eigval: bool = False,
+    config: Optional[DecodeConfig] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Launch the recurrent kernel. Inputs already validated; ``cu`` is ``[N + 1]`` int32 on the device,
     or ``None`` for ``N = B`` sequences of ``T`` tokens each.
@@ -204,7 +204,8 @@ def fused_recurrent_kda_fwd(
         first = (num_accepted_tokens.to(ssm_state_indices.dtype) - 1 if num_accepted_tokens is not None
                  else ssm_state_indices.new_zeros(N))
         ssm_state_indices = torch.cat([first[:, None], ssm_state_indices], dim=1)  # [N, 1 + S], on the device
-    BV = min(DECODE_BV, max(16, triton.next_power_of_2(V)))
+    launch = (config or plan_for(q.device).decode).launch
+    BV = tile(V, launch.BV)
     HV_K = (HV, K)
     if N > 0:
         _fused_recurrent_kernel[(triton.cdiv(V, BV) * HV * N,)](
@@ -216,12 +217,12 @@ def fused_recurrent_kda_fwd(
             cu if cu is not None else o, ssm_state_indices.contiguous() if ssm_state_indices is not None else o,
             float(scale), float(lower_bound) if lower_bound is not None else 0.0,
             T, initial_state.shape[0] if initial_state is not None else 0,
-            H=H, HV=HV, K=K, V=V, BK=max(16, triton.next_power_of_2(K)), BV=BV,
+            H=H, HV=HV, K=K, V=V, BK=tile(K), BV=BV,
             IS_VARLEN=cu is not None, HAS_H0=initial_state is not None, HAS_SLOTS=ssm_state_indices is not None,
             STORE_FINAL=final_state is not None, STATE_V_FIRST=state_v_first,
             QK_L2NORM=use_qk_l2norm_in_kernel, USE_GATE=use_gate_in_kernel, HAS_A=A_log is not None,
             HAS_BIAS=dt_bias is not None, USE_LOWER_BOUND=lower_bound is not None,
             BETA_SIGMOID=use_beta_sigmoid_in_kernel, BETA_SCALE=2.0 if allow_neg_eigval else 1.0,
-            **({"SLOT_COLS": slot_cols} if slot_cols else {}), num_warps=DECODE_WARPS,
+            **({"SLOT_COLS": slot_cols} if slot_cols else {}), num_warps=launch.warps,
         )
     return o, final_state

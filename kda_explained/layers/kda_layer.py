@@ -4,7 +4,7 @@ One layer maps ``hidden_states [B, T, hidden]`` to ``[B, T, hidden]``::
 
     q, k, v = silu(conv(q_proj x)), silu(conv(k_proj x)), silu(conv(v_proj x))  # short conv, per channel
     q, k    = l2norm(q), l2norm(k)                                             # per head
-    g       = gate(f_b_proj(f_a_proj x))        # log decay, softplus or lower-bound form (DESIGN.md)
+    g       = gate(f_b_proj(f_a_proj x))        # log decay, softplus or lower-bound form (docs/design.md)
     beta    = sigmoid(b_proj x)                 # 2 sigmoid(b_proj x) with allow_neg_eigval
     o       = KDA(q, k, v, g, beta)             # report Eq. 1, chunked or fast backend
     o       = rmsnorm(o) * o_norm.weight * sigmoid(g_b_proj(g_a_proj x))       # per head
@@ -49,8 +49,6 @@ __all__ = ["KimiDeltaAttention", "KDACache", "GatedRMSNorm", "convert_fla_state_
 
 GATES = ("softplus", "lowerbound")
 BACKENDS = ("auto", "chunked", "fast")
-#: Sequences up to this many tokens take the token-by-token path (as ``fast.kda`` does).
-RECURRENT_MAX_LEN = 16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -472,6 +470,10 @@ class KimiDeltaAttention(nn.Module):
 
         # 3. the KDA core
         S0 = cache.state if keep else None
+        if S0 is not None and torch.is_grad_enabled():
+            # the core may keep the state it starts from for its backward, and the cache is written
+            # in place below: hand it a copy, so that a step taken with a cache can still train
+            S0 = S0.clone()
         if cp is not None:  # the whole batch's KDA, across the ranks
             o, S = cp.kda(chunked.l2norm(q), chunked.l2norm(k), v, self.log_decay(f), beta,
                           self._resolve_backend(x)), None
@@ -502,7 +504,7 @@ class KimiDeltaAttention(nn.Module):
         q, k = chunked.l2norm(q), chunked.l2norm(k)
         lengths = [q.shape[1]] if cu_seqlens is None else (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
         # decoding (a few tokens per sequence): the recurrence itself, not a chunk's worth of matrices
-        core = chunked.recurrent_kda if max(lengths, default=0) <= RECURRENT_MAX_LEN else chunked.kda
+        core = chunked.recurrent_kda if max(lengths, default=0) <= chunked.RECURRENT_MAX_LEN else chunked.kda
         return core(q, k, v, self.log_decay(f), beta, initial_state=S0, output_final_state=keep,
                     cu_seqlens=cu_seqlens)
 
@@ -513,7 +515,7 @@ class KimiDeltaAttention(nn.Module):
                          dt_bias=self.dt_bias, lower_bound=self.lower_bound if self.gate == "lowerbound" else None)
         lengths = [q.shape[1]] if cu_seqlens is None else (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
         training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, f, beta, self.A_log))
-        if not training and max(lengths) <= fast.RECURRENT_MAX_LEN:
+        if not training and max(lengths) <= chunked.RECURRENT_MAX_LEN:
             # decoding (and short prefills): the token-by-token kernel, state updated in place
             return fast.fused_recurrent_kda(q, k, v, f, beta, initial_state=S0, output_final_state=keep,
                                             inplace_final_state=keep or None, cu_seqlens=cu_seqlens, **gate_opts)
