@@ -114,14 +114,16 @@ def profile_stages(inputs, C: int, warmup: int, repeats: int) -> Dict[str, Dict[
     A_kk, A_qk = stages.intra_chunk_matrices(q, k, G, beta, scale, C)
     M = stages.ut_transform(A_kk, C)
     W, U = stages.wy_representation(k, v, G, beta, M, C)
-    h, v_new, _ = stages.state_passing(k, W, U, G, None, C)
+    qg, kg = stages.decayed_operands(q, k, G, scale, C)
+    h, v_new, _ = stages.state_passing(kg, W, U, G, None, C)
     calls = {
         "1 chunk_local_cumsum": lambda: stages.chunk_local_cumsum(g, C),
         "2 intra_chunk_matrices": lambda: stages.intra_chunk_matrices(q, k, G, beta, scale, C),
         "3 ut_transform": lambda: stages.ut_transform(A_kk, C),
         "4 wy_representation": lambda: stages.wy_representation(k, v, G, beta, M, C),
-        "5 state_passing": lambda: stages.state_passing(k, W, U, G, None, C),
-        "6 chunk_output": lambda: stages.chunk_output(q, h, v_new, G, A_qk, scale, C),
+        "5 state_passing (with decayed_operands)": lambda: stages.state_passing(
+            stages.decayed_operands(q, k, G, scale, C)[1], W, U, G, None, C),
+        "6 chunk_output": lambda: stages.chunk_output(qg, h, v_new, A_qk, C),
     }
     for _ in range(warmup):
         for fn in calls.values():

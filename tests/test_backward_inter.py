@@ -67,7 +67,8 @@ def _forward_inputs(case: Case, seed: int = 0):
     A_kk, A_qk = stages.intra_chunk_matrices(q, k, G, beta, scale, C, cu)
     M = stages.ut_transform(A_kk, C, cu)
     W, U = stages.wy_representation(k, v, G, beta, M, C, cu)
-    h, v_new, S = stages.state_passing(k, W, U, G, h0, C, cu)
+    _, kg = stages.decayed_operands(q, k, G, scale, C, cu)
+    h, v_new, S = stages.state_passing(kg, W, U, G, h0, C, cu)
     return dict(q=q, k=k, v=v, G=G, beta=beta, h0=h0, scale=scale, A_qk=A_qk, M=M, W=W, U=U, h=h, v_new=v_new, S=S, cu=cu, gen=gen)
 
 
@@ -101,7 +102,9 @@ def test_state_passing_bwd(case: Case):
     C, cu, gen = case.C, f["cu"], f["gen"]
     k, W, U, G = (_leaf(f[n]) for n in ("k", "W", "U", "G"))
     h0 = None if f["h0"] is None else _leaf(f["h0"])
-    h, v_new, S = stages.state_passing(k, W, U, G, h0, C, cu)
+    # the backward of stage 5 with its decayed keys (stage 5's operand, formed from k and G)
+    _, kg = stages.decayed_operands(k, k, G, 1.0, C, cu)
+    h, v_new, S = stages.state_passing(kg, W, U, G, h0, C, cu)
     dh, dv_new, dS = (torch.randn(x.shape, generator=gen, dtype=F64) for x in (h, v_new, S))
     inputs = (k, W, U, G) + ((h0,) if h0 is not None else ())
     ref = torch.autograd.grad((h, v_new, S), inputs, (dh, dv_new, dS))
@@ -133,7 +136,8 @@ def test_chunk_output_bwd(case: Case):
     f = _forward_inputs(case)
     C, cu, gen, scale = case.C, f["cu"], f["gen"], f["scale"]
     q, h, v_new, G, A_qk = (_leaf(f[n]) for n in ("q", "h", "v_new", "G", "A_qk"))
-    o = stages.chunk_output(q, h, v_new, G, A_qk, scale, C, cu)
+    qg, _ = stages.decayed_operands(q, q, G, scale, C, cu)  # stage 6's operand, formed from q and G
+    o = stages.chunk_output(qg, h, v_new, A_qk, C, cu)
     do = torch.randn(o.shape, generator=gen, dtype=F64)
     ref = torch.autograd.grad(o, (q, h, v_new, G, A_qk), do)
     ours = chunk_output_bwd(f["q"], f["h"], f["v_new"], f["G"], f["A_qk"], scale, do, C, cu)
@@ -148,8 +152,9 @@ def test_stages_4_to_6_chain_to_autograd():
     C, cu, gen, scale = case.C, f["cu"], f["gen"], f["scale"]
     q, k, v, G, beta, M, A_qk, h0 = (_leaf(f[n]) for n in ("q", "k", "v", "G", "beta", "M", "A_qk", "h0"))
     W, U = stages.wy_representation(k, v, G, beta, M, C, cu)
-    h, v_new, S = stages.state_passing(k, W, U, G, h0, C, cu)
-    o = stages.chunk_output(q, h, v_new, G, A_qk, scale, C, cu)
+    qg, kg = stages.decayed_operands(q, k, G, scale, C, cu)
+    h, v_new, S = stages.state_passing(kg, W, U, G, h0, C, cu)
+    o = stages.chunk_output(qg, h, v_new, A_qk, C, cu)
     do, dS = torch.randn(o.shape, generator=gen, dtype=F64), torch.randn(S.shape, generator=gen, dtype=F64)
     ref = torch.autograd.grad((o, S), (q, k, v, G, beta, M, A_qk, h0), (do, dS))
 

@@ -322,7 +322,8 @@ def test_stage_wy_representation(p, C):
 def test_stage_state_passing(p, C):
     ref = direct_stages(p, C)
     S0 = None if p.initial_state is None else t64(p.initial_state)
-    h, v_new, S = stages.state_passing(t64(p.k), t64(ref.W), t64(ref.U), t64(ref.G), S0, C, cu(p))
+    _, kg = stages.decayed_operands(t64(p.q), t64(p.k), t64(ref.G), p.shape[4] ** -0.5, C, cu(p))
+    h, v_new, S = stages.state_passing(kg, t64(ref.W), t64(ref.U), t64(ref.G), S0, C, cu(p))
     assert h.shape == ref.h.shape and v_new.shape == ref.v_new.shape and S.shape == ref.final.shape
     assert rel_rms_error(h, ref.h) <= F64
     assert rel_rms_error(v_new, ref.v_new) <= F64
@@ -348,7 +349,8 @@ def test_stage_state_passing(p, C):
 @given(p=stage_problems, C=chunk_sizes)
 def test_stage_chunk_output(p, C):
     ref = direct_stages(p, C)
-    o = stages.chunk_output(t64(p.q), t64(ref.h), t64(ref.v_new), t64(ref.G), t64(ref.A_qk), p.shape[4] ** -0.5, C, cu(p))
+    qg, _ = stages.decayed_operands(t64(p.q), t64(p.k), t64(ref.G), p.shape[4] ** -0.5, C, cu(p))
+    o = stages.chunk_output(qg, t64(ref.h), t64(ref.v_new), t64(ref.A_qk), C, cu(p))
     assert o.shape == ref.o.shape
     assert rel_rms_error(o, ref.o) <= F64
     assert rel_rms_error(o, run_naive(p)[0]) <= F64

@@ -18,7 +18,6 @@ The fast layer runs under the Triton interpreter here (``conftest.py``), at smal
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
@@ -238,7 +237,7 @@ def test_positive_g_is_refused_by_fast_on_request(monkeypatch):
         with pytest.raises(ValueError, match=r"^g: expected log decays"):
             fn(*args, **kw)
     # with the gate in the kernel g is its raw input, of any sign: never checked
-    H, K = args[0].shape[2], args[0].shape[3]
+    H = args[0].shape[2]
     fast.chunk_kda(*args, **kw, use_gate_in_kernel=True, A_log=torch.zeros(H, device=DEVICE))
 
 

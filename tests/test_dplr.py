@@ -162,11 +162,12 @@ def test_cost_model_counts_what_the_stages_multiply(C, K, V):
     A_kk, A_qk = stages.intra_chunk_matrices(q, k, G, beta, s, C)
     M = stages.ut_transform(A_kk, C)
     W, U = stages.wy_representation(k, v, G, beta, M, C)
-    h, v_new, _ = stages.state_passing(k, W, U, G, None, C)
+    qg, kg = stages.decayed_operands(q, k, G, s, C)
+    h, v_new, _ = stages.state_passing(kg, W, U, G, None, C)
     assert matmul_flops(stages.intra_chunk_matrices, q, k, G, beta, s, C) == kda.intra - diag(2)
     assert matmul_flops(stages.wy_representation, k, v, G, beta, M, C) == kda.wy
-    assert matmul_flops(stages.state_passing, k, W, U, G, None, C) == kda.state
-    assert matmul_flops(stages.chunk_output, q, h, v_new, G, A_qk, s, C) == kda.output
+    assert matmul_flops(stages.state_passing, kg, W, U, G, None, C) == kda.state
+    assert matmul_flops(stages.chunk_output, qg, h, v_new, A_qk, C) == kda.output
 
     dp = chunk_costs("dplr", C, K, V, BC)
     A_ba, A_bk, A_qa, A_qk = dplr_module.dplr_intra_chunk_matrices(q, k, a, b, G, s, C)

@@ -21,13 +21,13 @@ from kda_explained.fast import backward as by_columns
 from kda_explained.fast.backward_intra import intra_chunk_matrices_bwd
 from kda_explained.testing import TOLERANCES
 from strategies import make_problem
-from test_fast import (AWKWARD, DEVICE, EXTREME_GATES, EXTREME_PROBLEM, F32, assert_close, chunk_16, extreme_gate, f32,
-                       few, inputs, pin, problems, reference_stages)
+from fast_cases import (AWKWARD, DEVICE, EXTREME_GATES, EXTREME_PROBLEM, F32, assert_close, chunk_16, extreme_gate,
+                        f32, few, inputs, pin, problems, reference_stages)
 
 NAMES = ("dq", "dk", "dG", "dbeta")
 GRAD_LOW = TOLERANCES["fast_bf16_grad"]
 
-#: Beyond ``test_fast.AWKWARD``: GVA with a full chunk of 64 and a ragged one (every block pair,
+#: Beyond ``fast_cases.AWKWARD``: GVA with a full chunk of 64 and a ragged one (every block pair,
 #: one sub-chunk of padding rows), and a packed batch of 32-chunks whose sequences start anywhere.
 MORE = (
     (make_problem(B=2, T=80, H=1, HV=2, K=48, V=16, gate="lowerbound", seed=3), 64),

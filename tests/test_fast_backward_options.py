@@ -12,7 +12,7 @@ import torch
 
 from kda_explained import chunked
 from kda_explained.fast.backward_options import gate_cumsum_bwd, l2norm_bwd
-from test_fast import DEVICE, F32, assert_close
+from fast_cases import DEVICE, F32, assert_close
 
 
 @pytest.mark.parametrize("sigmoid", [False, True], ids=["beta", "beta_sigmoid"])

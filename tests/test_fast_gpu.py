@@ -30,7 +30,7 @@ from kda_explained.fast.config import plan_for
 from kda_explained.chunked import stages as chunked_stages
 from kda_explained.testing import TOLERANCES
 
-import test_fast as small  # the small-size properties' oracle and checks
+import fast_cases as small  # the small-size properties' oracle and checks
 
 DEVICE = "cuda"
 F32 = TOLERANCES["fast_f32_vs_f64"]
@@ -88,7 +88,8 @@ def reference_h(q, k, v, g, beta, *, initial_state, cu_seqlens, chunk_size: int)
     A_kk, _ = chunked.intra_chunk_matrices(q, k, G, beta, scale, C, cu)
     M = chunked.ut_transform(A_kk, C, cu)
     W, U = chunked.wy_representation(k, v, G, beta, M, C, cu)
-    h, _, S = chunked.state_passing(k, W, U, G, S0, C, cu)
+    _, kg = chunked.decayed_operands(q, k, G, scale, C, cu)
+    h, _, S = chunked.state_passing(kg, W, U, G, S0, C, cu)
     return h, S
 
 
@@ -120,8 +121,9 @@ def test_stages_match_chunked(C):
     A_kk, A_qk = chunked.intra_chunk_matrices(q, k, G, beta, scale, C)
     M = chunked.ut_transform(A_kk, C)
     W, U = chunked.wy_representation(k, v, G, beta, M, C)
-    h, v_new, S = chunked.state_passing(k, W, U, G, S0, C)
-    o = chunked.chunk_output(q, h, v_new, G, A_qk, scale, C)
+    qg, kg = chunked.decayed_operands(q, k, G, scale, C)
+    h, v_new, S = chunked.state_passing(kg, W, U, G, S0, C)
+    o = chunked.chunk_output(qg, h, v_new, A_qk, C)
 
     def f32(x):
         return x.float()
@@ -497,8 +499,8 @@ def test_backward_stages_match_chunked(lengths):
     A_kk, A_qk = chunked.intra_chunk_matrices(q, k, G, beta, scale, C, cu)
     M = chunked.ut_transform(A_kk, C, cu)
     W, U = chunked.wy_representation(k, v, G, beta, M, C, cu)
-    h, v_new, S = chunked.state_passing(k, W, U, G, S0, C, cu)
     _, kg = chunked_stages.decayed_operands(q, k, G, scale, C, cu)
+    h, v_new, S = chunked.state_passing(kg, W, U, G, S0, C, cu)
     gen = torch.Generator(device=DEVICE).manual_seed(22)
 
     def rand(x):

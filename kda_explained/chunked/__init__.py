@@ -11,6 +11,7 @@ from .recurrent import RECURRENT_MAX_LEN, recurrent_kda
 from .stages import (
     chunk_local_cumsum,
     chunk_output,
+    decayed_operands,
     intra_chunk_matrices,
     state_passing,
     ut_transform,
@@ -27,6 +28,7 @@ __all__ = [
     "intra_chunk_matrices",
     "ut_transform",
     "wy_representation",
+    "decayed_operands",
     "state_passing",
     "chunk_output",
     "kda_gate",

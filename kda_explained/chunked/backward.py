@@ -61,7 +61,8 @@ def kda_backward(
     A_kk, A_qk = stages.intra_chunk_matrices(q, k, G, beta, p.scale, C, cu_seqlens)  # 2.
     M = stages.ut_transform(A_kk, C, cu_seqlens)  # 3.
     W, U = stages.wy_representation(k, v, G, beta, M, C, cu_seqlens)  # 4.
-    h, v_new, _ = stages.state_passing(k, W, U, G, initial_state, C, cu_seqlens)  # 5.
+    _, kg = stages.decayed_operands(q, k, G, p.scale, C, cu_seqlens)
+    h, v_new, _ = stages.state_passing(kg, W, U, G, initial_state, C, cu_seqlens)  # 5.
 
     # ---- backward, stage 6 down to stage 1
     dq, dh, dv_new, dG, dA_qk = chunk_output_bwd(q, h, v_new, G, A_qk, p.scale, do, C, cu_seqlens)  # 6.

@@ -261,7 +261,8 @@ def dplr_chunk_output(
     ``A_qa, A_qk: [B, T, HV, C]`` -> ``o: [B, T, HV, V]`` in the compute dtype.
     """
     lay = _layout(q, chunk_size, cu_seqlens)
-    recalled_and_x = stages.chunk_output(q, h, x, G, A_qa, scale, chunk_size, cu_seqlens)  # [B, T, HV, V]
+    qg, _ = stages.decayed_operands(q, q, G, scale, chunk_size, cu_seqlens)  # scale Q * Gamma  [B, T, HV, K]
+    recalled_and_x = stages.chunk_output(qg, h, x, A_qa, chunk_size, cu_seqlens)  # [B, T, HV, V]
     direct = lay.to_chunks(A_qk) @ lay.to_chunks(v.to(x.dtype))  # A_qk V   [N, NT, HV, C, V]
     return recalled_and_x + lay.from_chunks(direct)
 

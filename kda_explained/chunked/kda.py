@@ -88,6 +88,7 @@ def kda(
     A_kk, A_qk = stages.intra_chunk_matrices(q, k, G, beta, p.scale, C, cu_seqlens)  # 2.  [B, T, HV, C]
     M = stages.ut_transform(A_kk, C, cu_seqlens)  # 3. M = (I + A_kk)^{-1}                [B, T, HV, C]
     W, U = stages.wy_representation(k, v, G, beta, M, C, cu_seqlens)  # 4.    [B, T, HV, K], [B, T, HV, V]
-    h, v_new, S = stages.state_passing(k, W, U, G, initial_state, C, cu_seqlens)  # 5.  [NC, HV, K, V], ...
-    o = stages.chunk_output(q, h, v_new, G, A_qk, p.scale, C, cu_seqlens)  # 6.         [B, T, HV, V]
+    qg, kg = stages.decayed_operands(q, k, G, p.scale, C, cu_seqlens)  # 5.-6.'s operands  [B, T, HV, K]
+    h, v_new, S = stages.state_passing(kg, W, U, G, initial_state, C, cu_seqlens)  # 5.  [NC, HV, K, V], ...
+    o = stages.chunk_output(qg, h, v_new, A_qk, C, cu_seqlens)  # 6.                    [B, T, HV, V]
     return o.to(v.dtype), (S if output_final_state else None)

@@ -265,9 +265,10 @@ def decayed_operands(
 ):
     """``qg = scale * q * Gamma`` and ``kg = K * Gamma_C / Gamma``: the decayed operands of Eq. 8 and 9.
 
-    Stages 5 and 6 below form them inside; the fast layer's fused stage 2-4 kernel
-    (:func:`kda_explained.fast.local.chunk_local_factors`) writes them once for both, and is
-    tested against this function. ``q, k: [B, T, H, K]``, ``G: [B, T, HV, K]`` ->
+    Stages 5 and 6 take them (:func:`state_passing` the keys, :func:`chunk_output` the
+    queries), as their twins in the fast layer do, where the fused stage 2-4 kernel
+    (:func:`kda_explained.fast.local.chunk_local_factors`) writes them; it is tested against
+    this function. ``q, k: [B, T, H, K]``, ``G: [B, T, HV, K]`` ->
     ``qg, kg: [B, T, HV, K]`` (``G``'s dtype).
     """
     lay = _layout(k, chunk_size, cu_seqlens)
@@ -283,7 +284,7 @@ def decayed_operands(
 # Stage 5: inter-chunk state passing (report Eq. 8)
 # ----------------------------------------------------------------------------------------------
 def state_passing(
-    k: torch.Tensor,
+    kg: torch.Tensor,
     W: torch.Tensor,
     U: torch.Tensor,
     G: torch.Tensor,
@@ -295,23 +296,23 @@ def state_passing(
 
     For each chunk, with ``S`` the state entering it::
 
-        v_new = U - W S                                         # what each token really writes
-        S    <- Diag(Gamma_C) S + (K * Gamma_C / Gamma)^T v_new  # Gamma_C / Gamma = exp(G_C - G_r) <= 1
+        v_new = U - W S                         # what each token really writes
+        S    <- Diag(Gamma_C) S + kg^T v_new    # kg = K * Gamma_C / Gamma, exp(G_C - G_r) <= 1
 
-    ``k: [B, T, H, K]``, ``W: [B, T, HV, K]``, ``U: [B, T, HV, V]``, ``G: [B, T, HV, K]``,
+    ``kg: [B, T, HV, K]`` (from :func:`decayed_operands`), ``W: [B, T, HV, K]``,
+    ``U: [B, T, HV, V]``, ``G: [B, T, HV, K]`` (read at each chunk's last token),
     ``initial_state: [N, HV, K, V]`` or ``None`` ->
     ``h: [NC, HV, K, V]`` (the state entering every chunk, sequence by sequence),
     ``v_new: [B, T, HV, V]``, ``final_state: [N, HV, K, V]``.
     """
-    lay = _layout(k, chunk_size, cu_seqlens)
+    lay = _layout(kg, chunk_size, cu_seqlens)
     dt = W.dtype
     W_c, U_c, G_c = lay.to_chunks(W), lay.to_chunks(U), _chunk_G(lay, G.to(torch.float64))
     N, NT, HV, C, K = W_c.shape
     Vd = U_c.shape[-1]
-    k_c = _expand_heads(lay.to_chunks(k.to(dt)), HV)  # [N, NT, HV, C, K]
-    # A chunk of padding has W = U = 0 and G = 0 (Gamma = 1), so it leaves S unchanged.
+    # A chunk of padding has W = U = kg = 0 and G = 0 (Gamma = 1), so it leaves S unchanged.
     G_last = G_c[..., -1:, :]  # [N, NT, HV, 1, K]: Gamma_C in log space (padding repeats the last real G)
-    k_dec = k_c * torch.exp(G_last - G_c).to(dt)  # K * Gamma_C / Gamma, exponents <= 0
+    k_dec = lay.to_chunks(kg.to(dt))  # K * Gamma_C / Gamma                            [N, NT, HV, C, K]
     decay_C = torch.exp(G_last).to(dt).transpose(-1, -2)  # [N, NT, HV, K, 1]: Gamma_C
     S = W.new_zeros(N, HV, K, Vd) if initial_state is None else initial_state.to(dt)
     h, v_new = [], []
@@ -328,27 +329,22 @@ def state_passing(
 # Stage 6: the output (report Eq. 9)
 # ----------------------------------------------------------------------------------------------
 def chunk_output(
-    q: torch.Tensor,
+    qg: torch.Tensor,
     h: torch.Tensor,
     v_new: torch.Tensor,
-    G: torch.Tensor,
     A_qk: torch.Tensor,
-    scale: float,
     chunk_size: int,
     cu_seqlens: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``O = scale (Q * Gamma) S + A_qk v_new`` (Eq. 9): what the state recalls plus what the chunk wrote.
+    """``O = qg S + A_qk v_new`` (Eq. 9, ``qg = scale (Q * Gamma)``): what the state recalls plus what the chunk wrote.
 
-    ``q: [B, T, H, K]``, ``h: [NC, HV, K, V]`` from :func:`state_passing`,
-    ``v_new: [B, T, HV, V]``, ``G: [B, T, HV, K]``, ``A_qk: [B, T, HV, C]`` -> ``o: [B, T, HV, V]``
-    in the compute dtype.
+    ``qg: [B, T, HV, K]`` (from :func:`decayed_operands`), ``h: [NC, HV, K, V]`` from
+    :func:`state_passing`, ``v_new: [B, T, HV, V]``, ``A_qk: [B, T, HV, C]`` ->
+    ``o: [B, T, HV, V]`` in ``v_new``'s dtype.
     """
-    lay = _layout(q, chunk_size, cu_seqlens)
+    lay = _layout(qg, chunk_size, cu_seqlens)
     dt = v_new.dtype
-    G_c = _chunk_G(lay, G.to(torch.float64))  # [N, NT, HV, C, K]
-    HV = G_c.shape[2]
-    q_c = _expand_heads(lay.to_chunks(q.to(dt)), HV)  # [N, NT, HV, C, K]
     S_grid = lay.grid_chunks(h)  # [N, NT, HV, K, V]
-    inter = (scale * q_c * torch.exp(G_c).to(dt)) @ S_grid  # [N, NT, HV, C, V]
+    inter = lay.to_chunks(qg.to(dt)) @ S_grid  # [N, NT, HV, C, V]
     intra = lay.to_chunks(A_qk) @ lay.to_chunks(v_new)  # [N, NT, HV, C, V]
     return lay.from_chunks(inter + intra)

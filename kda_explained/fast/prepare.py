@@ -174,7 +174,7 @@ def _l2norm_kernel(
     tl.store(y + p, b_y.to(y.dtype.element_ty), mask=m)
 
 
-def l2norm(x: torch.Tensor, eps: float = 1e-6, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def l2norm(x: torch.Tensor, eps: float = 1e-6, *, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``x / sqrt(sum(x ** 2) + eps)`` over the last axis, like :func:`kda_explained.chunked.gates.l2norm`;
     in ``x``'s dtype, or ``out_dtype`` (the pipeline passes its intermediate dtype)."""
     x = x.contiguous()
