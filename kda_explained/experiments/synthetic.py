@@ -60,7 +60,7 @@ class Setup:
 
     ``task_params`` maps a task name to its generator's settings
     (:mod:`kda_explained.experiments.tasks`). ``sweep_len = None`` sweeps at the middle
-    length; ``convergence_len = None`` plots convergence at the longest.
+    length; ``convergence_len = None`` plots convergence at the middle length too.
     """
 
     tasks: Tuple[str, ...] = ("palindrome", "mqar", "stack")
@@ -100,7 +100,8 @@ class Setup:
 
     @property
     def convergence_at(self) -> int:
-        return self.convergence_len if self.convergence_len is not None else max(self.seq_lens)
+        lens = sorted(self.seq_lens)
+        return self.convergence_len if self.convergence_len is not None else lens[(len(lens) - 1) // 2]
 
     def task(self, name: str):
         return make_task(name, **self.task_params.get(name, {}))
@@ -387,7 +388,8 @@ def plot(results: dict, path: str) -> None:
 
     setup = results["setup"]
     tasks = [t for t in setup["tasks"] if any(r["task"] == t for r in results["records"])]
-    conv_len = setup["convergence_len"] or max(setup["seq_lens"])
+    lens = sorted(setup["seq_lens"])
+    conv_len = setup["convergence_len"] or lens[(len(lens) - 1) // 2]
     fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 3.4 * len(tasks)), squeeze=False)
     main = [r for r in results["records"] if r.get("phase", "main") == "main"]
     for row, task in enumerate(tasks):
