@@ -100,9 +100,9 @@ def _chunk_square(A, bos, eos, i_t, i_hv, HV: tl.constexpr, BT: tl.constexpr):
 def _state_passing_kernel(
     # pointers
     kg,  # [TT, HV, K] decayed keys k * exp(G_last - G)
-    W,  # [TT, HV, K] (FOLD 0, 1), or k_gamma = Gamma * K (FOLD 2)
-    U,  # [TT, HV, V] (FOLD 0), or the values v (FOLD 1, 2)
-    Mb,  # [TT, HV, BT] float32 Mb = M Diag(beta) (FOLD 1, 2)
+    W,  # [TT, HV, K] (FOLD 0), or k_gamma = Gamma * K (FOLD 2)
+    U,  # [TT, HV, V] (FOLD 0), or the values v (FOLD 2)
+    Mb,  # [TT, HV, BT] float32 Mb = M Diag(beta) (FOLD 2)
     G,  # [TT, HV, K] float32 (read at each chunk's last token), or [NC, HV, K] those rows alone (G_ENDS)
     h0,  # [N, HV, K, V] initial states (or [V, K] each with STATE_V_FIRST)
     h,  # [NC, HV, K, V] out: state entering each chunk (float32, or W's dtype); not with OUTPUT
@@ -127,7 +127,7 @@ def _state_passing_kernel(
     LOWP: tl.constexpr,
     OUTPUT: tl.constexpr,  # stage 6 in the same loop: o written, h and v_new never leave the registers
     G_ENDS: tl.constexpr,
-    FOLD: tl.constexpr,  # 0: W, U given; 1: U = Mb v formed here; 2: v_new = Mb (v - k_gamma S) formed here
+    FOLD: tl.constexpr,  # 0: W, U given; 2: v_new = Mb (v - k_gamma S) formed here
     PREFETCH: tl.constexpr,  # G's chunk-end row and A_qk loaded one chunk ahead (STATE_PREFETCH)
 ):
     i_v, i_n, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -182,12 +182,10 @@ def _state_passing_kernel(
         b_U = tl.load(U + o_tv, mask=m_tv, other=0).to(tl.float32)
         if FOLD == 0:
             b_v = _pseudo_values(b_S, b_W, b_U, LOWP, PRECISION)  # [BT, BV]
-        else:  # the UT transform applied here: Mb = M Diag(beta) of the chunk, b_U holding v
+        else:  # the UT transform applied here: Mb = M Diag(beta) of the chunk, b_U holding v, b_W k_gamma:
+            # W S = Mb (k_gamma S), so v_new = Mb (v - k_gamma S)
             b_Mb = _chunk_square(Mb, bos, eos, i_t, i_hv, HV, BT)
-            if FOLD == 1:  # U = Mb v (off the chain from one state to the next), then as above
-                b_v = _pseudo_values(b_S, b_W, tl.dot(b_Mb, b_U, input_precision=PRECISION), LOWP, PRECISION)
-            else:  # W S = Mb (k_gamma S): v_new = Mb (v - k_gamma S)
-                b_v = tl.dot(b_Mb, _pseudo_values(b_S, b_W, b_U, LOWP, PRECISION), input_precision=PRECISION)
+            b_v = tl.dot(b_Mb, _pseudo_values(b_S, b_W, b_U, LOWP, PRECISION), input_precision=PRECISION)
         if OUTPUT:  # o = qg S + A_qk v_new (stage 6), with S still the state entering the chunk
             b_qg = tl.load(qg + o_tk, mask=m_tk, other=0)
             if LOWP:  # operands rounded as the output kernel reads them from memory: identical sums

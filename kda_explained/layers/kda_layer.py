@@ -41,6 +41,7 @@ from torch import nn
 
 from .. import chunked
 from ..distributed.layer import ContextParallelSlice
+from ..chunked.kda import as_tensor_cu_seqlens
 from ..validation import format_shape
 from .conv import ShortConvolution
 
@@ -372,7 +373,7 @@ class KimiDeltaAttention(nn.Module):
         if attention_mask is not None:
             check_attention_mask(attention_mask, B, T, "hidden_states")
         if cu_seqlens is not None:
-            cu_seqlens = _as_cu_seqlens(cu_seqlens, x.device)
+            cu_seqlens = as_tensor_cu_seqlens(cu_seqlens, x.device)
             if B != 1:
                 raise ValueError(f"cu_seqlens: expected a packed batch with B = 1, got hidden_states "
                                  f"{format_shape(x.shape)}")
@@ -521,16 +522,6 @@ class KimiDeltaAttention(nn.Module):
                                             inplace_final_state=keep or None, cu_seqlens=cu_seqlens, **gate_opts)
         return fast.chunk_kda(q, k, v, f, beta, initial_state=S0, output_final_state=keep, cu_seqlens=cu_seqlens,
                               **gate_opts)
-
-
-def _as_cu_seqlens(cu_seqlens, device) -> torch.Tensor:
-    if isinstance(cu_seqlens, (list, tuple)):
-        return torch.tensor(cu_seqlens, dtype=torch.int64, device=device)
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype.is_floating_point or cu_seqlens.dim() != 1:
-        raise TypeError(f"cu_seqlens: expected a 1-D integer tensor [N + 1], got {cu_seqlens!r}")
-    if cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens: expected at least 2 entries [0, ..., T], got {cu_seqlens.tolist()}")
-    return cu_seqlens.to(device=device, dtype=torch.int64)
 
 
 def _A_log_from_checkpoint(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
