@@ -16,6 +16,7 @@ from .autograd import chunk_kda_differentiable
 from .config import Plan, plan_for
 from .forward import chunk_kda_fwd, forward_chunk_size
 from .inputs import FAST_CHUNK_SIZES, check_fast_inputs, resolve_fla_kwargs
+from .ops import chunk_kda_compiled
 from .recurrent import fused_recurrent_kda_fwd
 
 __all__ = ["chunk_kda", "fused_recurrent_kda", "kda"]
@@ -100,6 +101,15 @@ def chunk_kda(
         raise NotImplementedError(
             "cp_context: flash-linear-attention's context-parallel context is not taken here; split the sequence "
             "over ranks with kda_explained.distributed.context_parallel_kda(..., group=...) instead")
+    if torch.compiler.is_compiling() and not return_intermediate_states:
+        # one operator node for the graph (kda_explained.fast.ops): the checks run inside it
+        return chunk_kda_compiled(
+            q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu, A_log=A_log, dt_bias=dt_bias,
+            chunk_size=chunk_size, options=dict(
+                use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_gate_in_kernel=use_gate_in_kernel,
+                lower_bound=lower_bound, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
+                allow_neg_eigval=allow_neg_eigval, state_v_first=state_v_first))
     p, cu_seqlens = check_fast_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                                       cu_seqlens=cu_seqlens, state_v_first=state_v_first,
                                       cu_seqlens_cpu=cu_seqlens_cpu,

@@ -23,7 +23,7 @@ from .backward_options import kda_backward_with_options
 from .forward import chunk_kda_fwd
 from .local import intermediate_dtype
 
-__all__ = ["ChunkKDAFunction", "ChunkKDAOptionsFunction", "chunk_kda_differentiable"]
+__all__ = ["ChunkKDAFunction", "ChunkKDAOptionsFunction", "chunk_kda_differentiable", "core_grads", "options_grads"]
 
 _OPTIONS = ("use_qk_l2norm_in_kernel", "use_gate_in_kernel", "lower_bound", "use_beta_sigmoid_in_kernel",
             "allow_neg_eigval", "state_v_first")
@@ -32,6 +32,36 @@ _OPTIONS = ("use_qk_l2norm_in_kernel", "use_gate_in_kernel", "lower_bound", "use
 def _to_kv(x, v_first: bool):
     """A ``[V, K]`` state (``state_v_first``) as the ``[K, V]`` the kernels' backward takes, or as is."""
     return x.transpose(-1, -2).contiguous() if x is not None and v_first else x
+
+
+def core_grads(q, k, v, G, beta, S0, A_qk, M, do, dS, g_dtype, opts):
+    """The core's gradients ``(dq, dk, dv, dg, dbeta, dS0)`` in the inputs' dtypes (states ``[K, V]``),
+    from what the forward kept: ``G`` in place of ``g``, and the chunks' ``A_qk`` and ``M``."""
+    # dq, dk, dv written in the inputs' dtype by their last kernels (q, k, v share one dtype)
+    dq, dk, dv, dg, dbeta, dS0 = kda_backward(q, k, v, None, beta, do, dS, scale=opts["scale"], initial_state=S0,
+                                              cu_seqlens=opts["cu_seqlens"], chunk_size=opts["chunk_size"],
+                                              factors=(A_qk, M), G=G, out_dtype=intermediate_dtype(q.dtype),
+                                              plan=opts["plan"])
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g_dtype), dbeta.to(beta.dtype),
+            None if S0 is None else dS0.to(S0.dtype))
+
+
+def options_grads(q, k, v, g, beta, A_log, dt_bias, S0, A_qk, M, do, dS, opts):
+    """With the in-kernel options: ``(dq, dk, dv, dg, dbeta, dA_log, ddt_bias, dS0)`` in the inputs' dtypes
+    (``None`` for what is absent), the states in the layout the call used."""
+    v_first = opts["state_v_first"]  # the core's states are [K, V]
+    dq, dk, dv, dg, dbeta, dS0, dA_log, ddt_bias = kda_backward_with_options(
+        q, k, v, g, beta, do, _to_kv(dS, v_first), scale=opts["scale"], initial_state=_to_kv(S0, v_first),
+        cu_seqlens=opts["cu_seqlens"], chunk_size=opts["chunk_size"],
+        use_qk_l2norm_in_kernel=opts["use_qk_l2norm_in_kernel"], use_gate_in_kernel=opts["use_gate_in_kernel"],
+        A_log=A_log, dt_bias=dt_bias, lower_bound=opts["lower_bound"],
+        use_beta_sigmoid_in_kernel=opts["use_beta_sigmoid_in_kernel"], allow_neg_eigval=opts["allow_neg_eigval"],
+        factors=(A_qk, M), plan=opts["plan"],
+    )
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dbeta.to(beta.dtype),
+            None if dA_log is None else dA_log.reshape(A_log.shape).to(A_log.dtype),
+            None if ddt_bias is None else ddt_bias.reshape(dt_bias.shape).to(dt_bias.dtype),
+            None if S0 is None else _to_kv(dS0, v_first).to(S0.dtype))
 
 
 class ChunkKDAFunction(torch.autograd.Function):
@@ -50,14 +80,7 @@ class ChunkKDAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dS):
         q, k, v, G, beta, S0, A_qk, M = ctx.saved_tensors
-        opts = ctx.opts
-        # dq, dk, dv written in the inputs' dtype by their last kernels (q, k, v share one dtype)
-        dq, dk, dv, dg, dbeta, dS0 = kda_backward(q, k, v, None, beta, do, dS, scale=opts["scale"], initial_state=S0,
-                                                  cu_seqlens=opts["cu_seqlens"], chunk_size=opts["chunk_size"],
-                                                  factors=(A_qk, M), G=G, out_dtype=intermediate_dtype(q.dtype),
-                                                  plan=opts["plan"])
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(ctx.g_dtype), dbeta.to(beta.dtype),
-                None if S0 is None else dS0.to(S0.dtype), None)
+        return (*core_grads(q, k, v, G, beta, S0, A_qk, M, do, dS, ctx.g_dtype, ctx.opts), None)
 
 
 class ChunkKDAOptionsFunction(torch.autograd.Function):
@@ -77,20 +100,7 @@ class ChunkKDAOptionsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dS):
         q, k, v, g, beta, A_log, dt_bias, S0, A_qk, M = ctx.saved_tensors
-        opts = ctx.opts
-        v_first = opts["state_v_first"]  # the core's states are [K, V]
-        dq, dk, dv, dg, dbeta, dS0, dA_log, ddt_bias = kda_backward_with_options(
-            q, k, v, g, beta, do, _to_kv(dS, v_first), scale=opts["scale"], initial_state=_to_kv(S0, v_first),
-            cu_seqlens=opts["cu_seqlens"], chunk_size=opts["chunk_size"],
-            use_qk_l2norm_in_kernel=opts["use_qk_l2norm_in_kernel"], use_gate_in_kernel=opts["use_gate_in_kernel"],
-            A_log=A_log, dt_bias=dt_bias, lower_bound=opts["lower_bound"],
-            use_beta_sigmoid_in_kernel=opts["use_beta_sigmoid_in_kernel"], allow_neg_eigval=opts["allow_neg_eigval"],
-            factors=(A_qk, M), plan=opts["plan"],
-        )
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dbeta.to(beta.dtype),
-                None if dA_log is None else dA_log.reshape(A_log.shape).to(A_log.dtype),
-                None if ddt_bias is None else ddt_bias.reshape(dt_bias.shape).to(dt_bias.dtype),
-                None if S0 is None else _to_kv(dS0, v_first).to(S0.dtype), None)
+        return (*options_grads(q, k, v, g, beta, A_log, dt_bias, S0, A_qk, M, do, dS, ctx.opts), None)
 
 
 def chunk_kda_differentiable(q, k, v, g, beta, A_log, dt_bias, initial_state, opts):

@@ -1,0 +1,98 @@
+"""``chunk_kda`` under ``torch.compile``: its operators pass ``torch.library.opcheck``, and a compiled
+forward and training step (``fullgraph=True``: no graph break) give the eager results.
+
+On the CPU the kernels run under the Triton interpreter inside the operators; the graph around
+them is compiled with the ``aot_eager`` backend (the operators' fake implementations and
+registered autograd are what ``torch.compile`` needs of them, whatever the backend).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kda_explained import fast
+from kda_explained.fast.ops import chunk_kda_bwd_op, chunk_kda_op
+from strategies import make_problem, to_torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKEND = "inductor" if torch.cuda.is_available() else "aot_eager"
+OPTION_SETS = {
+    "core": dict(),
+    "options": dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True),
+    "v_first": dict(state_v_first=True),
+}
+FLAGS = dict(use_qk_l2norm_in_kernel=False, use_gate_in_kernel=False, lower_bound=None,
+             use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False, state_v_first=False)
+
+
+def problem(packed: bool = False):
+    p = make_problem(T=20, H=1, HV=2, K=16, V=16, seed=5, initial_state=True,
+                     cu_seqlens=[0, 7, 20] if packed else None)
+    args, kw = to_torch(p, torch.float32, DEVICE)
+    return args, kw["initial_state"], ([0, 7, 20] if packed else None)
+
+
+def test_opcheck_forward_and_backward():
+    (q, k, v, g, beta), S0, offsets = problem(packed=True)
+    for keep in (False, True):
+        torch.library.opcheck(chunk_kda_op, (q, k, v, g, beta, None, None, S0, 0.25, offsets, 64 if keep else None),
+                              dict(FLAGS, keep=keep), test_utils=("test_schema", "test_faketensor"))
+    o, S, A_qk, M, G = chunk_kda_op(q, k, v, g, beta, None, None, S0, 0.25, offsets, 64, keep=True, **FLAGS)
+    torch.library.opcheck(chunk_kda_bwd_op, (q, k, v, g, beta, None, None, S0, A_qk, M, G, torch.randn_like(o),
+                                             torch.randn_like(S), 0.25, offsets, 64), FLAGS,
+                          test_utils=("test_schema", "test_faketensor"))
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, beta)]
+    torch.library.opcheck(chunk_kda_op, (*leaves, None, None, S0, 0.25, offsets, 64), dict(FLAGS, keep=True),
+                          test_utils=("test_autograd_registration",))
+
+
+@pytest.mark.parametrize("options", list(OPTION_SETS))
+@pytest.mark.parametrize("packed", [False, True], ids=["batch", "packed"])
+def test_compiled_training_step_equals_eager(options, packed):
+    (q, k, v, g, beta), S0, offsets = problem(packed)
+    opts = dict(OPTION_SETS[options])
+    HV, K = v.shape[2], q.shape[3]
+    if opts.get("use_gate_in_kernel"):
+        opts.update(A_log=torch.zeros(HV, device=DEVICE), dt_bias=torch.zeros(HV * K, device=DEVICE))
+    if opts.get("state_v_first"):
+        S0 = S0.transpose(-1, -2).contiguous()
+
+    def step(q, k, v, g, beta, S0):
+        o, S = fast.chunk_kda(q, k, v, g, beta, initial_state=S0, output_final_state=True, cu_seqlens=offsets, **opts)
+        return o, S
+
+    compiled = torch.compile(step, fullgraph=True, backend=BACKEND)
+    results = []
+    for fn in (step, compiled):
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, beta, S0)]
+        o, S = fn(*leaves)
+        ((o * torch.arange(o.numel(), device=DEVICE).reshape(o.shape).cos()).sum() + S.sum()).backward()
+        results.append((o.detach(), S.detach(), *(x.grad for x in leaves)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_inference_equals_eager():
+    (q, k, v, g, beta), S0, offsets = problem(packed=True)
+
+    def infer(q, k, v, g, beta, S0):
+        return fast.chunk_kda(q, k, v, g, beta, initial_state=S0, output_final_state=True, cu_seqlens=offsets)
+
+    with torch.inference_mode():
+        eager = infer(q, k, v, g, beta, S0)
+        compiled = torch.compile(infer, fullgraph=True, backend=BACKEND)(q, k, v, g, beta, S0)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_offsets_must_be_host_values():
+    (q, k, v, g, beta), S0, _ = problem()
+    cu = torch.tensor([0, 7, 20])
+
+    @torch.compile(fullgraph=True, backend=BACKEND)
+    def infer(q):
+        return fast.chunk_kda(q, k, v, g, beta, cu_seqlens=cu)
+
+    with pytest.raises(Exception, match="cu_seqlens: under torch.compile pass the offsets"):
+        infer(q)
