@@ -17,13 +17,14 @@ is not imported here, so that ``python -m`` runs it cleanly.
 from .mixers import BACKENDS, MIXERS, TokenMixer, linear_attention
 from .model import ModelConfig, TinyLM
 from .progress import Progress
-from .tasks import IGNORE, MQAR, TASKS, Batch, Palindrome, Stack, count_correct, make_task
+from .tasks import IGNORE, MQAR, TASKS, Batch, Palindrome, Stack, Task, count_correct, make_task
 from .train import TrainConfig, evaluate, train
 
 __all__ = [
     "TASKS",
     "IGNORE",
     "Batch",
+    "Task",
     "Palindrome",
     "MQAR",
     "Stack",

@@ -1,4 +1,4 @@
-"""The ladder of :mod:`kda_explained.naive.ladder` as token mixers: one shell, five recurrences.
+"""The ladder of ``kda_explained.naive.ladder`` as token mixers: one shell, five recurrences.
 
 Every mixer maps ``x [B, T, D]`` to ``[B, T, D]`` through the same pieces, those of
 :class:`~kda_explained.layers.kda_layer.KimiDeltaAttention`::
@@ -25,7 +25,7 @@ and only ``core`` changes from one rung to the next (report §2–3):
 L2-normalised ``q, k`` (unit keys keep the delta rule's step ``b_t k_t k_t^T`` a
 contraction); softmax attention reads them as they are, since unit vectors would cap
 its logits at ``±scale``. Gated DeltaNet and KDA share the gate formula
-``g = -exp(A_log[h]) softplus(f + dt_bias)`` (:func:`kda_explained.chunked.kda_gate`) and
+``g = -exp(A_log[h]) softplus(f + dt_bias)`` (:func:`kda_explained.chunked.gates.kda_gate`) and
 its initialisation; Gated DeltaNet's ``f`` is one number per head
 (``W_a x``), KDA's one per channel (the low-rank ``W_fb W_fa x`` of Kimi Linear).
 
@@ -71,7 +71,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
     the chunked form needs no UT transform: a chunk's output is its causal
     ``(q k^T) v`` plus its queries read against the state entering the chunk, and those
     states are a prefix sum of what each chunk writes. Same function as
-    :func:`kda_explained.naive.ladder.linear_attention`.
+    :func:`kda_explained.naive.linear_attention`.
 
     >>> import numpy as np, torch
     >>> from kda_explained.naive import ladder

@@ -107,7 +107,8 @@ class Setup:
         return make_task(name, **self.task_params.get(name, {}))
 
 
-#: The report's setting (§5.1): what it states about the model, the training and the lengths.
+#: The report's setting (§5.1) as far as it states it (model, steps, learning rates, lengths, 64 stacks);
+#: batch size, vocabularies and evaluation are this library's choices.
 REPORT = Setup(
     seq_lens=(256, 512, 1024, 2048),
     seeds=(0,),

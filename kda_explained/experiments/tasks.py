@@ -56,7 +56,7 @@ from typing import Dict, Optional, Union
 
 import numpy as np
 
-__all__ = ["IGNORE", "Batch", "Palindrome", "MQAR", "Stack", "TASKS", "make_task", "count_correct"]
+__all__ = ["IGNORE", "Batch", "Task", "Palindrome", "MQAR", "Stack", "TASKS", "make_task", "count_correct"]
 
 #: The target of a position that asks nothing.
 IGNORE = -100
@@ -101,7 +101,7 @@ def _check_batch_args(batch_size, seq_len, even: bool, minimum: int):
     return B, T
 
 
-class _Task:
+class Task:
     """What the three tasks share: a name, a fixed vocabulary, ``sample`` and ``params``."""
 
     name = ""
@@ -129,7 +129,7 @@ class _Task:
 
 
 @dataclass(frozen=True)
-class Palindrome(_Task):
+class Palindrome(Task):
     """``x_1 .. x_n SEP x_n .. x_2`` -> targets ``x_n .. x_1`` from ``SEP`` on (``n = T / 2``).
 
     Token ids: ``0 .. vocab - 1`` the random tokens, ``vocab`` the separator.
@@ -176,7 +176,7 @@ class Palindrome(_Task):
 
 
 @dataclass(frozen=True)
-class MQAR(_Task):
+class MQAR(Task):
     """``k_1 v_1 .. k_P v_P`` then ``T - 2P`` query keys, each answered by its value.
 
     Token ids: ``0 .. n_keys - 1`` keys, ``n_keys .. n_keys + n_values - 1`` values.
@@ -237,7 +237,7 @@ class MQAR(_Task):
 
 
 @dataclass(frozen=True)
-class Stack(_Task):
+class Stack(Task):
     """``T / 2`` push (``s v``) and pop (``s POP``) operations on ``n_stacks`` stacks; a pop asks for its value.
 
     Token ids: ``0 .. n_values - 1`` values, then ``n_stacks`` stack names, then ``POP``.
@@ -300,7 +300,7 @@ class Stack(_Task):
 TASKS = {"palindrome": Palindrome, "mqar": MQAR, "stack": Stack}
 
 
-def make_task(name: str, **params) -> _Task:
+def make_task(name: str, **params) -> Task:
     """The task called ``name`` (a key of :data:`TASKS`) with its settings.
 
     >>> make_task("stack", n_stacks=8).vocab_size        # 64 values + 8 stack names + POP
