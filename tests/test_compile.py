@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kda_explained import fast
-from kda_explained.fast.ops import chunk_kda_bwd_op, chunk_kda_op
+from kda_explained.fast.ops import chunk_kda_bwd_op, chunk_kda_op, fused_recurrent_op, fused_recurrent_pool_op
 from strategies import make_problem, to_torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -96,3 +96,44 @@ def test_compiled_offsets_must_be_host_values():
 
     with pytest.raises(Exception, match="cu_seqlens: under torch.compile pass the offsets"):
         infer(q)
+
+
+def decode_problem():
+    p = make_problem(B=3, T=1, H=1, HV=2, K=16, V=16, seed=6, initial_state=True)
+    args, kw = to_torch(p, torch.float32, DEVICE)
+    return args, kw["initial_state"]
+
+
+def test_opcheck_decode():
+    (q, k, v, g, beta), S0 = decode_problem()
+    torch.library.opcheck(fused_recurrent_op, (q, k, v, g, beta, None, None, S0, 0.25, None), FLAGS,
+                          test_utils=("test_schema", "test_faketensor"))
+    pool = torch.randn(5, *S0.shape[1:], device=DEVICE)
+    slots = torch.tensor([4, 0, 2], device=DEVICE)
+    torch.library.opcheck(fused_recurrent_pool_op, (q, k, v, g, beta, None, None, pool, slots, 0.25, None), FLAGS,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compiled_decode_equals_eager():
+    """A decode step compiled whole: plain (the final state returned) and on a state pool updated in place."""
+    (q, k, v, g, beta), S0 = decode_problem()
+    pool0 = torch.randn(5, *S0.shape[1:], device=DEVICE)
+    slots = torch.tensor([4, 0, 2], device=DEVICE)
+
+    def plain(q, k, v, g, beta, S0):
+        return fast.fused_recurrent_kda(q, k, v, g, beta, initial_state=S0, output_final_state=True)
+
+    def pooled(q, k, v, g, beta, pool):
+        o, _ = fast.fused_recurrent_kda(q, k, v, g, beta, initial_state=pool, ssm_state_indices=slots)
+        return o
+
+    with torch.inference_mode():
+        for a, b in zip(plain(q, k, v, g, beta, S0), torch.compile(plain, fullgraph=True, backend=BACKEND)(
+                q, k, v, g, beta, S0)):
+            torch.testing.assert_close(a, b)
+        pool_eager, pool_compiled = pool0.clone(), pool0.clone()
+        o_eager = pooled(q, k, v, g, beta, pool_eager)
+        o_compiled = torch.compile(pooled, fullgraph=True, backend=BACKEND)(q, k, v, g, beta, pool_compiled)
+    torch.testing.assert_close(o_compiled, o_eager)
+    torch.testing.assert_close(pool_compiled, pool_eager)  # the pool written in place, in the compiled graph too
+    assert not torch.equal(pool_compiled, pool0)

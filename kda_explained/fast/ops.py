@@ -7,7 +7,11 @@ operators instead, whose bodies run eagerly inside the compiled graph:
 
 - ``kda_explained::chunk_kda`` (:func:`chunk_kda_op`): the forward, returning the output, the
   final state and, for a training step, what the backward reads (``A_qk``, ``M`` and ``G``);
-- ``kda_explained::chunk_kda_bwd`` (:func:`chunk_kda_bwd_op`): every gradient.
+- ``kda_explained::chunk_kda_bwd`` (:func:`chunk_kda_bwd_op`): every gradient;
+- ``kda_explained::fused_recurrent_kda`` (:func:`fused_recurrent_op`): decoding, returning the
+  output and the final state; ``kda_explained::fused_recurrent_kda_pool``
+  (:func:`fused_recurrent_pool_op`): decoding on a state pool updated in place (declared as the
+  operator's one mutated argument), as a serving engine's captured decode step runs it.
 
 Each has a fake implementation (shapes and dtypes from the arguments alone), and the forward's
 backward is registered as the second operator, so that compiled training goes through the same
@@ -26,11 +30,13 @@ from torch import Tensor
 
 from .autograd import core_grads, options_grads
 from .config import plan_for
+from .decode import fused_recurrent_checked
 from .forward import chunk_kda_fwd, forward_chunk_size
 from .inputs import check_fast_inputs
 from .local import intermediate_dtype
 
-__all__ = ["chunk_kda_op", "chunk_kda_bwd_op", "chunk_kda_compiled"]
+__all__ = ["chunk_kda_op", "chunk_kda_bwd_op", "chunk_kda_compiled", "fused_recurrent_op", "fused_recurrent_pool_op",
+           "fused_recurrent_compiled"]
 
 
 def _options(use_qk_l2norm_in_kernel, use_gate_in_kernel, lower_bound, use_beta_sigmoid_in_kernel,
@@ -164,4 +170,67 @@ def chunk_kda_compiled(q, k, v, g, beta, *, scale, initial_state, output_final_s
     C = chunk_size if chunk_size is not None else (64 if needs_grad else None)
     o, S, _, _, _ = chunk_kda_op(q, k, v, g, beta, A_log, dt_bias, initial_state, scale, offsets, C, keep=needs_grad,
                                  **options)
+    return o, (S if output_final_state else None)
+
+
+@torch.library.custom_op("kda_explained::fused_recurrent_kda", mutates_args=())
+def fused_recurrent_op(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
+    A_log: Optional[Tensor], dt_bias: Optional[Tensor], initial_state: Optional[Tensor],
+    scale: float, offsets: Optional[List[int]],
+    use_qk_l2norm_in_kernel: bool, use_gate_in_kernel: bool, lower_bound: Optional[float],
+    use_beta_sigmoid_in_kernel: bool, allow_neg_eigval: bool, state_v_first: bool,
+) -> Tuple[Tensor, Tensor]:
+    """``(o, final_state)`` token by token; ``initial_state`` is read, never written."""
+    return fused_recurrent_checked(
+        q, k, v, g, beta, A_log, dt_bias, scale, initial_state, True, use_qk_l2norm_in_kernel, use_gate_in_kernel,
+        use_beta_sigmoid_in_kernel, allow_neg_eigval, lower_bound, state_v_first, offsets, None, None, None, None,
+        None, False, None)
+
+
+@fused_recurrent_op.register_fake
+def _(q, k, v, g, beta, A_log, dt_bias, initial_state, scale, offsets, use_qk_l2norm_in_kernel, use_gate_in_kernel,
+      lower_bound, use_beta_sigmoid_in_kernel, allow_neg_eigval, state_v_first):
+    return v.new_empty(v.shape), q.new_empty(_state_shape(q, v, offsets, state_v_first), dtype=torch.float32)
+
+
+@torch.library.custom_op("kda_explained::fused_recurrent_kda_pool", mutates_args=("pool",))
+def fused_recurrent_pool_op(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
+    A_log: Optional[Tensor], dt_bias: Optional[Tensor], pool: Tensor, slots: Optional[Tensor],
+    scale: float, offsets: Optional[List[int]],
+    use_qk_l2norm_in_kernel: bool, use_gate_in_kernel: bool, lower_bound: Optional[float],
+    use_beta_sigmoid_in_kernel: bool, allow_neg_eigval: bool, state_v_first: bool,
+) -> Tensor:
+    """``o``; sequence ``n`` reads and writes ``pool[slots[n]]`` in place (``pool[n]`` without ``slots``)."""
+    o, _ = fused_recurrent_checked(
+        q, k, v, g, beta, A_log, dt_bias, scale, pool, False, use_qk_l2norm_in_kernel, use_gate_in_kernel,
+        use_beta_sigmoid_in_kernel, allow_neg_eigval, lower_bound, state_v_first, offsets, slots, None,
+        slots is None, None, None, False, None)
+    return o
+
+
+@fused_recurrent_pool_op.register_fake
+def _(q, k, v, g, beta, A_log, dt_bias, pool, slots, scale, offsets, use_qk_l2norm_in_kernel, use_gate_in_kernel,
+      lower_bound, use_beta_sigmoid_in_kernel, allow_neg_eigval, state_v_first):
+    return v.new_empty(v.shape)
+
+
+def fused_recurrent_compiled(q, k, v, g, beta, *, A_log, dt_bias, scale, initial_state, output_final_state,
+                             cu_seqlens, ssm_state_indices, inplace_final_state, options: dict):
+    """``fused_recurrent_kda`` (no gradient) while ``torch.compile`` traces it: one operator node."""
+    if cu_seqlens is not None and not isinstance(cu_seqlens, (list, tuple)):
+        raise ValueError("cu_seqlens: under torch.compile pass the offsets of a packed batch as a list of ints "
+                         f"(the host knows them; a {type(cu_seqlens).__name__} would be read back), got a tensor")
+    offsets = None if cu_seqlens is None else [int(x) for x in cu_seqlens]
+    if A_log is not None:
+        A_log = A_log.reshape(-1)
+    if not options["use_gate_in_kernel"]:
+        A_log = dt_bias = None
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if ssm_state_indices is not None or inplace_final_state:
+        o = fused_recurrent_pool_op(q, k, v, g, beta, A_log, dt_bias, initial_state, ssm_state_indices, scale,
+                                    offsets, **options)
+        return o, initial_state
+    o, S = fused_recurrent_op(q, k, v, g, beta, A_log, dt_bias, initial_state, scale, offsets, **options)
     return o, (S if output_final_state else None)
