@@ -98,11 +98,6 @@ class Setup:
         lens = sorted(self.seq_lens)
         return self.sweep_len if self.sweep_len is not None else lens[(len(lens) - 1) // 2]
 
-    @property
-    def convergence_at(self) -> int:
-        lens = sorted(self.seq_lens)
-        return self.convergence_len if self.convergence_len is not None else lens[(len(lens) - 1) // 2]
-
     def task(self, name: str):
         return make_task(name, **self.task_params.get(name, {}))
 
@@ -148,7 +143,7 @@ PRESETS: Dict[str, Setup] = {
         tasks=("mqar",),
         seq_lens=(32, 64),
         seeds=(0,),
-        lrs=(3e-3,),
+        lrs=(1e-2,),
         head_dim=16,
         hidden_size=64,
         steps=200,
@@ -464,7 +459,9 @@ def parse_setup(argv: Optional[Sequence[str]] = None) -> Tuple[Setup, argparse.N
     ap.add_argument("--head-dim", type=int)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--backend", choices=BACKENDS, default="auto", help="core of the delta-rule mixers")
-    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1: these models are too small to gain from more, and on a busy "
+                         "machine threads that wait for each other cost more than they compute)")
     ap.add_argument("--jobs", type=int, default=1, help="(task, mixer) groups run at once, each in its own process")
     ap.add_argument("--replot", action="store_true", help="only redraw OUT/NAME.png from OUT/NAME.json")
     ap.add_argument("--out", required=True, help="directory for the results")
