@@ -217,6 +217,23 @@ def test_mixers_are_causal(mixer):
         assert torch.allclose(layer(x)[:, :13], layer(y)[:, :13], atol=1e-12)
 
 
+def test_fast_backend_computes_the_chunked_mixer():
+    """The Triton path (a GPU's default; the interpreter here) gives the chunked path's output and gradients."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(2)
+    x = torch.randn(1, 20, 16, device=device)
+    fast, ref = TokenMixer("kda", 16, 2, 8, backend="fast"), TokenMixer("kda", 16, 2, 8, backend="chunked")
+    ref.load_state_dict(fast.state_dict())
+    fast, ref = fast.to(device), ref.to(device)
+    outs = []
+    for layer in (fast, ref):
+        y = layer(x)
+        y.square().sum().backward()
+        outs.append((y, torch.cat([p.grad.flatten() for p in layer.parameters()])))
+    bound = TOLERANCES["fast_f32_vs_f64"]
+    assert rel_rms_error(outs[0][0], outs[1][0]) < bound and rel_rms_error(outs[0][1], outs[1][1]) < bound
+
+
 def test_mixer_argument_errors():
     with pytest.raises(ValueError, match="mixer"):
         TokenMixer("mamba2", 16, 2, 8)
