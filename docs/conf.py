@@ -161,6 +161,7 @@ nitpick_ignore = [
     ("py:class", "torch.dtype"),
     ("py:class", "torch.device"),
     ("py:class", "torch.nn.modules.module.Module"),
+    ("py:class", "torch.autograd.function.Function"),
 ]
 
 # -- HTML ------------------------------------------------------------------------------------------

@@ -69,6 +69,7 @@ class ChunkKDAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, initial_state, opts):
+        """``(o, final_state)``; keeps ``G``, ``A_qk`` and ``M`` for the backward."""
         o, S, _, (A_qk, M, G) = chunk_kda_fwd(q, k, v, g, beta, scale=opts["scale"], initial_state=initial_state,
                                               cu_seqlens=opts["cu_seqlens"], chunk_size=opts["chunk_size"],
                                               plan=opts["plan"], keep_for_backward=True)
@@ -79,6 +80,7 @@ class ChunkKDAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dS):
+        """The gradients of ``q, k, v, g, beta`` and the initial state (:func:`core_grads`)."""
         q, k, v, G, beta, S0, A_qk, M = ctx.saved_tensors
         return (*core_grads(q, k, v, G, beta, S0, A_qk, M, do, dS, ctx.g_dtype, ctx.opts), None)
 
@@ -89,6 +91,7 @@ class ChunkKDAOptionsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, A_log, dt_bias, initial_state, opts):
+        """``(o, final_state)`` with the options in the kernels; keeps ``A_qk`` and ``M`` for the backward."""
         o, S, _, (A_qk, M, _) = chunk_kda_fwd(
             q, k, v, g, beta, scale=opts["scale"], initial_state=initial_state, cu_seqlens=opts["cu_seqlens"],
             chunk_size=opts["chunk_size"], plan=opts["plan"], A_log=A_log, dt_bias=dt_bias, keep_for_backward=True,
@@ -99,6 +102,7 @@ class ChunkKDAOptionsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dS):
+        """The gradients of every input, the gate's parameters included (:func:`options_grads`)."""
         q, k, v, g, beta, A_log, dt_bias, S0, A_qk, M = ctx.saved_tensors
         return (*options_grads(q, k, v, g, beta, A_log, dt_bias, S0, A_qk, M, do, dS, ctx.opts), None)
 

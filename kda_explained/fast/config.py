@@ -3,7 +3,7 @@
 Every kernel's launcher takes its config as an argument; :func:`plan_for` picks all of
 them for a device, and the public functions (``chunk_kda``, ``fused_recurrent_kda``)
 accept a :class:`Plan` to use instead (``plan=``). Tests and probes build variants with
-:func:`dataclasses.replace`; nothing reads or flips a module global. Why each value is
+``dataclasses.replace``; nothing reads or flips a module global. Why each value is
 what it is, with the measurements, is on the docs' kernel page.
 
 Glossary

@@ -2,22 +2,22 @@
 
 Under ``torch.compile`` the Triton launches, the host-side tables and the input checks of
 :func:`~kda_explained.fast.api.chunk_kda` would each be traced (and some, reading a tensor's
-values, would break the graph). So when it is being compiled, ``chunk_kda`` calls two
-operators instead, whose bodies run eagerly inside the compiled graph:
+values, would break the graph). So when they are being compiled, ``chunk_kda`` and
+``fused_recurrent_kda`` call operators instead, whose bodies run eagerly inside the compiled graph:
 
-- ``kda_explained::chunk_kda`` (:func:`chunk_kda_op`): the forward, returning the output, the
+- ``kda_explained::chunk_kda`` (``chunk_kda_op``): the forward, returning the output, the
   final state and, for a training step, what the backward reads (``A_qk``, ``M`` and ``G``);
-- ``kda_explained::chunk_kda_bwd`` (:func:`chunk_kda_bwd_op`): every gradient;
-- ``kda_explained::fused_recurrent_kda`` (:func:`fused_recurrent_op`): decoding, returning the
+- ``kda_explained::chunk_kda_bwd`` (``chunk_kda_bwd_op``): every gradient;
+- ``kda_explained::fused_recurrent_kda`` (``fused_recurrent_op``): decoding, returning the
   output and the final state; ``kda_explained::fused_recurrent_kda_pool``
-  (:func:`fused_recurrent_pool_op`): decoding on a state pool updated in place (declared as the
+  (``fused_recurrent_pool_op``): decoding on a state pool updated in place (declared as the
   operator's one mutated argument), as a serving engine's captured decode step runs it.
 
 Each has a fake implementation (shapes and dtypes from the arguments alone), and the forward's
 backward is registered as the second operator, so that compiled training goes through the same
 Triton backward. The offsets of a packed batch are an argument's *values* (a list of ints): under
 ``torch.compile`` pass ``cu_seqlens`` as a list (the host knows it; reading a device tensor back
-would be a synchronisation and a graph break). ``torch.library.opcheck`` checks both operators in
+would be a synchronisation and a graph break). ``torch.library.opcheck`` checks every operator in
 the tests.
 """
 
@@ -61,7 +61,7 @@ def chunk_kda_op(
     use_beta_sigmoid_in_kernel: bool, allow_neg_eigval: bool, state_v_first: bool, keep: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(o, final_state, A_qk, M, G)``; the last three only with ``keep`` (else empty): what the
-    backward reads. ``chunk_size=None``: the inference forward's choice (:func:`forward_chunk_size`)."""
+    backward reads. ``chunk_size=None``: the inference forward's choice (:func:`~kda_explained.fast.forward.forward_chunk_size`)."""
     p, cu = check_fast_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=offsets,
                               state_v_first=state_v_first, check_g=False)
     plan = plan_for(q.device)
