@@ -137,3 +137,64 @@ def test_compiled_decode_equals_eager():
     torch.testing.assert_close(o_compiled, o_eager)
     torch.testing.assert_close(pool_compiled, pool_eager)  # the pool written in place, in the compiled graph too
     assert not torch.equal(pool_compiled, pool0)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "fast"])
+def test_compiled_layer_training_step_equals_eager(backend):
+    """KimiDeltaAttention forward and backward compiled whole (fullgraph) == eager, both backends."""
+    from kda_explained.layers import KimiDeltaAttention
+
+    torch.manual_seed(0)
+    layer = KimiDeltaAttention(hidden_size=32, num_heads=2, head_dim=16, backend=backend).to(DEVICE)
+    x = torch.randn(2, 20, 32, device=DEVICE)
+
+    def loss(x):
+        return (layer(x) ** 2).mean()
+
+    results = []
+    for fn in (loss, torch.compile(loss, fullgraph=True, backend=BACKEND)):
+        layer.zero_grad()
+        xl = x.clone().requires_grad_(True)
+        fn(xl).backward()
+        results.append([xl.grad] + [p.grad.clone() for p in layer.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "fast"])
+def test_compiled_model_prefill_and_decode_equal_eager(backend):
+    """HybridLM's prefill and a cached decode step, each compiled whole (fullgraph) == eager."""
+    from kda_explained.layers import HybridConfig, HybridLM
+
+    torch.manual_seed(0)
+    model = HybridLM(HybridConfig(vocab_size=64, hidden_size=32, num_layers=4, num_heads=2, head_dim=16,
+                                  intermediate_size=64, kda_backend=backend)).to(DEVICE).eval()
+    ids = torch.randint(0, 64, (2, 12), device=DEVICE)
+    step = torch.compile(model, fullgraph=True, backend=BACKEND)
+    with torch.no_grad():
+        outs = []
+        for fn in (model, step):
+            cache = model.init_cache(2)
+            logits = fn(ids, cache=cache)
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            outs.append((logits, fn(nxt, cache=cache)))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "fast"])
+def test_generate_compiled_gives_the_eager_tokens(backend):
+    from kda_explained.layers import HybridConfig, HybridLM
+
+    torch.manual_seed(0)
+    model = HybridLM(HybridConfig(vocab_size=64, hidden_size=32, num_layers=4, num_heads=2, head_dim=16,
+                                  intermediate_size=64, kda_backend=backend)).to(DEVICE).eval()
+    ids = torch.randint(0, 64, (2, 9), device=DEVICE)
+    with torch.no_grad():
+        eager = model.generate(ids, 6)
+        compiled = model.generate(ids, 6, compile=BACKEND)
+    assert torch.equal(eager, compiled)
+    with pytest.raises(ValueError, match="^compile: compiles the cached decoding step"):
+        model.generate(ids, 2, use_cache=False, compile=True)
+    with pytest.raises(TypeError, match="^compile: expected a bool"):
+        model.generate(ids, 2, compile=1)

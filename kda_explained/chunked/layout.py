@@ -36,6 +36,10 @@ class ChunkLayout:
 
     ``index[n, i]`` is the flat token position ``b * T + t`` of token ``i`` of
     sequence ``n``, or ``-1`` past its end; ``i`` runs over ``NT * C``.
+    Every size and index is made from host integers (the offsets' values), and the
+    maps only gather and scatter along fixed index tensors, never through a mask
+    whose count depends on data: ``torch.compile`` traces a stage without a graph
+    break when the offsets are host values (a list, or no packing).
     """
 
     B: int
@@ -45,22 +49,28 @@ class ChunkLayout:
     C: int
     index: torch.Tensor  # [N, NT * C] int64, -1 for padding
     lengths: torch.Tensor  # [N] int64
+    scatter: torch.Tensor  # [N * NT * C] int64: where each grid row goes in the token layout (past B * T: padding)
+    chunk_rows: torch.Tensor  # [NC] int64: the grid positions n * NT + c of the real chunks, in order
 
     @staticmethod
     def build(B: int, T: int, chunk_size: int, cu_seqlens: Optional[torch.Tensor], device) -> "ChunkLayout":
         """Lay out ``B`` rows of ``T`` tokens (or the packed sequences of ``cu_seqlens``) in chunks of ``chunk_size``."""
         if cu_seqlens is None:
-            starts = torch.arange(B, dtype=torch.int64) * T
-            lengths = torch.full((B,), T, dtype=torch.int64)
+            starts, lengths = [b * T for b in range(B)], [T] * B
         else:
-            cu = torch.as_tensor(cu_seqlens).detach().to("cpu", torch.int64)  # a tensor, or host offsets
-            starts, lengths = cu[:-1], cu[1:] - cu[:-1]
-        N = int(lengths.numel())
-        max_len = int(lengths.max()) if N > 0 else 0
-        NT = max(1, -(-max_len // chunk_size))  # ceil division; at least one (possibly all-padding) chunk
-        i = torch.arange(NT * chunk_size, dtype=torch.int64)
-        index = torch.where(i[None, :] < lengths[:, None], starts[:, None] + i[None, :], torch.full_like(i, -1))
-        return ChunkLayout(B=B, T=T, N=N, NT=NT, C=chunk_size, index=index.to(device), lengths=lengths)
+            cu = [int(x) for x in (cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens)]
+            starts, lengths = cu[:-1], [e - s for s, e in zip(cu[:-1], cu[1:])]
+        N, C = len(lengths), chunk_size
+        NT = max(1, -(-max(lengths, default=0) // C))  # ceil division; at least one (possibly all-padding) chunk
+        i = torch.arange(NT * C, dtype=torch.int64)
+        starts_t, lengths_t = torch.tensor(starts, dtype=torch.int64), torch.tensor(lengths, dtype=torch.int64)
+        index = torch.where(i[None, :] < lengths_t[:, None], starts_t[:, None] + i[None, :], torch.full_like(i, -1))
+        # a real row to its token, each padding row to a spare row of its own past B * T (no index twice)
+        spare = B * T + torch.arange(N * NT * C, dtype=torch.int64).view(N, NT * C)
+        scatter = torch.where(index >= 0, index, spare).reshape(-1)
+        rows = [n * NT + c for n, length in enumerate(lengths) for c in range(-(-length // C))]
+        return ChunkLayout(B=B, T=T, N=N, NT=NT, C=C, index=index.to(device), lengths=lengths_t,
+                           scatter=scatter.to(device), chunk_rows=torch.tensor(rows, dtype=torch.int64, device=device))
 
     @property
     def chunks_per_sequence(self) -> torch.Tensor:
@@ -84,10 +94,10 @@ class ChunkLayout:
         N, NT, HV, C = y.shape[:4]
         rest = y.shape[4:]
         y = y.transpose(2, 3).reshape(N * NT * C, HV, *rest)  # [N*NT*C, HV, *D]
-        keep = (self.index >= 0).reshape(-1)
-        out = y.new_zeros(self.B * self.T, HV, *rest)
-        out = out.index_copy(0, self.index.reshape(-1)[keep], y[keep])
-        return out.view(self.B, self.T, HV, *rest)
+        # every real row to its token, the padding rows to spare rows past the end, which are cut off
+        out = y.new_zeros(self.B * self.T + N * NT * C, HV, *rest)
+        out = out.index_copy(0, self.scatter, y)
+        return out[: self.B * self.T].view(self.B, self.T, HV, *rest)
 
     @property
     def real_chunks(self) -> torch.Tensor:
@@ -102,10 +112,10 @@ class ChunkLayout:
 
     def flat_chunks(self, h: torch.Tensor) -> torch.Tensor:
         """``[N, NT, ...]`` -> ``[NC, ...]``: keep each sequence's real chunks, in order."""
-        return h[self.real_chunks.to(h.device)]
+        return h.reshape(self.N * self.NT, *h.shape[2:]).index_select(0, self.chunk_rows.to(h.device))
 
     def grid_chunks(self, h: torch.Tensor) -> torch.Tensor:
         """``[NC, ...]`` -> ``[N, NT, ...]``, zeros for padding chunks: the inverse of :meth:`flat_chunks`."""
-        grid = h.new_zeros(self.N, self.NT, *h.shape[1:])
-        grid[self.real_chunks.to(h.device)] = h
-        return grid
+        grid = h.new_zeros(self.N * self.NT, *h.shape[1:])
+        grid = grid.index_copy(0, self.chunk_rows.to(h.device), h)
+        return grid.view(self.N, self.NT, *h.shape[1:])

@@ -72,6 +72,8 @@ def recurrent_kda(
     starts = torch.tensor([bos for _, bos, _ in p.spans], device=q.device)
     for i in range(max(lengths, default=0)):
         live = torch.tensor([i < n for n in lengths], device=q.device)  # sequences with a token i
+        # their indices, from host integers (no mask whose count depends on data: torch.compile traces it)
+        at = torch.tensor([n for n, length in enumerate(lengths) if i < length], dtype=torch.int64, device=q.device)
         t = (starts + i).clamp(max=p.T - 1)  # [N] positions (clamped for ended sequences)
         q_t = q[rows, t].to(dt).repeat_interleave(p.group, dim=1) * p.scale  # [N, HV, K]
         k_t = k[rows, t].to(dt).repeat_interleave(p.group, dim=1)  # [N, HV, K]
@@ -81,5 +83,5 @@ def recurrent_kda(
         S_new = S_new + k_t[..., None] * u[..., None, :]  # + k_t u^T
         S = torch.where(live[:, None, None, None], S_new, S)
         o_t = (q_t[..., None] * S).sum(-2)  # S_t^T (scale q_t)                                   [N, HV, V]
-        o = o.index_put((rows[live], t[live]), o_t[live])
+        o = o.index_put((rows[at], t[at]), o_t[at])
     return o.to(v.dtype), (S if output_final_state else None)

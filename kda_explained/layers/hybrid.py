@@ -263,7 +263,7 @@ class HybridLM(nn.Module):
         if input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
             raise ValueError(f"input_ids: expected at least one row and one token (B >= 1, T >= 1), "
                              f"got {format_shape(input_ids.shape)}")
-        if check_range:
+        if check_range and not torch.compiler.is_compiling():  # a compiled graph reads no value back
             lo, hi = input_ids.aminmax()
             lo, hi = int(lo), int(hi)  # one synchronisation for both
             V = self.config.vocab_size
@@ -325,7 +325,7 @@ class HybridLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: Optional[torch.Tensor] = None,
-                 use_cache: bool = True) -> torch.Tensor:
+                 use_cache: bool = True, compile: Union[bool, str] = False) -> torch.Tensor:
         """Greedy decoding: ``input_ids [B, T]`` -> ``[B, T + max_new_tokens]``.
 
         With ``use_cache`` the prompt is prefilled once and each new token is one
@@ -335,6 +335,10 @@ class HybridLM(nn.Module):
         Every row needs at least one token (there is nothing to continue otherwise);
         ``max_new_tokens`` is an int ``>= 0`` (``0`` returns the prompt). Bad arguments
         raise :class:`ValueError` or :class:`TypeError` naming them.
+
+        ``compile``: the decoding steps run through ``torch.compile(self, fullgraph=True,
+        dynamic=True)`` (``True``: its default backend; a string names the backend, e.g.
+        ``"aot_eager"``); the same tokens as eager, one graph for every step.
         """
         self._check_input_ids(input_ids, check_range=True)  # the prompt, once; new tokens are argmax ids
         if isinstance(max_new_tokens, bool) or (isinstance(max_new_tokens, torch.Tensor)
@@ -348,6 +352,11 @@ class HybridLM(nn.Module):
             raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens}")
         if not isinstance(use_cache, bool):
             raise TypeError(f"use_cache: expected a bool, got {type(use_cache).__name__}")
+        if not isinstance(compile, (bool, str)):
+            raise TypeError(f"compile: expected a bool or the name of a torch.compile backend, "
+                            f"got {type(compile).__name__}")
+        if compile and not use_cache:
+            raise ValueError("compile: compiles the cached decoding step, expected use_cache=True, got False")
         B, T = input_ids.shape
         if attention_mask is not None:
             check_attention_mask(attention_mask, B, T, "input_ids")
@@ -363,6 +372,10 @@ class HybridLM(nn.Module):
         rows = torch.arange(B, device=input_ids.device)
         out = input_ids
         cache = self.init_cache(B, capacity=T + max_new_tokens) if use_cache else None
+        step_fn = self
+        if compile:
+            options = {} if compile is True else {"backend": compile}
+            step_fn = torch.compile(self, fullgraph=True, dynamic=True, **options)
         logits = self(input_ids, attention_mask=mask, cache=cache)[rows, last]  # [B, vocab]
         for step in range(max_new_tokens):
             token = logits.argmax(-1, keepdim=True)  # [B, 1]
@@ -371,7 +384,7 @@ class HybridLM(nn.Module):
             if step == max_new_tokens - 1:
                 break
             if use_cache:
-                logits = self(token, cache=cache)[:, -1]
+                logits = step_fn(token, cache=cache)[:, -1]
             else:
                 logits = self(out, attention_mask=mask)[:, -1]
         return out
