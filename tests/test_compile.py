@@ -198,3 +198,18 @@ def test_generate_compiled_gives_the_eager_tokens(backend):
         model.generate(ids, 2, use_cache=False, compile=True)
     with pytest.raises(TypeError, match="^compile: expected a bool"):
         model.generate(ids, 2, compile=1)
+
+
+def test_compiled_gradient_of_the_final_state_alone():
+    (q, k, v, g, beta), S0, _ = problem()
+
+    def state_only(v, S0):
+        return fast.chunk_kda(q, k, v, g, beta, initial_state=S0, output_final_state=True)[1].sum()
+
+    grads = []
+    for fn in (state_only, torch.compile(state_only, fullgraph=True, backend=BACKEND)):
+        leaves = [x.clone().requires_grad_(True) for x in (v, S0)]
+        fn(*leaves).backward()
+        grads.append([x.grad for x in leaves])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -143,7 +143,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, do, dS, *_):
     saved = ctx.saved_tensors
     q, k, v, g, beta, A_log, dt_bias, S0, A_qk, M, G = saved
-    if dS is None:
+    if do is None:  # only the final state was used
+        do = torch.zeros_like(v)
+    if dS is None:  # only the output was used
         dS = q.new_zeros(_state_shape(q, v, ctx.args["offsets"], ctx.args["state_v_first"]), dtype=torch.float32)
     grads = chunk_kda_bwd_op(q, k, v, g, beta, A_log, dt_bias, S0, A_qk, M, G, do, dS, **ctx.args)
     out = [x if present else None for x, present in zip(grads, ctx.present)]
