@@ -12,7 +12,7 @@ from types import SimpleNamespace
 from typing import Optional
 
 import torch
-from hypothesis import example, settings
+from hypothesis import settings
 from hypothesis import strategies as st
 
 from kda_explained import chunked
@@ -28,17 +28,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 #: Examples per property: a handful in the ``ci`` profile (the interpreter is slow), more with ``dev``.
 few = settings(max_examples=max(5, settings.default.max_examples // 8))
 fewer = settings(max_examples=max(3, settings.default.max_examples // 16))
-
-
-def pin(*cases):
-    """Pin ``(problem, chunk_size)`` pairs as explicit ``@example(p=..., C=...)`` cases."""
-
-    def decorate(test):
-        for p, C in reversed(cases):
-            test = example(p=p, C=C)(test)
-        return test
-
-    return decorate
 
 
 #: Drawn problems: up to three chunks of 16, GVA, packed batches with empty sequences, strong gates.

@@ -29,6 +29,7 @@ import dataclasses
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
+from hypothesis import example
 from hypothesis import strategies as st
 
 from kda_explained.naive import l2norm, lowerbound_gate
@@ -209,3 +210,14 @@ def to_torch(p: Problem, dtype: Any = None, device: Any = "cpu") -> Tuple[tuple,
         "cu_seqlens": None if p.cu_seqlens is None else torch.as_tensor(p.cu_seqlens, dtype=torch.int64, device=device),
     }
     return args, kwargs
+
+
+def pin_with_chunk(*cases):
+    """Pin ``(problem, chunk_size)`` pairs as explicit ``@example(p=..., C=...)`` cases."""
+
+    def decorate(test):
+        for p, C in reversed(cases):
+            test = example(p=p, C=C)(test)
+        return test
+
+    return decorate

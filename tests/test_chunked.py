@@ -31,23 +31,13 @@ from kda_explained import chunked, naive
 from kda_explained.chunked import stages
 from kda_explained.testing import TOLERANCES, rel_rms_error
 from strategies import Problem, kda_problems, make_problem, to_torch
+from strategies import pin_with_chunk as pin
 
 F64 = TOLERANCES["chunked_f64_vs_naive"]
 F32 = TOLERANCES["chunked_f32_vs_naive"]
 GATE_EXACT = 1e-12  # the PyTorch gates against the NumPy gates: the same formula in float64
 DTYPES = {"float64": (torch.float64, F64), "float32": (torch.float32, F32)}
 chunk_sizes = st.sampled_from(chunked.CHUNK_SIZES)
-
-
-def pin(*cases):
-    """Pin ``(problem, chunk_size)`` pairs as explicit ``@example(p=..., C=...)`` cases."""
-
-    def decorate(test):
-        for p, C in reversed(cases):
-            test = example(p=p, C=C)(test)
-        return test
-
-    return decorate
 
 
 # Awkward cases every end-to-end property sees first (DESIGN.md, *Tests*).

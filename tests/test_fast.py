@@ -39,8 +39,9 @@ from kda_explained.fast.config import plan_for
 from kda_explained.fast._meta import packed_offsets
 from kda_explained.testing import rel_rms_error
 from strategies import Problem, kda_problems, make_problem, to_torch
+from strategies import pin_with_chunk as pin
 from fast_cases import (AWKWARD, DEVICE, EXTREME_GATES, EXTREME_PROBLEM, F32, GRAD_F32, LOW, LOW_DTYPES, assert_close,
-                        assert_each_close, chunk_16, extreme_gate, f32, f64, few, fewer, first_chunks, inputs, pin,
+                        assert_each_close, chunk_16, extreme_gate, f32, f64, few, fewer, first_chunks, inputs,
                         problems, randn_like_f64, reference, reference_stages)
 
 @pin(*AWKWARD)

@@ -21,8 +21,9 @@ from kda_explained.fast import backward as by_columns
 from kda_explained.fast.backward_intra import intra_chunk_matrices_bwd
 from kda_explained.testing import TOLERANCES
 from strategies import make_problem
+from strategies import pin_with_chunk as pin
 from fast_cases import (AWKWARD, DEVICE, EXTREME_GATES, EXTREME_PROBLEM, F32, assert_close, chunk_16, extreme_gate,
-                        f32, few, inputs, pin, problems, reference_stages)
+                        f32, few, inputs, problems, reference_stages)
 
 NAMES = ("dq", "dk", "dG", "dbeta")
 GRAD_LOW = TOLERANCES["fast_bf16_grad"]

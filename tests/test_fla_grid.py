@@ -53,7 +53,9 @@ import triton
 from kda_explained import chunked, fast, naive
 from kda_explained.fast.backward_options import gate_cumsum_bwd
 from kda_explained.numerics import gate_floor
-from kda_explained.testing import TOLERANCES, rel_rms_error
+from kda_explained.testing import TOLERANCES
+import fast_cases
+from fast_cases import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -219,39 +221,9 @@ def fla_inputs(case: Case, draw: Draw, *, normal: bool = False, beta: str = "sig
     return (q.to(dt), k.to(dt), v.to(dt), g, b.to(dt)), kw
 
 
-def f64(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if x is None else x.double()
-
-
-def reference(q, k, v, g, beta, *, scale=None, initial_state=None, cu_seqlens=None, use_qk_l2norm_in_kernel=False,
-              use_gate_in_kernel=False, A_log=None, dt_bias=None, lower_bound=None, use_beta_sigmoid_in_kernel=False,
-              allow_neg_eigval=False, state_v_first=False, chunk_size: int = REF_CHUNK):
-    """What ``chunk_kda(...)`` computes, in float64: each option by its PyTorch definition
-    (:mod:`kda_explained.chunked.gates`, ``sigmoid``, a transpose), then ``chunked.kda``.
-
-    Takes the fast layer's keyword arguments and returns ``(o, final_state)`` in float64, the final
-    state ``[N, HV, V, K]`` with ``state_v_first``. Differentiable in every input.
-    """
-    q, k, v, g, beta, S0 = (f64(x) for x in (q, k, v, g, beta, initial_state))
-    if use_qk_l2norm_in_kernel:
-        q, k = chunked.l2norm(q), chunked.l2norm(k)
-    if use_gate_in_kernel and lower_bound is not None:
-        g = chunked.lowerbound_gate(g, f64(A_log), f64(dt_bias), lower_bound=lower_bound)
-    elif use_gate_in_kernel:
-        g = chunked.kda_gate(g, f64(A_log), f64(dt_bias))
-    if use_beta_sigmoid_in_kernel:
-        beta = (2.0 if allow_neg_eigval else 1.0) * torch.sigmoid(beta)
-    if state_v_first and S0 is not None:
-        S0 = S0.transpose(-1, -2)
-    o, S = chunked.kda(q, k, v, g, beta, scale=scale, initial_state=S0, output_final_state=True,
-                       cu_seqlens=cu_seqlens, chunk_size=chunk_size)
-    return o, (S.transpose(-1, -2) if state_v_first else S)
-
-
-def assert_close(a: torch.Tensor, ref: torch.Tensor, bound: float, what: str) -> None:
-    assert a.shape == ref.shape, f"{what}: shape {tuple(a.shape)} != reference {tuple(ref.shape)}"
-    err = rel_rms_error(a, ref)
-    assert err <= bound, f"{what}: relative RMS error {err:.3e} > {bound:.0e}"
+def reference(*args, chunk_size: int = REF_CHUNK, **kwargs):
+    """``fast_cases.reference`` (what ``chunk_kda(...)`` computes, in float64) at the grid's chunk size."""
+    return fast_cases.reference(*args, chunk_size=chunk_size, **kwargs)
 
 
 #: The differentiable inputs of ``chunk_kda``, in the order of the grid's gradient checks.

@@ -155,17 +155,22 @@ def _backward(ctx, do, dS, *_):
 chunk_kda_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def chunk_kda_compiled(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens, A_log, dt_bias,
-                       chunk_size, options: dict):
-    """``chunk_kda`` while ``torch.compile`` traces it: the checks and the pipeline in the operators."""
+def _traced_arguments(cu_seqlens, A_log, dt_bias, options: dict):
+    """``(offsets, A_log, dt_bias)`` as the operators take them: host offsets, a flat ``A_log``, no gate
+    parameters unless the gate is computed in the kernel."""
     if cu_seqlens is not None and not isinstance(cu_seqlens, (list, tuple)):
         raise ValueError("cu_seqlens: under torch.compile pass the offsets of a packed batch as a list of ints "
                          f"(the host knows them; a {type(cu_seqlens).__name__} would be read back), got a tensor")
     offsets = None if cu_seqlens is None else [int(x) for x in cu_seqlens]
-    if A_log is not None:
-        A_log = A_log.reshape(-1)
     if not options["use_gate_in_kernel"]:
-        A_log = dt_bias = None
+        return offsets, None, None
+    return offsets, (None if A_log is None else A_log.reshape(-1)), dt_bias
+
+
+def chunk_kda_compiled(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens, A_log, dt_bias,
+                       chunk_size, options: dict):
+    """``chunk_kda`` while ``torch.compile`` traces it: the checks and the pipeline in the operators."""
+    offsets, A_log, dt_bias = _traced_arguments(cu_seqlens, A_log, dt_bias, options)
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, g, beta, A_log, dt_bias, initial_state))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -221,14 +226,7 @@ def _(q, k, v, g, beta, A_log, dt_bias, pool, slots, scale, offsets, use_qk_l2no
 def fused_recurrent_compiled(q, k, v, g, beta, *, A_log, dt_bias, scale, initial_state, output_final_state,
                              cu_seqlens, ssm_state_indices, inplace_final_state, options: dict):
     """``fused_recurrent_kda`` (no gradient) while ``torch.compile`` traces it: one operator node."""
-    if cu_seqlens is not None and not isinstance(cu_seqlens, (list, tuple)):
-        raise ValueError("cu_seqlens: under torch.compile pass the offsets of a packed batch as a list of ints "
-                         f"(the host knows them; a {type(cu_seqlens).__name__} would be read back), got a tensor")
-    offsets = None if cu_seqlens is None else [int(x) for x in cu_seqlens]
-    if A_log is not None:
-        A_log = A_log.reshape(-1)
-    if not options["use_gate_in_kernel"]:
-        A_log = dt_bias = None
+    offsets, A_log, dt_bias = _traced_arguments(cu_seqlens, A_log, dt_bias, options)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if ssm_state_indices is not None or inplace_final_state:
         o = fused_recurrent_pool_op(q, k, v, g, beta, A_log, dt_bias, initial_state, ssm_state_indices, scale,
