@@ -73,12 +73,47 @@ def measure(step, device, bench) -> dict:
     return {"ms": (time.perf_counter() - t0) * 1e3, "peak_GB": None}
 
 
+def grad_accuracy(fns: dict, device, dtype) -> dict:
+    """Relative RMS error of ``o``, the final state and every gradient against float64, per path.
+
+    On a slice small enough for the float64 chunked layer (B=1, T=1024, H=2, D=128): the same
+    leaves in ``dtype`` go through each path, and in float64 through ``chunked.kda`` with autograd.
+    The ``g`` gradient is held against ``max(||dg||, ||q*dq|| + ||k*dk||)`` (testing.g_grad_floor).
+    """
+    from kda_explained import chunked
+    from kda_explained.testing import g_grad_floor, rel_rms_error
+
+    D = 16 if device == "cpu" else 128
+    T = 40 if device == "cpu" else 1024
+    xs = leaves(1, T, 2, D, device, dtype, seed=2)
+    gen = torch.Generator(device=device).manual_seed(3)
+    do = torch.randn(1, T, 2, D, device=device, generator=gen)
+    dS = torch.randn(1, 2, D, D, device=device, generator=gen)
+    ref = [x.detach().double().requires_grad_(True) for x in xs]
+    o_ref, S_ref = chunked.kda(*ref[:5], initial_state=ref[5], output_final_state=True)
+    ((o_ref * do.double()).sum() + (S_ref * dS.double()).sum()).backward()
+    floor = g_grad_floor(ref[0], ref[0].grad, ref[1], ref[1].grad)
+    out = {}
+    for name, fn in fns.items():
+        for x in xs:
+            x.grad = None
+        o, S = fn(*xs[:5], initial_state=xs[5], output_final_state=True)
+        ((o.float() * do).sum() + (S * dS).sum()).backward()
+        errs = {"o": rel_rms_error(o, o_ref), "S": rel_rms_error(S, S_ref)}
+        for label, x, r in zip(("dq", "dk", "dv", "dg", "dbeta", "dS0"), xs, ref):
+            errs[label] = rel_rms_error(x.grad, r.grad, floor=floor if label == "dg" else 0.0)
+        out[name] = errs
+        log(f"accuracy vs float64 (B=1, T={T}, H=2, D={D}) {name}: "
+            + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (checks the script runs)")
-    ap.add_argument("--paths", default="triton,fla",
-                    help="what to measure, in order: triton (fast, Triton backward), fla")
+    ap.add_argument("--paths", default="triton,fla,fla_safe",
+                    help="what to measure, in order: triton (fast, Triton backward), fla, fla_safe (safe_gate=True)")
     ap.add_argument("--shapes", default=",".join(s["name"] for s in SHAPES),
                     help="which shapes, by name (default all: " + ", ".join(s["name"] for s in SHAPES) + ")")
     args = ap.parse_args()
@@ -100,8 +135,17 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - depends on the machine
         log(f"flash-linear-attention not importable ({exc!r}): its rows stay empty")
         fla_chunk_kda = None
+    fla_paths = {}
+    if fla_chunk_kda is not None:
+        fla_paths["fla"] = fla_chunk_kda
+        # fla's tensor-core path for gates bounded below; the benchmark's gates are, at -5
+        fla_paths["fla_safe"] = lambda *a, **kw: fla_chunk_kda(*a, **kw, safe_gate=True, lower_bound=-5.0)
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"), "rows": []}
+    fns = {"fast_triton_backward": fast.chunk_kda}
+    if not args.cpu_smoke:
+        fns.update(fla_paths)
+    results["accuracy_vs_f64"] = grad_accuracy(fns, device, dtype)
     for shp in SMOKE if args.cpu_smoke else [s for s in SHAPES if s["name"] in args.shapes.split(",")]:
         B, T, H, D = shp["B"], shp["T"], shp["H"], shp["D"]
         xs = leaves(B, T, H, D, device, dtype)
@@ -110,10 +154,10 @@ def main() -> None:
         dS = torch.randn(B, H, D, D, device=device, generator=gen)
         row = {"name": shp["name"], "B": B, "T": T, "H": H, "D": D}
         for path in args.paths.split(","):
-            if path == "fla":
+            if path in ("fla", "fla_safe"):
                 if fla_chunk_kda is not None and not args.cpu_smoke:
-                    row["fla"] = measure(step_fn(fla_chunk_kda, xs, do, dS), device, bench)
-                    log(f"{shp['name']} fla: {row['fla']}")
+                    row[path] = measure(step_fn(fla_paths[path], xs, do, dS), device, bench)
+                    log(f"{shp['name']} {path}: {row[path]}")
                 continue
             name = "fast_triton_backward"
             try:
@@ -146,7 +190,8 @@ def plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = [("fast_triton_backward", "kda_explained.fast"), ("fla", "fla chunk_kda")]
+    paths = [("fast_triton_backward", "kda_explained.fast"), ("fla", "fla chunk_kda"),
+             ("fla_safe", "fla chunk_kda safe_gate")]
     rows = results["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     width = 0.8 / len(paths)

@@ -3,7 +3,7 @@
 # the gpu-marked tests, the accuracy check of every kernel, the per-stage timings, and the
 # benchmark against flash-linear-attention, writing into ${OUT:-benchmarks/results}.
 #
-#   bash scripts/gpu_session.sh [tests|tests-fwd|tests-bwd|check|stages|bench|train|sweep|bwd|decode|profile|
+#   bash scripts/gpu_session.sh [tests|tests-all|warm|wait-warm|tests-fwd|tests-bwd|check|stages|bench|train|sweep|bwd|decode|profile|
 #                                fwdprof|options ...]   (default: tests check stages bench)
 #
 # `tests` takes > 6 minutes on an H100, more than one device call holds beside other steps:
@@ -35,6 +35,19 @@ for step in "${steps[@]}"; do
     echo "== $step"
     case "$step" in
         tests)  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fast_gpu.py tests/test_layers.py ;;
+        tests-all) # every gpu-marked test, over pytest-xdist workers where the machine has it
+                python3 -m pytest -q -m gpu -p no:cacheprovider -n "${NPROC:-6}" tests/ \
+                    || echo "== tests-all: pytest exited $?" ;;
+        warm)   # compile every kernel the benchmarks time, one background process a shape, into .tcache
+                # (the benchmarks then find them compiled; the autotuners still choose on an idle GPU)
+                export TRITON_CACHE_DIR=$PWD/.tcache
+                mkdir -p .tcache "$out/warm"
+                for a in "fwd B8_T4096_H16" "fwd B1_T8192_H96" "fwd B1_T65536_H16" "fwd varlen_H64" \
+                         "train B8_T4096_H16" "train B1_T8192_H96" "decode"; do
+                    # shellcheck disable=SC2086
+                    python3 benchmarks/probe/warm_kernels.py $a > "$out/warm/${a// /_}.log" 2>&1 &
+                done ;;
+        wait-warm) wait; tail -n 3 "$out"/warm/*.log ;;
         tests-fwd) python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fast_gpu.py \
                        -k "not gradients and not long_sequence" ;;
         tests-bwd) python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fast_gpu.py tests/test_layers.py \
@@ -48,7 +61,7 @@ for step in "${steps[@]}"; do
         decode) python3 benchmarks/gpu_decode.py --quick --out "$out" ;;
         profile) python3 benchmarks/probe/train_profile.py ;;
         fwdprof) python3 benchmarks/probe/fla_profile.py --chunk-sizes 16 32 64 ;;
-        *) echo "unknown step: $step (tests, tests-fwd, tests-bwd, check, stages, bench, train, sweep, bwd, decode," \
+        *) echo "unknown step: $step (tests, tests-all, warm, wait-warm, tests-fwd, tests-bwd, check, stages, bench, train, sweep, bwd, decode," \
                 "profile, fwdprof)"; exit 2 ;;
     esac
 done
