@@ -34,7 +34,7 @@ steps=("$@")
 for step in "${steps[@]}"; do
     echo "== $step"
     case "$step" in
-        tests)  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fast_gpu.py tests/test_layers.py ;;
+        tests)  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fast_gpu.py tests/test_layers.py tests/test_decode_step.py ;;
         tests-all) # every gpu-marked test, over pytest-xdist workers where the machine has it
                 python3 -m pytest -q -m gpu -p no:cacheprovider -n "${NPROC:-6}" tests/ \
                     || echo "== tests-all: pytest exited $?" ;;

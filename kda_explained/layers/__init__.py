@@ -11,7 +11,7 @@ input (or ``backend="fast"``) first needs it.
 """
 
 from .conv import ShortConvolution, causal_conv1d
-from .hybrid import HybridCache, HybridConfig, HybridLM, cache_memory
+from .hybrid import HybridCache, HybridConfig, HybridLM, StaticDecoder, cache_memory
 from .kda_layer import GatedRMSNorm, KDACache, KimiDeltaAttention, convert_fla_state_dict, pad, unpad
 
 __all__ = [
@@ -26,5 +26,6 @@ __all__ = [
     "HybridConfig",
     "HybridLM",
     "HybridCache",
+    "StaticDecoder",
     "cache_memory",
 ]

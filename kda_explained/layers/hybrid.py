@@ -33,7 +33,7 @@ from torch import nn
 from ..validation import format_shape
 from .kda_layer import KDACache, KimiDeltaAttention, check_attention_mask
 
-__all__ = ["HybridConfig", "HybridLM", "HybridCache", "KVCache", "Attention", "cache_memory"]
+__all__ = ["HybridConfig", "HybridLM", "HybridCache", "KVCache", "Attention", "StaticDecoder", "cache_memory"]
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,23 @@ class Attention(nn.Module):
                 allowed = (allowed & key_mask[:, None, :].bool()) | (j == i)[None]  # [B, T, L]
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+    def step(self, x: torch.Tensor, cache: KVCache, position: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+        """One decoding step on fixed buffers: ``x [B, 1, D]`` -> ``[B, 1, D]``.
+
+        The new key and value go into ``cache``'s preallocated buffers at ``position`` (a one-element
+        int64 device tensor, not a host int), ``key_valid [B, capacity]`` gains that column, and
+        the query attends over the whole buffer through ``key_valid``. Nothing depends on a host
+        value, so the step can be captured once and replayed; the caller advances ``position``.
+        """
+        B = x.shape[0]
+        q, k, v = (p(x).view(B, 1, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, 1, Dh]
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        cache.k.index_copy_(2, position, k.to(cache.k.dtype))
+        cache.v.index_copy_(2, position, v.to(cache.v.dtype))
+        key_valid.index_fill_(1, position, True)
+        o = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=key_valid[:, None, None, :])
+        return self.o_proj(o.transpose(1, 2).reshape(B, 1, self.num_heads * self.head_dim))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,9 +340,20 @@ class HybridLM(nn.Module):
             x = blk(x, mask, key_mask, cache.layers[i] if cache is not None else None)
         return self.lm_head(self.norm(x))  # [B, T, vocab]
 
+    def decoder(self, cache: HybridCache, *, capture: Optional[bool] = None,
+                compile: Union[bool, str] = False) -> "StaticDecoder":
+        """A :class:`StaticDecoder` continuing from ``cache``: one call per new token, on fixed buffers.
+
+        ``capture``: record the step in a CUDA graph (default: on a CUDA device); ``compile``: run
+        the step through ``torch.compile(fullgraph=True)`` (a string names the backend) before it
+        is captured. The attention caches need room for every step to come.
+        """
+        return StaticDecoder(self, cache, capture=capture, compile=compile)
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: Optional[torch.Tensor] = None,
-                 use_cache: bool = True, compile: Union[bool, str] = False) -> torch.Tensor:
+                 use_cache: bool = True, compile: Union[bool, str] = False,
+                 cuda_graph: bool = False) -> torch.Tensor:
         """Greedy decoding: ``input_ids [B, T]`` -> ``[B, T + max_new_tokens]``.
 
         With ``use_cache`` the prompt is prefilled once and each new token is one
@@ -339,6 +367,11 @@ class HybridLM(nn.Module):
         ``compile``: the decoding steps run through ``torch.compile(self, fullgraph=True,
         dynamic=True)`` (``True``: its default backend; a string names the backend, e.g.
         ``"aot_eager"``); the same tokens as eager, one graph for every step.
+
+        ``cuda_graph``: the decoding steps run on fixed buffers through :meth:`decoder`, captured
+        once in a CUDA graph and replayed for each token on a CUDA device (eagerly on the CPU,
+        where there is nothing to capture); with ``compile``, the captured step is the compiled one.
+        The same tokens as eager.
         """
         self._check_input_ids(input_ids, check_range=True)  # the prompt, once; new tokens are argmax ids
         if isinstance(max_new_tokens, bool) or (isinstance(max_new_tokens, torch.Tensor)
@@ -357,6 +390,10 @@ class HybridLM(nn.Module):
                             f"got {type(compile).__name__}")
         if compile and not use_cache:
             raise ValueError("compile: compiles the cached decoding step, expected use_cache=True, got False")
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph: expected a bool, got {type(cuda_graph).__name__}")
+        if cuda_graph and not use_cache:
+            raise ValueError("cuda_graph: captures the cached decoding step, expected use_cache=True, got False")
         B, T = input_ids.shape
         if attention_mask is not None:
             check_attention_mask(attention_mask, B, T, "input_ids")
@@ -373,10 +410,13 @@ class HybridLM(nn.Module):
         out = input_ids
         cache = self.init_cache(B, capacity=T + max_new_tokens) if use_cache else None
         step_fn = self
-        if compile:
+        if compile and not cuda_graph:
             options = {} if compile is True else {"backend": compile}
             step_fn = torch.compile(self, fullgraph=True, dynamic=True, **options)
         logits = self(input_ids, attention_mask=mask, cache=cache)[rows, last]  # [B, vocab]
+        if cuda_graph and max_new_tokens > 1:
+            static = self.decoder(cache, compile=compile)
+            step_fn = lambda token, cache: static(token)[:, None]  # noqa: E731 - [B, 1, vocab] as forward's
         for step in range(max_new_tokens):
             token = logits.argmax(-1, keepdim=True)  # [B, 1]
             out = torch.cat([out, token], 1)
@@ -388,6 +428,140 @@ class HybridLM(nn.Module):
             else:
                 logits = self(out, attention_mask=mask)[:, -1]
         return out
+
+
+class StaticDecoder:
+    """Greedy decoding steps of a :class:`HybridLM` on fixed buffers, captured once in a CUDA graph.
+
+    Made by :meth:`HybridLM.decoder` from a prefilled :class:`HybridCache`. Calling it with the
+    last tokens ``[B, 1]`` runs one decoding step and returns the logits ``[B, vocab]``; the
+    caches are updated in place. Every buffer the step touches is allocated before the first
+    step: the token, the write position (a device tensor the step advances itself), the key
+    mask over the attention caches' whole capacity, the KDA states and conv windows, the KV
+    buffers. The step reads no value back to the host, so on a CUDA device it is captured once
+    (``torch.cuda.graph``) and each call is a copy of the token and one replay: the ~100 small
+    launches per KDA layer cost one launch's overhead in all. On the CPU (or with
+    ``capture=False``) the same step runs eagerly.
+
+    The logits returned on a GPU are the graph's own output buffer: read them before the next call.
+    The attention caches must have room for every step (``init_cache(B, capacity=prompt + steps)``);
+    a step beyond it raises :class:`ValueError`.
+    """
+
+    def __init__(self, model: "HybridLM", cache: HybridCache, *, capture: Optional[bool] = None,
+                 compile: Union[bool, str] = False):
+        if not isinstance(cache, HybridCache):
+            raise TypeError(f"cache: expected a HybridCache (from init_cache), got {type(cache).__name__}")
+        if not isinstance(compile, (bool, str)):
+            raise TypeError(f"compile: expected a bool or the name of a torch.compile backend, "
+                            f"got {type(compile).__name__}")
+        device = model.embed.weight.device
+        if capture is None:
+            capture = device.type == "cuda"
+        if not isinstance(capture, bool):
+            raise TypeError(f"capture: expected a bool or None, got {type(capture).__name__}")
+        if capture and device.type != "cuda":
+            raise ValueError(f"capture: CUDA graphs need the model on a CUDA device, got {device}")
+        B = cache.batch_size
+        model._check_cache(cache, B, 1, device)
+        kv = [c for c in cache.layers if isinstance(c, KVCache)]
+        self.capacity = min((c.k.shape[2] for c in kv), default=None)  # None: no attention layer
+        if self.capacity is not None and any(c.k.shape[2] != self.capacity for c in kv):
+            raise ValueError("cache: expected every attention layer's buffer to have one capacity (from init_cache)")
+        self.model, self.cache, self.batch_size = model, cache, B
+        self.token = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.position = torch.full((1,), cache.length, dtype=torch.long, device=device)
+        cap = self.capacity or 1
+        self.key_valid = torch.zeros(B, cap, dtype=torch.bool, device=device)
+        if self.capacity is not None:
+            self._check_room()
+            self.key_valid[:, :cache.length] = True if cache.mask is None else cache.mask
+        self._masked = cache.mask is not None
+        body = self._step
+        if compile:
+            options = {} if compile is True else {"backend": compile}
+            body = torch.compile(self._step, fullgraph=True, dynamic=False, **options)
+        self._body = body
+        self.graph = None
+        self._logits = None
+        if capture:
+            self._capture()
+
+    def _check_room(self) -> None:
+        if self.capacity is not None and self.cache.length >= self.capacity:
+            raise ValueError(f"cache: the attention caches hold {self.capacity} tokens and all are taken; make the "
+                             f"cache with room for every step (init_cache(B, capacity=prompt + new tokens))")
+
+    def _step(self) -> torch.Tensor:
+        """The decoding step on the fixed buffers: logits ``[B, vocab]`` of the token in ``self.token``."""
+        model, cache = self.model, self.cache
+        x = model.embed(self.token)  # [B, 1, D]
+        for blk, c in zip(model.layers, cache.layers):
+            h = blk.attn_norm(x)
+            if blk.kind == "kda":
+                x = x + blk.mixer.step(h[:, 0], c)[:, None]
+            else:
+                x = x + blk.mixer.step(h, c, self.position, self.key_valid)
+            x = x + blk.mlp(blk.mlp_norm(x))
+        self.position.add_(1)
+        return model.lm_head(model.norm(x))[:, 0]  # [B, vocab]
+
+    def _capture(self) -> None:
+        """Warm up once (compiling and tuning every kernel), undo what it wrote, then capture one step."""
+        saved = self._snapshot()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._body()
+        torch.cuda.current_stream().wait_stream(side)
+        self._restore(saved)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._logits = self._body()  # recorded, not run: the buffers are as they were
+
+    def _snapshot(self) -> list:
+        """Copies of what one step writes: the KDA caches, the KV column at the position, the mask, the position."""
+        p = self.cache.length
+        out = [(self.position, self.position.clone()), (self.key_valid, self.key_valid.clone())]
+        for c in self.cache.layers:
+            if isinstance(c, KVCache):
+                out += [(c.k[:, :, p], c.k[:, :, p].clone()), (c.v[:, :, p], c.v[:, :, p].clone())]
+            else:
+                out += [(t, t.clone()) for t in (c.state, c.conv_q, c.conv_k, c.conv_v)]
+        return out
+
+    @staticmethod
+    def _restore(saved: list) -> None:
+        for target, copy in saved:
+            target.copy_(copy)
+
+    @torch.no_grad()
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        """One decoding step: ``token [B, 1]`` (the last token of each row) -> logits ``[B, vocab]``."""
+        if not isinstance(token, torch.Tensor) or token.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"token: expected an integer tensor [B, 1], got "
+                            f"{token.dtype if isinstance(token, torch.Tensor) else type(token).__name__}")
+        if tuple(token.shape) != (self.batch_size, 1):
+            raise ValueError(f"token: expected shape [B, 1] = {format_shape((self.batch_size, 1))}, "
+                             f"got {format_shape(token.shape)}")
+        self._check_room()
+        self.token.copy_(token)
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self._logits
+        else:
+            logits = self._body()
+        # host bookkeeping: lengths the host knows without asking the device
+        cache = self.cache
+        cache.length += 1
+        for c in cache.layers:
+            if isinstance(c, KVCache):
+                c.length += 1
+            else:
+                c.seen += 1
+        if self._masked:
+            cache.mask = self.key_valid[:, :cache.length]
+        return logits
 
 
 def cache_memory(config: Union[HybridConfig, HybridLM], batch: int, context_len: int,

@@ -166,10 +166,7 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """``x, gate [..., K]`` -> ``rms(x) * weight * sigmoid(gate)``, in ``x``'s dtype."""
-        dt = _compute_dtype(x)
-        xf = x.to(dt)
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.to(dt) * torch.sigmoid(gate.to(dt))).to(x.dtype)
+        return chunked.gated_rms_norm(x, gate, self.weight, self.eps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,6 +446,9 @@ class KimiDeltaAttention(nn.Module):
              cp: Optional[ContextParallelSlice] = None) -> torch.Tensor:
         """The layer on a plain (``cu_seqlens=None``) or packed batch ``x [B, T, D]`` (with ``cp``: a rank's slice)."""
         B, T, _ = x.shape
+        if cache is not None and cp is None and cu_seqlens is None and T == 1 and not (
+                torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))):
+            return self.step(x[:, 0], cache)[:, None]  # decoding: one token per row
         H, HV, K = self.num_heads, self.num_v_heads, self.head_dim
         keep = cache is not None
 
@@ -494,6 +494,46 @@ class KimiDeltaAttention(nn.Module):
         gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, HV, K)  # [B, T, HV, K]
         o = self.o_norm(o.to(x.dtype), gate)  # [B, T, HV, V]
         return self.o_proj(o.reshape(B, T, HV * K))  # [B, T, D]
+
+    def step(self, x: torch.Tensor, cache: KDACache) -> torch.Tensor:
+        """One decoding step: ``x [N, D]``, one token of each of ``N`` sequences -> ``[N, D]``; ``cache`` updated in place.
+
+        What :meth:`forward` runs for ``[B, 1, D]`` inputs with a cache and no gradient. Its per-token
+        work is one call of a twin pair per piece, from :mod:`kda_explained.fast` (one Triton launch
+        each) or :mod:`kda_explained.chunked` (PyTorch) by backend: :func:`~kda_explained.chunked.short_conv_step`
+        for each short convolution, the recurrence (with the fast backend one kernel that also takes the
+        gate, the L2 norm and the beta sigmoid), :func:`~kda_explained.chunked.gated_rms_norm`. It reads
+        no value back to the host and allocates only its intermediates, so a CUDA graph can capture it
+        (:meth:`kda_explained.layers.HybridLM.decoder`). No argument checks beyond the cache's shapes:
+        :meth:`forward` makes them.
+        """
+        N = x.shape[0]
+        H, HV, K = self.num_heads, self.num_v_heads, self.head_dim
+        fast_backend = self._resolve_backend(x) == "fast"
+        if fast_backend:
+            from .. import fast as ops
+        else:
+            ops = chunked
+        q = ops.short_conv_step(self.q_proj(x), cache.conv_q, self.q_conv1d.weight).view(N, 1, H, K)
+        k = ops.short_conv_step(self.k_proj(x), cache.conv_k, self.k_conv1d.weight).view(N, 1, H, K)
+        v = ops.short_conv_step(self.v_proj(x), cache.conv_v, self.v_conv1d.weight).view(N, 1, HV, K)
+        f = self.f_b_proj(self.f_a_proj(x)).view(N, 1, HV, K)
+        b = self.b_proj(x).view(N, 1, HV)  # beta's logit
+        if fast_backend:
+            o, _ = ops.fused_recurrent_kda(
+                q, k, v, f, b, initial_state=cache.state, inplace_final_state=True, use_qk_l2norm_in_kernel=True,
+                use_gate_in_kernel=True, A_log=self.A_log, dt_bias=self.dt_bias, use_beta_sigmoid_in_kernel=True,
+                allow_neg_eigval=self.allow_neg_eigval,
+                lower_bound=self.lower_bound if self.gate == "lowerbound" else None)
+        else:
+            beta = torch.sigmoid(b.to(_compute_dtype(x)))
+            beta = 2 * beta if self.allow_neg_eigval else beta
+            o, S = chunked.recurrent_kda(chunked.l2norm(q), chunked.l2norm(k), v, self.log_decay(f), beta,
+                                         initial_state=cache.state, output_final_state=True)
+            cache.state.copy_(S)
+        gate = self.g_b_proj(self.g_a_proj(x)).view(N, HV, K)
+        o = ops.gated_rms_norm(o.view(N, HV, K).to(x.dtype), gate, self.o_norm.weight, self.o_norm.eps)
+        return self.o_proj(o.reshape(N, HV * K))
 
     def log_decay(self, f: torch.Tensor) -> torch.Tensor:
         """The gate: ``f [..., HV, K]`` (output of ``f_b_proj``) -> ``g [..., HV, K]`` float32, ``<= 0``."""
