@@ -23,9 +23,8 @@ The sweep crosses three things:
 - **mode**: ``eager`` (PyTorch as written); ``compiled`` (the step through
   ``torch.compile(dynamic=True)``; graph breaks are counted and recorded, since each one
   is a return to Python); ``graph`` (a decoding step captured once and replayed, which
-  needs a model with static cache buffers: the script uses
-  ``HybridLM.capture_decode(cache, token)`` where the model has it, and otherwise records
-  the mode as skipped with the reason).
+  needs static cache buffers: :meth:`HybridLM.decoder`, a
+  :class:`~kda_explained.layers.StaticDecoder` on the cache; on the CPU the mode is skipped).
 - **model**: the hybrid and its all-attention twin.
 
 Each row records the cache bytes from :func:`kda_explained.layers.cache_memory` and the
@@ -154,9 +153,6 @@ def graph_capture_support(model: HybridLM, device: torch.device) -> Optional[str
     """``None`` where a graph-captured decoding step can run, else the reason it cannot."""
     if device.type != "cuda":
         return "CUDA graphs need a CUDA device"
-    if not callable(getattr(model, "capture_decode", None)):
-        return ("HybridLM has no graph-captured decoding path (no capture_decode(cache, token) method): its caches "
-                "grow by Python-side appends, so a step cannot be captured once and replayed")
     return None
 
 
@@ -189,13 +185,13 @@ def make_step(model: HybridLM, mode: str, setup: dict, device: torch.device) -> 
         reason = graph_capture_support(model, device)
         if reason:
             raise Skipped(reason)
-        replays: Dict[int, Callable] = {}  # one capture per cache: its buffers are the graph's inputs
+        decoders: Dict[int, Callable] = {}  # one capture per cache: its buffers are the graph's inputs
 
         def step(token, cache):
-            if id(cache) not in replays:
-                replays.clear()
-                replays[id(cache)] = model.capture_decode(cache, token)
-            return replays[id(cache)](token)[:, -1].argmax(-1, keepdim=True)
+            if id(cache) not in decoders:
+                decoders.clear()
+                decoders[id(cache)] = model.decoder(cache)  # captured here, once per cache
+            return decoders[id(cache)](token).argmax(-1, keepdim=True)
 
         return step, dict
     raise ValueError(f"mode: expected one of {list(MODES)}, got {mode!r}")
