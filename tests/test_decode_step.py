@@ -88,8 +88,21 @@ def test_fast_step_kernels_refuse_float64_and_gradients():
         fast.short_conv_step(x, state, w)
     with pytest.raises(ValueError, match="^weight: .*no backward"):
         fast.short_conv_step(x.float(), state, w.requires_grad_())
-    with pytest.raises(ValueError, match="conv_state: expected a contiguous"):
-        fast.short_conv_step(x.float(), torch.randn(2, 3, 8).transpose(1, 2), torch.randn(8, 4))
+
+
+def test_short_conv_step_on_a_strided_window():
+    """The window may be a view into a larger cache (transformers stacks q, k and v's channels)."""
+    torch.manual_seed(5)
+    x, w = torch.randn(2, 8, device=DEVICE), torch.randn(8, 4, device=DEVICE)
+    stacked = torch.randn(2, 3 * 8, 3, device=DEVICE)
+    view = stacked[:, 8:16]  # the middle third: strided, not contiguous
+    ref = view.clone()
+    with torch.no_grad():
+        y_ref = chunked.short_conv_step(x, ref, w)
+        y = fast.short_conv_step(x, view, w)
+    assert not view.is_contiguous()
+    assert rel_rms_error(y, y_ref) < TOLERANCES["fast_f32_vs_f64"]
+    assert torch.equal(stacked[:, 8:16], ref)
 
 
 @pytest.mark.parametrize("backend", ["chunked", "fast"])
@@ -207,3 +220,10 @@ def test_cuda_graph_decoder_gpu(backend):
         token = prompt[:, -1:]
         for _ in range(5):
             token = dec(token).argmax(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("name", ["short_conv_step", "gated_rms_norm"])
+def test_step_twins_share_name_and_signature(name):
+    from test_twins import positional
+
+    assert positional(getattr(fast, name)) == positional(getattr(chunked, name))

@@ -34,6 +34,7 @@ def _short_conv_step_kernel(
     weight,  # [C, W]
     y,  # [N, C] out: silu of the convolution
     C,
+    s_n, s_c, s_w,  # the window's strides (a view into a larger cache works too)
     W: tl.constexpr,
     BW: tl.constexpr,  # next power of two >= W
     BC: tl.constexpr,
@@ -43,7 +44,7 @@ def _short_conv_step_kernel(
     o_w = tl.arange(0, BW)
     m_c = o_c < C
     # the window [BC, BW]: the carried inputs in taps 0 .. W - 2, this step's input in tap W - 1
-    p_s = state + i_n * C * (W - 1) + o_c[:, None] * (W - 1) + o_w[None, :]
+    p_s = state + i_n * s_n + o_c[:, None].to(tl.int64) * s_c + o_w[None, :] * s_w
     m_s = m_c[:, None] & (o_w[None, :] < W - 1)
     b_s = tl.load(p_s, mask=m_s, other=0).to(tl.float32)
     b_x = tl.load(x + i_n * C + o_c, mask=m_c, other=0).to(tl.float32)
@@ -53,7 +54,7 @@ def _short_conv_step_kernel(
     b_y = tl.sum(b_win * b_w, axis=1)  # [BC]
     tl.store(y + i_n * C + o_c, (b_y * tl.sigmoid(b_y)).to(y.dtype.element_ty), mask=m_c)
     # the window moves on by one: tap j takes tap j + 1 (the carried input after it, or x)
-    b_next = tl.load(p_s + 1, mask=m_c[:, None] & (o_w[None, :] + 1 < W - 1), other=0).to(tl.float32)
+    b_next = tl.load(p_s + s_w, mask=m_c[:, None] & (o_w[None, :] + 1 < W - 1), other=0).to(tl.float32)
     b_next = tl.where(o_w[None, :] + 1 == W - 1, b_x[:, None], b_next)
     tl.debug_barrier()  # every thread has read the old window before any writes the new one
     tl.store(p_s, b_next.to(state.dtype.element_ty), mask=m_s)
@@ -86,13 +87,13 @@ def _gated_rms_norm_kernel(
 
 @torch.library.custom_op("kda_explained::short_conv_step", mutates_args=("conv_state",))
 def short_conv_step_op(x: Tensor, conv_state: Tensor, weight: Tensor) -> Tensor:
-    """``y [N, C]``; ``conv_state [N, C, W - 1]`` shifted in place. Contiguous ``x``, ``conv_state``, ``weight [C, W]``."""
+    """``y [N, C]``; ``conv_state [N, C, W - 1]`` (any strides) shifted in place. Contiguous ``x``, ``weight [C, W]``."""
     N, C = x.shape
     W = weight.shape[1]
     y = torch.empty_like(x)
     BC = min(triton.next_power_of_2(max(C, 1)), 256)
     if N and C:
-        _short_conv_step_kernel[(N, triton.cdiv(C, BC))](x, conv_state, weight, y, C, W=W,
+        _short_conv_step_kernel[(N, triton.cdiv(C, BC))](x, conv_state, weight, y, C, *conv_state.stride(), W=W,
                                                          BW=triton.next_power_of_2(W), BC=BC)
     return y
 
@@ -130,20 +131,19 @@ def _check_fast(op: str, **tensors) -> None:
 
 
 def short_conv_step(x: Tensor, conv_state: Tensor, weight: Tensor) -> Tensor:
-    """Twin of :func:`kda_explained.chunked.short_conv_step`: one token through a causal depthwise
-    convolution and SiLU, ``conv_state [N, C, W - 1]`` (contiguous) shifted in place; one launch.
+    """Twin of :func:`kda_explained.chunked.step.short_conv_step`: one token through a causal depthwise
+    convolution and SiLU, ``conv_state [N, C, W - 1]`` shifted in place (a strided view of a larger
+    cache too); one launch.
 
     ``x [N, C]``, ``weight [C, W]`` or ``[C, 1, W]``; returns ``[N, C]`` in ``x``'s dtype, computed in float32.
     """
     W = check_short_conv_step(x, conv_state, weight)
     _check_fast("short_conv_step", x=x, conv_state=conv_state, weight=weight)
-    if not conv_state.is_contiguous():
-        raise ValueError("conv_state: expected a contiguous tensor (it is updated in place), got a strided view")
     return short_conv_step_op(x.contiguous(), conv_state, weight.reshape(-1, W).contiguous())
 
 
 def gated_rms_norm(x: Tensor, gate: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """Twin of :func:`kda_explained.chunked.gated_rms_norm`: ``rms(x) * weight * sigmoid(gate)`` over the
+    """Twin of :func:`kda_explained.chunked.step.gated_rms_norm`: ``rms(x) * weight * sigmoid(gate)`` over the
     last dimension, in ``x``'s dtype, computed in float32; one launch."""
     check_gated_rms_norm(x, gate, weight, eps)
     _check_fast("gated_rms_norm", x=x, gate=gate, weight=weight)

@@ -500,11 +500,11 @@ class KimiDeltaAttention(nn.Module):
 
         What :meth:`forward` runs for ``[B, 1, D]`` inputs with a cache and no gradient. Its per-token
         work is one call of a twin pair per piece, from :mod:`kda_explained.fast` (one Triton launch
-        each) or :mod:`kda_explained.chunked` (PyTorch) by backend: :func:`~kda_explained.chunked.short_conv_step`
+        each) or :mod:`kda_explained.chunked` (PyTorch) by backend: :func:`~kda_explained.chunked.step.short_conv_step`
         for each short convolution, the recurrence (with the fast backend one kernel that also takes the
-        gate, the L2 norm and the beta sigmoid), :func:`~kda_explained.chunked.gated_rms_norm`. It reads
+        gate, the L2 norm and the beta sigmoid), :func:`~kda_explained.chunked.step.gated_rms_norm`. It reads
         no value back to the host and allocates only its intermediates, so a CUDA graph can capture it
-        (:meth:`kda_explained.layers.HybridLM.decoder`). No argument checks beyond the cache's shapes:
+        (:meth:`kda_explained.layers.hybrid.HybridLM.decoder`). No argument checks beyond the cache's shapes:
         :meth:`forward` makes them.
         """
         N = x.shape[0]
