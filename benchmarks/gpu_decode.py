@@ -189,6 +189,8 @@ def make_step(model: HybridLM, mode: str, setup: dict, device: torch.device) -> 
 
         def step(token, cache):
             if id(cache) not in decoders:
+                for old in decoders.values():
+                    old.close()  # its graph and memory pool, freed now
                 decoders.clear()
                 decoders[id(cache)] = model.decoder(cache)  # captured here, once per cache
             return decoders[id(cache)](token).argmax(-1, keepdim=True)

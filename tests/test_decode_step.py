@@ -53,9 +53,11 @@ def test_gated_rms_norm_twins(shape, dtype):
 
 
 def test_step_ops_pass_opcheck():
-    x, state, weight = torch.randn(2, 24), torch.randn(2, 24, 3), torch.randn(24, 4)
-    torch.library.opcheck(short_conv_step_op, (x, state, weight))
-    torch.library.opcheck(gated_rms_norm_op, (torch.randn(3, 2, 16), torch.randn(3, 2, 16), torch.rand(16), 1e-5))
+    def randn(*shape):
+        return torch.randn(*shape, device=DEVICE)
+
+    torch.library.opcheck(short_conv_step_op, (randn(2, 24), randn(2, 24, 3), randn(24, 4)))
+    torch.library.opcheck(gated_rms_norm_op, (randn(3, 2, 16), randn(3, 2, 16), randn(16), 1e-5))
 
 
 @pytest.mark.parametrize("fn", [chunked.short_conv_step, fast.short_conv_step])
@@ -176,6 +178,9 @@ def test_static_decoder_logits_and_cache_bookkeeping():
         # the cache goes on through the plain forward after the static steps: no room is left for one more
         with pytest.raises(ValueError, match="^cache: the attention caches hold 10 tokens"):
             dec(token)
+        dec.close()
+        with pytest.raises(ValueError, match="^token: this decoder was closed"):
+            dec(token)
 
 
 def test_static_decoder_errors_name_the_argument():
@@ -220,6 +225,13 @@ def test_cuda_graph_decoder_gpu(backend):
         token = prompt[:, -1:]
         for _ in range(5):
             token = dec(token).argmax(-1, keepdim=True)
+        dec.close()
+        assert dec.graph is None
+        with pytest.raises(ValueError, match="closed"):
+            dec(token)
+        # a decoder left to the garbage collector does not disturb the next capture
+        for _ in range(3):
+            model.decoder(model.init_cache(3, capacity=4))
 
 
 @pytest.mark.parametrize("name", ["short_conv_step", "gated_rms_norm"])

@@ -31,6 +31,18 @@ __all__ = ["recurrent_kda", "RECURRENT_MAX_LEN"]
 RECURRENT_MAX_LEN = 16
 
 
+def _step(S, q_t, k_t, v_t, g_t, b_t, group: int, scale: float, dt: torch.dtype):
+    """One token of every sequence: ``S [N, HV, K, V]`` and the token's ``q_t, k_t [N, H, K]``,
+    ``v_t [N, HV, V]``, ``g_t [N, HV, K]``, ``b_t [N, HV]`` -> ``(S_t, o_t [N, HV, V])``."""
+    q_t = q_t.to(dt).repeat_interleave(group, dim=1) * scale  # [N, HV, K]
+    k_t = k_t.to(dt).repeat_interleave(group, dim=1)  # [N, HV, K]
+    v_t, g_t, b_t = v_t.to(dt), g_t.to(dt), b_t.to(dt)
+    S = torch.exp(g_t)[..., None] * S  # Diag(alpha_t) S_{t-1}
+    u = b_t[..., None] * (v_t - (k_t[..., None] * S).sum(-2))  # beta_t (v_t - S^T k_t)   [N, HV, V]
+    S = S + k_t[..., None] * u[..., None, :]  # + k_t u^T
+    return S, (q_t[..., None] * S).sum(-2)  # S_t^T (scale q_t)                          [N, HV, V]
+
+
 def recurrent_kda(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -68,6 +80,12 @@ def recurrent_kda(
     lengths = [eos - bos for _, bos, eos in p.spans]
     S = q.new_zeros(p.N, p.HV, p.K, p.V, dtype=dt) if initial_state is None else initial_state.to(dt)
     o = q.new_zeros(p.B, p.T, p.HV, p.V, dtype=dt)
+    if cu_seqlens is None:
+        # a plain batch: every sequence has all T tokens, so no index tables (and no host-to-device
+        # copy: a captured decoding step replays this)
+        for i in range(p.T):
+            S, o[:, i] = _step(S, q[:, i], k[:, i], v[:, i], g[:, i], beta[:, i], p.group, p.scale, dt)
+        return o.to(v.dtype), (S if output_final_state else None)
     rows = torch.tensor([b for b, _, _ in p.spans], device=q.device)
     starts = torch.tensor([bos for _, bos, _ in p.spans], device=q.device)
     for i in range(max(lengths, default=0)):
@@ -75,13 +93,7 @@ def recurrent_kda(
         # their indices, from host integers (no mask whose count depends on data: torch.compile traces it)
         at = torch.tensor([n for n, length in enumerate(lengths) if i < length], dtype=torch.int64, device=q.device)
         t = (starts + i).clamp(max=p.T - 1)  # [N] positions (clamped for ended sequences)
-        q_t = q[rows, t].to(dt).repeat_interleave(p.group, dim=1) * p.scale  # [N, HV, K]
-        k_t = k[rows, t].to(dt).repeat_interleave(p.group, dim=1)  # [N, HV, K]
-        v_t, g_t, b_t = v[rows, t].to(dt), g[rows, t].to(dt), beta[rows, t].to(dt)  # [N, HV, V], [N, HV, K], [N, HV]
-        S_new = torch.exp(g_t)[..., None] * S  # Diag(alpha_t) S_{t-1}
-        u = b_t[..., None] * (v_t - (k_t[..., None] * S_new).sum(-2))  # beta_t (v_t - S^T k_t)   [N, HV, V]
-        S_new = S_new + k_t[..., None] * u[..., None, :]  # + k_t u^T
+        S_new, o_t = _step(S, q[rows, t], k[rows, t], v[rows, t], g[rows, t], beta[rows, t], p.group, p.scale, dt)
         S = torch.where(live[:, None, None, None], S_new, S)
-        o_t = (q_t[..., None] * S).sum(-2)  # S_t^T (scale q_t)                                   [N, HV, V]
         o = o.index_put((rows[at], t[at]), o_t[at])
     return o.to(v.dtype), (S if output_final_state else None)

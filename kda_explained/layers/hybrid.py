@@ -22,6 +22,7 @@ KDA cache      per KDA layer: state ``[B, HV, Dh, Dh]`` float32 + conv states, c
 
 from __future__ import annotations
 
+import gc
 import operator
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Union
@@ -414,9 +415,18 @@ class HybridLM(nn.Module):
             options = {} if compile is True else {"backend": compile}
             step_fn = torch.compile(self, fullgraph=True, dynamic=True, **options)
         logits = self(input_ids, attention_mask=mask, cache=cache)[rows, last]  # [B, vocab]
+        static = None
         if cuda_graph and max_new_tokens > 1:
             static = self.decoder(cache, compile=compile)
             step_fn = lambda token, cache: static(token)[:, None]  # noqa: E731 - [B, 1, vocab] as forward's
+        try:
+            return self._decode(out, logits, mask, cache, step_fn, max_new_tokens, use_cache)
+        finally:
+            if static is not None:
+                static.close()
+
+    def _decode(self, out, logits, mask, cache, step_fn, max_new_tokens: int, use_cache: bool) -> torch.Tensor:
+        """Greedy steps after the prompt's ``logits [B, vocab]``: append each argmax token to ``out``."""
         for step in range(max_new_tokens):
             token = logits.argmax(-1, keepdim=True)  # [B, 1]
             out = torch.cat([out, token], 1)
@@ -508,6 +518,9 @@ class StaticDecoder:
 
     def _capture(self) -> None:
         """Warm up once (compiling and tuning every kernel), undo what it wrote, then capture one step."""
+        # a graph left unreachable by an earlier decoder must not be freed by the garbage collector in
+        # the middle of this capture (freeing a graph is not allowed while a stream captures): free it now
+        gc.collect()
         saved = self._snapshot()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -535,6 +548,12 @@ class StaticDecoder:
         for target, copy in saved:
             target.copy_(copy)
 
+    def close(self) -> None:
+        """Free the captured graph and its memory pool now (the caches stay); the decoder cannot step again."""
+        if self.graph is not None:
+            self.graph.reset()
+        self.graph = self._logits = self._body = None
+
     @torch.no_grad()
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
         """One decoding step: ``token [B, 1]`` (the last token of each row) -> logits ``[B, vocab]``."""
@@ -544,6 +563,8 @@ class StaticDecoder:
         if tuple(token.shape) != (self.batch_size, 1):
             raise ValueError(f"token: expected shape [B, 1] = {format_shape((self.batch_size, 1))}, "
                              f"got {format_shape(token.shape)}")
+        if self._body is None:
+            raise ValueError("token: this decoder was closed; make another with HybridLM.decoder(cache)")
         self._check_room()
         self.token.copy_(token)
         if self.graph is not None:
