@@ -239,3 +239,55 @@ def test_step_twins_share_name_and_signature(name):
     from test_twins import positional
 
     assert positional(getattr(fast, name)) == positional(getattr(chunked, name))
+
+
+@pytest.mark.parametrize("B, H, L, Dh, n", [(2, 3, 40, 16, 17), (1, 2, 300, 32, 300), (3, 1, 70, 20, 1),
+                                            (2, 2, 1000, 16, 513)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_twins(B, H, L, Dh, n, dtype):
+    """Split-key attention over the first ``n`` positions of the buffer, padding keys hidden."""
+    torch.manual_seed(L + n)
+    q = torch.randn(B, H, Dh, device=DEVICE).to(dtype)
+    k, v = (torch.randn(B, H, L, Dh, device=DEVICE).to(dtype) for _ in range(2))
+    valid = torch.rand(B, L, device=DEVICE) > 0.3
+    valid[:, n - 1] = True  # the newest token is always valid
+    length = torch.tensor([n], device=DEVICE)
+    ref = chunked.decode_attention(q.double(), k.double(), v.double(), valid, length)
+    # past the filled length the buffer's contents do not matter (the kernel never reads them;
+    # the PyTorch twin masks them, so they need only be finite there)
+    k[:, :, n:], v[:, :, n:] = 1e4, -1e4
+    bound = TOLERANCES["fast_f32_vs_f64"] if dtype == torch.float32 else 1e-2
+    assert rel_rms_error(chunked.decode_attention(q, k, v, valid, length), ref) < bound
+    v[:, :, n:] = float("nan")
+    out = fast.decode_attention(q, k, v, valid, length)
+    assert out.dtype == dtype and out.shape == (B, H, Dh)
+    assert rel_rms_error(out, ref) < bound
+
+
+def test_decode_attention_split_plan():
+    from kda_explained.fast.step import decode_attention_splits
+
+    for BH, L in [(1, 1), (1, 262144), (64 * 16, 8192), (3, 100)]:
+        S, SPLIT = decode_attention_splits(BH, L)
+        assert S * SPLIT >= L > (S - 1) * SPLIT and SPLIT % 64 == 0
+
+
+def test_decode_attention_errors_name_the_argument():
+    q, k = torch.randn(1, 2, 8), torch.randn(1, 2, 5, 8)
+    valid, n = torch.ones(1, 5, dtype=torch.bool), torch.tensor([3])
+    for fn in (chunked.decode_attention, fast.decode_attention):
+        with pytest.raises(ValueError, match="^k"):
+            fn(q, k[..., :4], k, valid, n)
+        with pytest.raises(ValueError, match="^key_valid"):
+            fn(q, k, k, valid.int(), n)
+        with pytest.raises(TypeError, match="^length"):
+            fn(q, k, k, valid, 3)
+
+
+def test_decode_attention_op_passes_opcheck():
+    from kda_explained.fast.step import decode_attention_op
+
+    q, k, v = torch.randn(2, 2, 16, device=DEVICE), torch.randn(2, 2, 70, 16, device=DEVICE), \
+        torch.randn(2, 2, 70, 16, device=DEVICE)
+    valid = torch.ones(2, 70, dtype=torch.int8, device=DEVICE)
+    torch.library.opcheck(decode_attention_op, (q, k, v, valid, torch.tensor([40], device=DEVICE)))

@@ -44,7 +44,7 @@ SHAPES = {"B8_H16": (8, 128, 16), "B1_H96": (1, 128, 96), "B1_H16_long": (1, 256
 SMS = 132
 
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
-           torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
+           torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
 _OPTIONS = ("num_warps", "num_stages", "maxnreg", "num_ctas")
 
 captured = []

@@ -8,7 +8,7 @@ from .dplr import dplr
 from .gates import beta_sigmoid, kda_gate, l2norm, lowerbound_gate
 from .kda import CHUNK_SIZES, kda
 from .recurrent import RECURRENT_MAX_LEN, recurrent_kda
-from .step import gated_rms_norm, short_conv_step
+from .step import decode_attention, gated_rms_norm, short_conv_step
 from .stages import (
     chunk_local_cumsum,
     chunk_output,
@@ -38,4 +38,5 @@ __all__ = [
     "beta_sigmoid",
     "short_conv_step",
     "gated_rms_norm",
+    "decode_attention",
 ]

@@ -7,6 +7,11 @@ itself (:func:`~kda_explained.chunked.recurrent.recurrent_kda`), two pieces of p
   the convolution's carried window shifted by one token, in place;
 - :func:`gated_rms_norm`: the head-wise RMSNorm of the output times its sigmoid gate.
 
+and an attention layer of a hybrid, decoding on a preallocated KV buffer, does one:
+
+- :func:`decode_attention`: one query per row against the first ``length`` keys of the buffer,
+  where ``length`` is a device tensor (a captured step cannot read it on the host).
+
 These are the references of the fused kernels of the same names in :mod:`kda_explained.fast`
 (same arguments, same results within the float32 bound). Both write nothing but what they are
 asked to and allocate only their outputs, so a captured decoding step can replay them.
@@ -19,7 +24,8 @@ import torch.nn.functional as F
 
 from ..validation import check_floating, format_shape
 
-__all__ = ["short_conv_step", "gated_rms_norm", "check_short_conv_step", "check_gated_rms_norm"]
+__all__ = ["short_conv_step", "gated_rms_norm", "decode_attention", "check_short_conv_step", "check_gated_rms_norm",
+           "check_decode_attention"]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -105,3 +111,56 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
     xf = x.to(dt)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (y * weight.to(dt) * torch.sigmoid(gate.to(dt))).to(x.dtype)
+
+
+def check_decode_attention(q, k, v, key_valid, length) -> None:
+    """Raise unless ``q [B, H, Dh]``, ``k, v [B, H, L, Dh]``, ``key_valid [B, L]`` bool, ``length [1]`` integer fit."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_floating(name, t)
+    if q.dim() != 3:
+        raise ValueError(f"q: expected shape [B, H, Dh] (one query per row), got {format_shape(q.shape)}")
+    B, H, Dh = q.shape
+    if k.dim() != 4 or tuple(k.shape[:2]) != (B, H) or k.shape[3] != Dh:
+        raise ValueError(f"k: expected shape [B, H, L, Dh] with [B, H, Dh] = {format_shape((B, H, Dh))}, "
+                         f"got {format_shape(k.shape)}")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v: expected k's shape {format_shape(k.shape)}, got {format_shape(v.shape)}")
+    if not isinstance(key_valid, torch.Tensor) or key_valid.dtype != torch.bool \
+            or tuple(key_valid.shape) != (B, k.shape[2]):
+        got = format_shape(key_valid.shape) if isinstance(key_valid, torch.Tensor) else type(key_valid).__name__
+        raise ValueError(f"key_valid: expected a bool tensor [B, L] = {format_shape((B, k.shape[2]))}, got {got}")
+    if not isinstance(length, torch.Tensor) or length.dtype.is_floating_point or length.numel() != 1:
+        raise TypeError(f"length: expected a one-element integer tensor (on the device), got {length!r}")
+    for name, t in (("k", k), ("v", v), ("key_valid", key_valid), ("length", length)):
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected a tensor on q's device {q.device}, got {t.device}")
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor,
+                     length: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of one query per row over the first ``length`` keys of a KV buffer.
+
+    Args:
+        q: ``[B, H, Dh]``, this step's query of each row and head.
+        k, v: ``[B, H, L, Dh]``, the buffers; positions ``>= length`` are masked out (here they must
+            hold finite values, as a buffer made of zeros does; the fast twin never reads them).
+        key_valid: ``[B, L]`` bool, ``False`` at a row's padding.
+        length: ``[1]`` integer tensor, the filled positions; a device tensor, so that the step
+            that calls this can be captured and replayed as the buffer fills.
+
+    Returns:
+        ``softmax(q k^T / sqrt(Dh)) v`` over the valid keys, ``[B, H, Dh]`` in ``q``'s dtype (each row
+        needs one valid key among the first ``length``).
+
+    >>> import torch
+    >>> q, k = torch.zeros(1, 1, 2), torch.zeros(1, 1, 4, 2)
+    >>> v = torch.arange(8.0).reshape(1, 1, 4, 2)             # values 0 1 | 2 3 | 4 5 | 6 7
+    >>> valid = torch.ones(1, 4, dtype=torch.bool)
+    >>> decode_attention(q, k, v, valid, torch.tensor([2])).tolist()   # the mean of the first two
+    [[[1.0, 2.0]]]
+    """
+    check_decode_attention(q, k, v, key_valid, length)
+    L = k.shape[2]
+    allowed = key_valid & (torch.arange(L, device=q.device) < length.reshape(1))[None, :]  # [B, L]
+    o = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=allowed[:, None, None, :])  # [B, H, 1, Dh]
+    return o[:, :, 0]

@@ -6,7 +6,8 @@ changing the import; ``kda`` has the shared signature of every layer.
 ``chunk_kda`` is differentiable: its backward runs the Triton kernels of
 :mod:`kda_explained.fast.backward`, stage by stage. The gates of every layer,
 ``kda_gate`` and ``lowerbound_gate``, run as a kernel too, and so do a decoding step's short convolution and gated output
-norm (``short_conv_step``, ``gated_rms_norm``).
+norm (``short_conv_step``, ``gated_rms_norm``), and an attention layer's step on a
+preallocated KV buffer (``decode_attention``).
 On a machine without a GPU the kernels run under the Triton interpreter when
 ``TRITON_INTERPRET=1`` is set before this package is imported.
 """
@@ -19,7 +20,7 @@ from .local import chunk_local_factors, chunk_local_factors_one_pass, chunk_wy_f
 from .output import chunk_output
 from .prepare import chunk_local_cumsum, kda_gate, l2norm, lowerbound_gate
 from .state import state_passing, state_passing_output
-from .step import gated_rms_norm, short_conv_step
+from .step import decode_attention, gated_rms_norm, short_conv_step
 
 __all__ = [
     "kda",
@@ -37,6 +38,7 @@ __all__ = [
     "lowerbound_gate",
     "short_conv_step",
     "gated_rms_norm",
+    "decode_attention",
     "FAST_CHUNK_SIZES",
     "MAX_HEAD_DIM",
     "RECURRENT_MAX_LEN",

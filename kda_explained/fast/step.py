@@ -5,10 +5,14 @@ where PyTorch takes several (a concatenation, a product, a sum, a SiLU and a cop
 convolution; a power, a mean, a square root and three products for the norm). With the
 recurrence kernel, which already takes the gate, the L2 norm and the beta sigmoid in, a KDA
 layer's decoding step is its projections plus five launches: three convolutions, the recurrence
-and the norm.
+and the norm. :func:`decode_attention` is the attention layers' step on a preallocated KV buffer
+whose filled length is a device tensor: flash-decoding, the keys split across programs, each
+program past the filled length returning at once, so that a step costs what the filled part of
+the buffer costs, not its capacity.
 
-Both are ``torch.library`` operators (``kda_explained::short_conv_step``, which declares the
-convolution's carried window as the argument it mutates, and ``kda_explained::gated_rms_norm``),
+All are ``torch.library`` operators (``kda_explained::short_conv_step``, which declares the
+convolution's carried window as the argument it mutates, ``kda_explained::gated_rms_norm``,
+``kda_explained::decode_attention``),
 so that ``torch.compile`` keeps each as one node and a CUDA graph replays them as they are.
 They have no backward: decoding needs none.
 """
@@ -20,9 +24,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..chunked.step import check_gated_rms_norm, check_short_conv_step
+from ..chunked.step import check_decode_attention, check_gated_rms_norm, check_short_conv_step
 
-__all__ = ["short_conv_step", "gated_rms_norm"]
+__all__ = ["short_conv_step", "gated_rms_norm", "decode_attention"]
 
 _FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -83,6 +87,124 @@ def _gated_rms_norm_kernel(
     b_rstd = 1.0 / tl.sqrt(tl.sum(b_x * b_x, axis=1) / K + eps)  # [BR]
     b_y = b_x * b_rstd[:, None] * b_w[None, :] * tl.sigmoid(b_g)
     tl.store(y + offs, b_y.to(y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _decode_attention_split_kernel(
+    q,  # [B * H, DH] one query per row and head
+    k, v,  # [B, H, L, DH] the KV buffers (strided)
+    valid,  # [B, L] int8: 1 at a real token
+    length,  # [1] the filled positions
+    m_out, l_out,  # [B * H, S] float32: each split's running max and softmax denominator
+    acc_out,  # [B * H, S, DH] float32: each split's unnormalised output
+    H, L, S, SPLIT,
+    s_kb, s_kh, s_kl,
+    s_vb, s_vh, s_vl,
+    scale,
+    DH: tl.constexpr,
+    BD: tl.constexpr,  # next power of two >= DH
+    BN: tl.constexpr,  # keys per block of the loop
+):
+    """One program: split ``i_s`` (keys ``[i_s SPLIT, (i_s + 1) SPLIT)`` below the filled length) of
+    one row and head, by online softmax; a split past the filled length writes an empty result."""
+    i_bh, i_s = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    n = tl.load(length).to(tl.int32)
+    start = i_s * SPLIT
+    end = tl.minimum(start + SPLIT, n)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < DH
+    b_q = tl.load(q + i_bh.to(tl.int64) * DH + o_d, mask=m_d, other=0).to(tl.float32) * scale
+    p_k = k + i_b.to(tl.int64) * s_kb + i_h.to(tl.int64) * s_kh
+    p_v = v + i_b.to(tl.int64) * s_vb + i_h.to(tl.int64) * s_vh
+    b_m = tl.full([], float("-inf"), tl.float32)
+    b_l = tl.zeros([], dtype=tl.float32)
+    b_acc = tl.zeros([BD], dtype=tl.float32)
+    for j in range(start, end, BN):
+        o_n = j + tl.arange(0, BN)
+        m_n = o_n < end
+        ok = m_n & (tl.load(valid + i_b.to(tl.int64) * L + o_n, mask=m_n, other=0) != 0)
+        m_kv = m_n[:, None] & m_d[None, :]
+        b_k = tl.load(p_k + o_n[:, None].to(tl.int64) * s_kl + o_d[None, :], mask=m_kv, other=0).to(tl.float32)
+        b_s = tl.where(ok, tl.sum(b_k * b_q[None, :], axis=1), float("-inf"))  # [BN] scores
+        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=0))
+        b_ref = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # no valid key yet: exp(-inf) = 0 below
+        b_p = tl.exp(b_s - b_ref)
+        b_alpha = tl.exp(b_m - b_ref)
+        b_v = tl.load(p_v + o_n[:, None].to(tl.int64) * s_vl + o_d[None, :], mask=m_kv, other=0).to(tl.float32)
+        b_l = b_l * b_alpha + tl.sum(b_p, axis=0)
+        b_acc = b_acc * b_alpha + tl.sum(b_p[:, None] * b_v, axis=0)
+        b_m = b_m_new
+    i_out = i_bh.to(tl.int64) * S + i_s
+    tl.store(m_out + i_out, b_m)
+    tl.store(l_out + i_out, b_l)
+    tl.store(acc_out + i_out * DH + o_d, b_acc, mask=m_d)
+
+
+@triton.jit
+def _decode_attention_combine_kernel(
+    m_in, l_in, acc_in,  # the splits' results
+    o,  # [B * H, DH] out
+    S,
+    DH: tl.constexpr,
+    BD: tl.constexpr,
+    BS: tl.constexpr,  # next power of two >= S
+):
+    """One program: the splits of one row and head, rescaled to their common maximum and summed."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    o_s = tl.arange(0, BS)
+    m_s = o_s < S
+    o_d = tl.arange(0, BD)
+    m_d = o_d < DH
+    b_m = tl.load(m_in + i_bh * S + o_s, mask=m_s, other=float("-inf"))
+    b_l = tl.load(l_in + i_bh * S + o_s, mask=m_s, other=0)
+    b_max = tl.max(b_m, axis=0)  # finite: some split holds a valid key
+    b_w = tl.exp(b_m - b_max)  # 0 for the empty splits
+    b_acc = tl.load(acc_in + (i_bh * S + o_s[:, None]) * DH + o_d[None, :], mask=m_s[:, None] & m_d[None, :],
+                    other=0)
+    b_o = tl.sum(b_w[:, None] * b_acc, axis=0) / tl.sum(b_w * b_l, axis=0)
+    tl.store(o + i_bh * DH + o_d, b_o.to(o.dtype.element_ty), mask=m_d)
+
+
+#: Keys per loop block, and the programs the splits aim to give a decoding step (a few per SM).
+_DECODE_BN, _DECODE_PROGRAMS = 64, 512
+
+
+def decode_attention_splits(BH: int, L: int) -> tuple:
+    """``(S, SPLIT)``: how many splits of how many keys each for ``BH`` rows x heads over ``L`` positions.
+
+    From shapes alone (a captured step's launch is fixed): enough splits for about
+    ``_DECODE_PROGRAMS`` programs, each a whole number of ``_DECODE_BN``-key blocks.
+    """
+    blocks = triton.cdiv(max(L, 1), _DECODE_BN)
+    S = max(1, min(blocks, triton.cdiv(_DECODE_PROGRAMS, max(BH, 1)), 1024))
+    SPLIT = triton.cdiv(blocks, S) * _DECODE_BN
+    return triton.cdiv(max(L, 1), SPLIT), SPLIT
+
+
+@torch.library.custom_op("kda_explained::decode_attention", mutates_args=())
+def decode_attention_op(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, length: Tensor) -> Tensor:
+    """``o [B, H, Dh]``: ``q`` contiguous, ``k, v [B, H, L, Dh]`` with unit last stride, ``key_valid [B, L]``
+    contiguous int8, ``length [1]`` int64."""
+    B, H, DH = q.shape
+    L = k.shape[2]
+    S, SPLIT = decode_attention_splits(B * H, L)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    m, lse = torch.empty(B * H, S, **f32), torch.empty(B * H, S, **f32)
+    acc = torch.empty(B * H, S, DH, **f32)
+    o = torch.empty_like(q)
+    BD = triton.next_power_of_2(DH)
+    if B * H:
+        _decode_attention_split_kernel[(B * H, S)](
+            q, k, v, key_valid, length, m, lse, acc, H, L, S, SPLIT, k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), DH ** -0.5, DH=DH, BD=BD, BN=_DECODE_BN)
+        _decode_attention_combine_kernel[(B * H,)](m, lse, acc, o, S, DH=DH, BD=BD, BS=triton.next_power_of_2(S))
+    return o
+
+
+@decode_attention_op.register_fake
+def _(q, k, v, key_valid, length):
+    return q.new_empty(q.shape)
 
 
 @torch.library.custom_op("kda_explained::short_conv_step", mutates_args=("conv_state",))
@@ -148,3 +270,17 @@ def gated_rms_norm(x: Tensor, gate: Tensor, weight: Tensor, eps: float) -> Tenso
     check_gated_rms_norm(x, gate, weight, eps)
     _check_fast("gated_rms_norm", x=x, gate=gate, weight=weight)
     return gated_rms_norm_op(x.contiguous(), gate.contiguous(), weight.contiguous(), float(eps))
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, length: Tensor) -> Tensor:
+    """Twin of :func:`kda_explained.chunked.step.decode_attention`: one query per row against the first
+    ``length`` keys of a KV buffer (``length`` a device tensor), as split-key online softmax in float32.
+
+    Two launches: the splits (programs past ``length`` return at once), then their combination.
+    """
+    check_decode_attention(q, k, v, key_valid, length)
+    _check_fast("decode_attention", q=q, k=k, v=v)
+    if k.stride(3) != 1 or v.stride(3) != 1:
+        raise ValueError("k, v: expected the head dimension contiguous (last stride 1)")
+    return decode_attention_op(q.contiguous(), k, v, key_valid.contiguous().view(torch.int8),
+                               length.reshape(1).to(torch.int64))

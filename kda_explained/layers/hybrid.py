@@ -152,7 +152,8 @@ class Attention(nn.Module):
 
         The new key and value go into ``cache``'s preallocated buffers at ``position`` (a one-element
         int64 device tensor, not a host int), ``key_valid [B, capacity]`` gains that column, and
-        the query attends over the whole buffer through ``key_valid``. Nothing depends on a host
+        the query attends over the filled part of the buffer through ``key_valid``
+        (:func:`kda_explained.fast.step.decode_attention` on a GPU, its PyTorch twin elsewhere). Nothing depends on a host
         value, so the step can be captured once and replayed; the caller advances ``position``.
         """
         B = x.shape[0]
@@ -161,8 +162,12 @@ class Attention(nn.Module):
         cache.k.index_copy_(2, position, k.to(cache.k.dtype))
         cache.v.index_copy_(2, position, v.to(cache.v.dtype))
         key_valid.index_fill_(1, position, True)
-        o = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=key_valid[:, None, None, :])
-        return self.o_proj(o.transpose(1, 2).reshape(B, 1, self.num_heads * self.head_dim))
+        if x.is_cuda:  # split-key kernel: the filled part of the buffer, not its capacity
+            from .. import fast as ops
+        else:
+            from .. import chunked as ops
+        o = ops.decode_attention(q[:, :, 0], cache.k, cache.v, key_valid, position + 1)  # [B, H, Dh]
+        return self.o_proj(o.reshape(B, 1, self.num_heads * self.head_dim))
 
 
 # ----------------------------------------------------------------------------------------------
