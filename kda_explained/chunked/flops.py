@@ -1,4 +1,4 @@
-"""What one chunk of one head costs: KDA (:mod:`~.stages`) against general DPLR (:mod:`~.dplr`), stage by stage.
+"""What one chunk of one head costs: KDA (:mod:`~kda_explained.chunked.stages`) against general DPLR (:mod:`~kda_explained.chunked.dplr`), stage by stage.
 
 The report (§6.2) argues that KDA's constrained DPLR, ``a = beta k`` and
 ``b = k exp(g)``, roughly doubles the operator's efficiency over general DPLR:
