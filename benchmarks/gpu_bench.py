@@ -148,6 +148,16 @@ def main() -> None:
                 g_scalar = g[..., 0].contiguous()
                 row["fla_gdn_fwd_ms"] = bench(lambda: fla_gdn(q, k, v, g_scalar, beta, cu_seqlens=cu))
                 log(f"  fla gated-delta fwd {row['fla_gdn_fwd_ms']:.3f} ms")
+            if cu is not None:
+                # the offsets also given on the host (as a serving engine has them): no read-back per call
+                cu_cpu = cu.cpu()
+                row["fast_fwd_host_offsets_ms"] = bench(
+                    lambda: fast.chunk_kda(q, k, v, g, beta, cu_seqlens=cu, cu_seqlens_cpu=cu_cpu))
+                log(f"  fast  fwd, cu_seqlens_cpu given {row['fast_fwd_host_offsets_ms']:.3f} ms")
+                if fla_chunk_kda is not None:
+                    row["fla_kda_fwd_host_offsets_ms"] = bench(
+                        lambda: fla_chunk_kda(q, k, v, g, beta, cu_seqlens=cu, cu_seqlens_cpu=cu_cpu))
+                    log(f"  fla   fwd, cu_seqlens_cpu given {row['fla_kda_fwd_host_offsets_ms']:.3f} ms")
             if cu is None:
                 qs, ks, vs = (x.transpose(1, 2) for x in (q, k, v))
                 row["sdpa_causal_fwd_ms"] = bench(
