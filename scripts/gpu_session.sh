@@ -3,7 +3,7 @@
 # the gpu-marked tests, the accuracy check of every kernel, the per-stage timings, and the
 # benchmark against flash-linear-attention, writing into ${OUT:-benchmarks/results}.
 #
-#   bash scripts/gpu_session.sh [tests|tests-all|warm|wait-warm|tests-fwd|tests-bwd|check|stages|bench|train|sweep|bwd|decode|profile|
+#   bash scripts/gpu_session.sh [tests|tests-all|warm|wait-warm|tests-fwd|tests-bwd|check|decode-full|dplr|stages|bench|train|sweep|bwd|decode|profile|
 #                                fwdprof|options ...]   (default: tests check stages bench)
 #
 # `tests` takes > 6 minutes on an H100, more than one device call holds beside other steps:
@@ -62,9 +62,11 @@ for step in "${steps[@]}"; do
         sweep)  python3 benchmarks/probe/bwd_sweep.py --out "$out" ;;
         bwd)    python3 benchmarks/probe/bwd_stages.py ;;
         decode) python3 benchmarks/gpu_decode.py --quick --out "$out" ;;
+        decode-full) python3 benchmarks/gpu_decode.py --out "$out" ;;
+        dplr)   python3 benchmarks/gpu_dplr_bench.py --out "$out" ;;
         profile) python3 benchmarks/probe/train_profile.py ;;
         fwdprof) python3 benchmarks/probe/fla_profile.py --chunk-sizes 16 32 64 ;;
-        *) echo "unknown step: $step (tests, tests-all, warm, wait-warm, tests-fwd, tests-bwd, check, stages, bench, train, sweep, bwd, decode," \
+        *) echo "unknown step: $step (tests, tests-all, warm, wait-warm, tests-fwd, tests-bwd, check, decode-full, dplr, stages, bench, train, sweep, bwd, decode," \
                 "profile, fwdprof)"; exit 2 ;;
     esac
 done
