@@ -213,3 +213,18 @@ def test_compiled_gradient_of_the_final_state_alone():
         grads.append([x.grad for x in leaves])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_call_refuses_check_g_and_a_custom_plan():
+    """What a compiled graph cannot honour is refused by name, not silently ignored."""
+    (q, k, v, g, beta), S0, _ = problem()
+    for extra, name in ((dict(check_g=True), "check_g"), (dict(plan=fast.plan_for(DEVICE)), "plan")):
+        torch._dynamo.reset()
+
+        def step(q, k, v, g, beta):
+            return fast.chunk_kda(q, k, v, g, beta, **extra)[0]
+
+        # with fullgraph=True dynamo reports the raise as its own error, our message inside it
+        with pytest.raises(Exception, match=f"{name}: .*compile"):
+            torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v, g, beta)
+    torch._dynamo.reset()

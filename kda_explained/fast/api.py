@@ -86,7 +86,9 @@ def chunk_kda(
             (default: the ``KDA_EXPLAINED_CHECK_G`` environment variable, off). The check
             waits for the GPU, so it is opt-in. Without it ``g > 0`` (outside the domain)
             gives an unspecified result; ``g = -inf`` and any finite ``g <= 0`` are always
-            computed right, and no later input ever changes an earlier output.
+            computed right, and no later input ever changes an earlier output. Under
+            ``torch.compile`` the environment variable is not read, and ``check_g=True`` (like a
+            custom ``plan``) raises :class:`ValueError`: a compiled graph reads nothing back.
         **kwargs: flash-linear-attention's ``safe_gate``, ``disable_recompute``, ``use_graph``,
             ``max_num_seqs`` (accepted, nothing to change here) and ``transpose_state_layout``
             (its older name of ``state_v_first``).
@@ -102,6 +104,7 @@ def chunk_kda(
             "over ranks with kda_explained.distributed.context_parallel_kda(..., group=...) instead")
     if torch.compiler.is_compiling() and not return_intermediate_states:
         # one operator node for the graph (kda_explained.fast.ops): the checks run inside it
+        _check_compiled_call(check_g, plan)
         return chunk_kda_compiled(
             q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
             cu_seqlens=cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu, A_log=A_log, dt_bias=dt_bias,
@@ -145,6 +148,18 @@ def chunk_kda(
         o, S, _, _ = chunk_kda_fwd(q, k, v, g, beta, initial_state=initial_state, A_log=A_log, dt_bias=dt_bias,
                                    **opts)
     return o, (S if output_final_state else None)
+
+
+def _check_compiled_call(check_g, plan) -> None:
+    """Under ``torch.compile`` the operators launch with ``plan_for(device)`` and cannot read ``g``
+    back (a host synchronisation): an explicit request for either is refused, not ignored."""
+    if check_g:
+        raise ValueError("check_g: checking g's domain reads it back to the host, which a compiled graph does not "
+                         "do; check g before the compiled region (kda_explained.validation.check_g_domain) or call "
+                         "this function eagerly")
+    if plan is not None:
+        raise ValueError("plan: under torch.compile the operators launch with plan_for(device); a custom plan "
+                         "applies to eager calls")
 
 
 def fused_recurrent_kda(
@@ -213,6 +228,7 @@ def fused_recurrent_kda(
         isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v, g, beta, initial_state, A_log, dt_bias))
     if torch.compiler.is_compiling() and not wants_grad and out is None and num_accepted_tokens is None:
         # one operator node for the graph (kda_explained.fast.ops); a pool is its declared mutated argument
+        _check_compiled_call(check_g, plan)
         return fused_recurrent_compiled(
             q, k, v, g, beta, A_log=A_log, dt_bias=dt_bias, scale=scale, initial_state=initial_state,
             output_final_state=output_final_state, cu_seqlens=cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu,
