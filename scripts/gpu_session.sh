@@ -36,10 +36,10 @@ for step in "${steps[@]}"; do
     case "$step" in
         tests)  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fast_gpu.py tests/test_layers.py tests/test_decode_step.py ;;
         tests-all) # every gpu-marked test, over pytest-xdist workers where the machine has it
-                python3 -m pytest -q -m gpu -p no:cacheprovider -n "${NPROC:-6}" tests/ \
+                python3 -m pytest -q -m gpu -p no:cacheprovider -n "${NPROC:-4}" tests/ \
                     || echo "== tests-all: pytest exited $?"
                 # the device-agnostic compile and decoding-step tests, on the GPU (inductor, CUDA graphs)
-                python3 -m pytest -q -p no:cacheprovider -n "${NPROC:-6}" tests/test_compile.py \
+                python3 -m pytest -q -p no:cacheprovider -n "${NPROC:-4}" tests/test_compile.py \
                     tests/test_decode_step.py || echo "== tests-all (compile, decode step): pytest exited $?" ;;
         warm)   # compile every kernel the benchmarks time, one background process a shape, into .tcache
                 # (the benchmarks then find them compiled; the autotuners still choose on an idle GPU)

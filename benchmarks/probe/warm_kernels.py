@@ -3,7 +3,9 @@
 flash-linear-attention autotunes its kernels cold on each new shape, which costs minutes of compilation a shape.
 Run several of these at once, one process per shape, with ``TRITON_CACHE_DIR`` pointing at a folder the timed run
 reads too, and without ``TRITON_CACHE_AUTOTUNING``: the compiled kernels are reused, the autotuner's choices are
-not (the timed run benchmarks every configuration again, on an otherwise idle GPU).
+not (the timed run benchmarks every configuration again, on an otherwise idle GPU). Each process
+keeps to ``KDA_WARM_MEMORY_FRACTION`` of the GPU's memory (default 0.08), so that seven of them
+leave room for tests running beside them.
 
     python benchmarks/probe/warm_kernels.py fwd B8_T4096_H16
     python benchmarks/probe/warm_kernels.py train B1_T8192_H96
@@ -31,6 +33,8 @@ def main() -> None:
     from fla.ops.kda import chunk_kda as fla_kda, fused_recurrent_kda as fla_rec
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_gdn
 
+    # several of these run beside the GPU tests: each keeps to a share of the memory
+    torch.cuda.set_per_process_memory_fraction(float(os.environ.get("KDA_WARM_MEMORY_FRACTION", "0.08")))
     t0 = time.time()
     if what == "fwd":
         shp = next(s for s in gpu_bench.PREFILL if s["name"] == name)
