@@ -128,6 +128,20 @@ class DecodeConfig:
     launch: KernelLaunch = KernelLaunch(warps=2, BV=64)
 
 
+@dataclass(frozen=True)
+class StepConfig:
+    """A decoding step's kernels (:mod:`kda_explained.fast.step`). ``conv_block``: channels per program
+    of the short convolution; ``norm_elements``: elements per program of the gated norm (whole rows,
+    at most 16 of them); ``attention_block``: keys per loop block of the split-key attention, and
+    ``attention_programs``: the programs its splits aim for in one step (a few per SM, so that one
+    row and head at batch 1 still spreads over the GPU)."""
+
+    conv_block: int = 256
+    norm_elements: int = 4096
+    attention_block: int = 64
+    attention_programs: int = 512
+
+
 def _default_backward_launches() -> dict:
     return {
         "output": KernelLaunch(warps=8, BV=64),
@@ -177,6 +191,7 @@ class Plan:
     state: StateConfig = StateConfig()
     output: OutputConfig = OutputConfig()
     decode: DecodeConfig = DecodeConfig()
+    step: StepConfig = StepConfig()
     backward: BackwardConfig = field(default_factory=BackwardConfig)
 
 

@@ -25,6 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..chunked.step import check_decode_attention, check_gated_rms_norm, check_short_conv_step
+from .config import StepConfig, plan_for
 
 __all__ = ["short_conv_step", "gated_rms_norm", "decode_attention"]
 
@@ -166,19 +167,16 @@ def _decode_attention_combine_kernel(
     tl.store(o + i_bh * DH + o_d, b_o.to(o.dtype.element_ty), mask=m_d)
 
 
-#: Keys per loop block, and the programs the splits aim to give a decoding step (a few per SM).
-_DECODE_BN, _DECODE_PROGRAMS = 64, 512
-
-
-def decode_attention_splits(BH: int, L: int) -> tuple:
+def decode_attention_splits(BH: int, L: int, config: StepConfig = StepConfig()) -> tuple:
     """``(S, SPLIT)``: how many splits of how many keys each for ``BH`` rows x heads over ``L`` positions.
 
     From shapes alone (a captured step's launch is fixed): enough splits for about
-    ``_DECODE_PROGRAMS`` programs, each a whole number of ``_DECODE_BN``-key blocks.
+    ``config.attention_programs`` programs, each a whole number of ``config.attention_block``-key blocks.
     """
-    blocks = triton.cdiv(max(L, 1), _DECODE_BN)
-    S = max(1, min(blocks, triton.cdiv(_DECODE_PROGRAMS, max(BH, 1)), 1024))
-    SPLIT = triton.cdiv(blocks, S) * _DECODE_BN
+    BN = config.attention_block
+    blocks = triton.cdiv(max(L, 1), BN)
+    S = max(1, min(blocks, triton.cdiv(config.attention_programs, max(BH, 1)), 1024))
+    SPLIT = triton.cdiv(blocks, S) * BN
     return triton.cdiv(max(L, 1), SPLIT), SPLIT
 
 
@@ -188,7 +186,8 @@ def decode_attention_op(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, leng
     contiguous int8, ``length [1]`` int64."""
     B, H, DH = q.shape
     L = k.shape[2]
-    S, SPLIT = decode_attention_splits(B * H, L)
+    config = plan_for(q.device).step
+    S, SPLIT = decode_attention_splits(B * H, L, config)
     f32 = dict(dtype=torch.float32, device=q.device)
     m, lse = torch.empty(B * H, S, **f32), torch.empty(B * H, S, **f32)
     acc = torch.empty(B * H, S, DH, **f32)
@@ -197,7 +196,7 @@ def decode_attention_op(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, leng
     if B * H:
         _decode_attention_split_kernel[(B * H, S)](
             q, k, v, key_valid, length, m, lse, acc, H, L, S, SPLIT, k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), DH ** -0.5, DH=DH, BD=BD, BN=_DECODE_BN)
+            v.stride(0), v.stride(1), v.stride(2), DH ** -0.5, DH=DH, BD=BD, BN=config.attention_block)
         _decode_attention_combine_kernel[(B * H,)](m, lse, acc, o, S, DH=DH, BD=BD, BS=triton.next_power_of_2(S))
     return o
 
@@ -213,7 +212,7 @@ def short_conv_step_op(x: Tensor, conv_state: Tensor, weight: Tensor) -> Tensor:
     N, C = x.shape
     W = weight.shape[1]
     y = torch.empty_like(x)
-    BC = min(triton.next_power_of_2(max(C, 1)), 256)
+    BC = min(triton.next_power_of_2(max(C, 1)), plan_for(x.device).step.conv_block)
     if N and C:
         _short_conv_step_kernel[(N, triton.cdiv(C, BC))](x, conv_state, weight, y, C, *conv_state.stride(), W=W,
                                                          BW=triton.next_power_of_2(W), BC=BC)
@@ -232,7 +231,7 @@ def gated_rms_norm_op(x: Tensor, gate: Tensor, weight: Tensor, eps: float) -> Te
     R = x.numel() // K if K else 0
     y = torch.empty_like(x)
     BK = triton.next_power_of_2(max(K, 1))
-    BR = max(1, min(16, 4096 // BK))
+    BR = max(1, min(16, plan_for(x.device).step.norm_elements // BK))
     if R:
         _gated_rms_norm_kernel[(triton.cdiv(R, BR),)](x, gate, weight, y, R, float(eps), K=K, BK=BK, BR=BR)
     return y
