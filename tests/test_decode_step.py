@@ -291,3 +291,32 @@ def test_decode_attention_op_passes_opcheck():
         torch.randn(2, 2, 70, 16, device=DEVICE)
     valid = torch.ones(2, 70, dtype=torch.int8, device=DEVICE)
     torch.library.opcheck(decode_attention_op, (q, k, v, valid, torch.tensor([40], device=DEVICE)))
+
+
+@pytest.mark.parametrize("backend", ["chunked", "fast"])
+def test_static_steps_then_plain_forward_continue_the_same_cache(backend):
+    """The decoder's host bookkeeping (lengths, padding mask) lets the plain forward carry on after it."""
+    model = tiny_model(backend)
+    prompt, mask = padded_prompt()
+    tokens = torch.tensor([[3], [7], [11]], device=DEVICE)
+    with torch.no_grad():
+        c_ref, c_mix = model.init_cache(3, capacity=12), model.init_cache(3, capacity=12)
+        model(prompt, attention_mask=mask, cache=c_ref)
+        model(prompt, attention_mask=mask, cache=c_mix)
+        ref = [model(tokens, cache=c_ref)[:, -1] for _ in range(5)]
+        dec = model.decoder(c_mix, capture=False)
+        mixed = [dec(tokens) for _ in range(3)]
+        dec.close()
+        mixed += [model(tokens, cache=c_mix)[:, -1] for _ in range(2)]
+    for a, b in zip(mixed, ref):
+        assert rel_rms_error(a, b) < 1e-5
+    assert c_mix.length == c_ref.length == 11 and torch.equal(c_mix.mask, c_ref.mask)
+
+
+def test_compiled_static_decoder_on_the_fast_backend():
+    """The static step through torch.compile with the fast layer's operators (interpreter on a CPU)."""
+    model = tiny_model("fast")
+    prompt, _ = padded_prompt()
+    eager = model.generate(prompt, 4)
+    torch._dynamo.reset()
+    assert torch.equal(model.generate(prompt, 4, cuda_graph=True, compile="aot_eager"), eager)
