@@ -320,3 +320,35 @@ def test_compiled_static_decoder_on_the_fast_backend():
     eager = model.generate(prompt, 4)
     torch._dynamo.reset()
     assert torch.equal(model.generate(prompt, 4, cuda_graph=True, compile="aot_eager"), eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B, H, L, n", [(1, 16, 262144, 262144), (4, 16, 200_000, 150_001), (64, 16, 8192, 4097)])
+def test_decode_attention_gpu_real_sizes(B, H, L, n):
+    """Split-key attention at real sizes (bf16, Dh = 128): many splits, offsets past 2^31 bytes."""
+    torch.manual_seed(n)
+    q = torch.randn(B, H, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, H, L, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    valid = torch.rand(B, L, device="cuda") > 0.1
+    valid[:, n - 1] = True
+    length = torch.tensor([n], device="cuda")
+    ref = chunked.decode_attention(q.float(), k.float(), v.float(), valid, length)
+    assert rel_rms_error(fast.decode_attention(q, k, v, valid, length), ref) < 1e-2
+
+
+@pytest.mark.gpu
+def test_short_conv_step_and_norm_gpu_real_sizes():
+    torch.manual_seed(0)
+    x = torch.randn(256, 4096, device="cuda", dtype=torch.bfloat16)
+    state = torch.randn(256, 4096, 3, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4096, 1, 4, device="cuda")
+    s_fast = state.clone()
+    with torch.no_grad():
+        ref = chunked.short_conv_step(x.double(), state.double(), w.double())
+        y = fast.short_conv_step(x, s_fast, w)
+    assert rel_rms_error(y, ref) < 1e-2
+    assert torch.equal(s_fast, torch.cat([state[:, :, 1:], x[:, :, None]], 2))
+    o, gate = (torch.randn(256, 32, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    weight = torch.rand(128, device="cuda")
+    ref = chunked.gated_rms_norm(o.double(), gate.double(), weight.double(), 1e-5)
+    assert rel_rms_error(fast.gated_rms_norm(o, gate, weight, 1e-5), ref) < 1e-2
