@@ -66,11 +66,12 @@ def main() -> None:
         if shp is gpu_train_bench.SHAPES[0]:
             gpu_train_bench.grad_accuracy({"fast": fast.chunk_kda, "fla": fla_kda}, "cuda", torch.bfloat16)
     elif what == "decode":
-        N, H, D = gpu_bench.DECODE["N"], gpu_bench.DECODE["H"], gpu_bench.DECODE["D"]
-        q, k, v, g, beta = gpu_bench.make_inputs(N, 1, H, D, seed=1)
-        pool = torch.randn(N, H, D, D, device="cuda") * 0.1
-        with torch.inference_mode():
-            fla_rec(q, k, v, g, beta, initial_state=pool, output_final_state=True)
+        H, D = gpu_bench.DECODE["H"], gpu_bench.DECODE["D"]
+        for N in gpu_bench.DECODE["N"]:
+            q, k, v, g, beta = gpu_bench.make_inputs(N, 1, H, D, seed=1)
+            pool = torch.randn(N, H, D, D, device="cuda") * 0.1
+            with torch.inference_mode():
+                fla_rec(q, k, v, g, beta, initial_state=pool, output_final_state=True)
     else:
         raise SystemExit(f"what must be fwd, train or decode, not {what!r}")
     torch.cuda.synchronize()
