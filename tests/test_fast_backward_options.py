@@ -13,6 +13,8 @@ import torch
 from kda_explained import chunked
 from kda_explained.fast.backward_options import gate_cumsum_bwd, l2norm_bwd
 from fast_cases import DEVICE, F32, assert_close
+from kda_explained.numerics import gate_floor
+from kda_explained.testing import rel_rms_error
 
 
 @pytest.mark.parametrize("sigmoid", [False, True], ids=["beta", "beta_sigmoid"])
@@ -63,3 +65,31 @@ def test_l2norm_bwd_matches_autograd():
     dx = l2norm_bwd(x.float(), dy.float())
     assert dx.dtype == torch.float32 and torch.isfinite(dx).all()
     assert_close(dx, xl.grad, F32, "dx")
+
+
+def test_gate_backward_below_the_floor_is_the_clamps():
+    """Raw gates large enough that some ``g`` fall below float32's gate floor: the gradients are those
+    of the clamp at that floor (zero below it), not those of the unclamped float64 gate."""
+    B, T, HV, K, C = 1, 45, 2, 40, 16
+    cu = torch.tensor([0, 13, 13, 45], device=DEVICE)
+    gen = torch.Generator().manual_seed(7)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(DEVICE)
+
+    x, dG, A_log, dt_bias = randn(B, T, HV, K) * 20, randn(B, T, HV, K), 1 + 0.1 * randn(HV), randn(HV, K)
+    floor = gate_floor("float32")
+    assert int((chunked.kda_gate(x, A_log, dt_bias) < floor).sum()) > 10  # the case is the one it names
+    out = gate_cumsum_bwd(dG.float(), C, cu, g=x.float(), use_gate_in_kernel=True, A_log=A_log.float(),
+                          dt_bias=dt_bias.float())
+    for clamp in (False, True):
+        xg, Ag, biasg = (t.clone().requires_grad_(True) for t in (x, A_log, dt_bias))
+        g = chunked.kda_gate(xg, Ag, biasg)
+        g = g.clamp(min=floor) if clamp else g
+        (chunked.chunk_local_cumsum(g, C, cu) * dG).sum().backward()
+        errors = [rel_rms_error(out.dg, xg.grad), rel_rms_error(out.dA_log, Ag.grad),
+                  rel_rms_error(out.ddt_bias, biasg.grad)]
+        if clamp:
+            assert max(errors) < F32, errors
+        else:  # the unclamped reference's gradients below the floor are what the clamp zeroes
+            assert max(errors) > 100 * F32, errors
