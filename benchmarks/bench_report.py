@@ -1,4 +1,4 @@
-"""Tables of the stored benchmark results, as Markdown: read, never run.
+"""The stored benchmark results: written once by each script (:func:`write`), read into Markdown tables.
 
 Usage::
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from pathlib import Path
 from typing import Optional
@@ -30,6 +31,23 @@ PREFILL_TIMES = {
 }
 #: The two floors of a prefill row (the measured copy bandwidth and bf16 matmul rate of the run).
 PREFILL_FLOORS = {"bytes_floor_ms": "bytes floor", "flops_floor_ms": "FLOPs floor"}
+
+
+def write(results: dict, out: str, stem: str, plot, log) -> str:
+    """Write ``<out>/<stem>.json`` and, with ``plot(results, path)``, ``<stem>.png``; return the JSON's path.
+
+    The JSON is the record: a plot that cannot be drawn (no matplotlib) is logged and skipped.
+    """
+    path = os.path.join(out, stem + ".json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    log(f"wrote {path}")
+    try:
+        plot(results, os.path.join(out, stem + ".png"))
+        log(f"wrote {os.path.join(out, stem + '.png')}")
+    except ImportError as exc:
+        log(f"plot skipped: {exc!r}")
+    return path
 
 
 def load(name: str, results: Path = RESULTS) -> Optional[dict]:

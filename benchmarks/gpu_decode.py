@@ -38,7 +38,6 @@ those modes. A CPU run never writes into ``benchmarks/results/``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -49,10 +48,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_report, beside this script
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from kda_explained.layers import HybridConfig, HybridLM, KDACache, cache_memory  # noqa: E402
 from kda_explained.layers.hybrid import KVCache  # noqa: E402
+import bench_report  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MODES = ("eager", "compiled", "graph")
@@ -381,16 +382,7 @@ def main(argv: Optional[List[str]] = None) -> str:
                   "ms_per_token = ms_per_step / batch",
         "rows": rows_h + rows_a,
     }
-    path = os.path.join(out, stem + ".json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
-    log(f"wrote {path}")
-    try:
-        plot(results, os.path.join(out, stem + ".png"))
-        log(f"wrote {os.path.join(out, stem + '.png')}")
-    except ImportError as exc:  # the JSON is the record; a missing matplotlib must not lose it
-        log(f"plot skipped: {exc!r}")
-    return path
+    return bench_report.write(results, out, stem, plot, log)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ writes into ``benchmarks/results/``, and says nothing about speed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -45,12 +44,14 @@ if "--cpu-smoke" in sys.argv[1:]:
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_report, beside this script
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from kda_explained import chunked, fast  # noqa: E402
 from kda_explained.fast import dplr as fast_dplr  # noqa: E402
 from kda_explained.fast._meta import interpreting  # noqa: E402
 from kda_explained.testing import TOLERANCES, rel_rms_error  # noqa: E402
+import bench_report  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FULL = {"B": 1, "H": 16, "D": 128, "lengths": [2048, 4096, 8192, 16384, 32768, 65536], "dtype": torch.bfloat16,
@@ -234,16 +235,7 @@ def main(argv: Optional[List[str]] = None) -> str:
         "accuracy": acc,
         "rows": rows,
     }
-    path = os.path.join(out, stem + ".json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
-    log(f"wrote {path}")
-    try:
-        plot(results, os.path.join(out, stem + ".png"))
-        log(f"wrote {os.path.join(out, stem + '.png')}")
-    except ImportError as exc:  # the JSON is the record; a missing matplotlib must not lose it
-        log(f"plot skipped: {exc!r}")
-    return path
+    return bench_report.write(results, out, stem, plot, log)
 
 
 if __name__ == "__main__":

@@ -72,9 +72,9 @@ import triton.language as tl
 
 from ..chunked.kda import as_tensor_cu_seqlens, require_tensors
 from ..validation import check_chunk_size, check_floating, check_kda_inputs, check_shape
-from ._meta import SeqMeta, dot_precision, interpreter_set_too_late, interpreting, seq_meta, tile
+from ._meta import SeqMeta, dot_precision, seq_meta, tile
 from .config import KernelLaunch
-from .inputs import FAST_CHUNK_SIZES
+from .inputs import FAST_CHUNK_SIZES, check_fast_device, check_fast_dtypes
 from .local import intermediate_dtype
 from .prepare import chunk_local_cumsum
 
@@ -760,16 +760,8 @@ def _check_inputs(q, k, v, a, b, g, scale, initial_state, cu_seqlens):
         check_shape(name, x, g.shape, "B, T, HV, K", "like g")
         if x.device != g.device:
             raise ValueError(f"{name}: expected on device {g.device} like g, got {x.device}")
-    if q.device.type != "cuda" and interpreter_set_too_late():
-        raise RuntimeError(
-            "TRITON_INTERPRET=1 was set after kda_explained.fast was imported: set it before the first import "
-            "of kda_explained.fast (or of triton)")
-    if q.device.type != "cuda" and not interpreting():
-        raise ValueError(f"q: expected a CUDA tensor for the Triton kernels (or TRITON_INTERPRET=1 to run them on "
-                         f"the CPU), got device {q.device}")
-    for name, x in (("q", q), ("k", k), ("v", v), ("a", a), ("b", b)):
-        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise TypeError(f"{name}: expected float32, bfloat16 or float16 for the fast layer, got {x.dtype}")
+    check_fast_device(q)
+    check_fast_dtypes(q=q, k=k, v=v, a=a, b=b)
     if p.K > DPLR_MAX_HEAD_DIM or p.V > DPLR_MAX_HEAD_DIM:
         raise ValueError(f"q, v: expected head dims K, V <= {DPLR_MAX_HEAD_DIM}, got K = {p.K}, V = {p.V}")
     if torch.is_grad_enabled():

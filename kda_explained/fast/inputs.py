@@ -16,15 +16,41 @@ from ..chunked.kda import require_tensors
 from ..validation import check_g_domain, check_kda_inputs, cu_seqlens_values
 from ._meta import interpreter_set_too_late, interpreting
 
-__all__ = ["check_fast_inputs", "resolve_fla_kwargs", "FAST_CHUNK_SIZES", "MAX_HEAD_DIM", "CHECK_G_ENV"]
+__all__ = ["check_fast_inputs", "check_fast_device", "check_fast_dtypes", "resolve_fla_kwargs", "FAST_CHUNK_SIZES",
+           "FAST_DTYPES", "MAX_HEAD_DIM", "CHECK_G_ENV"]
 
 #: Chunk sizes the kernels take (multiples of the 16-token sub-chunk).
 FAST_CHUNK_SIZES = (16, 32, 64)
 #: Largest K and V; a state tile ``[K, BV]`` and the ``[BT, K]`` tiles live in registers.
 MAX_HEAD_DIM = 256
+#: The dtypes the kernels take (they compute in float32 whatever the storage).
+FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: Set to 1 to make every fast call read ``g`` and refuse values outside ``[-inf, 0]`` (the
 #: ``check_g`` argument's default). Off by default: the check waits for the GPU.
 CHECK_G_ENV = "KDA_EXPLAINED_CHECK_G"
+
+
+def check_fast_device(q: torch.Tensor) -> None:
+    """Raise unless the Triton kernels can run on ``q``'s device: CUDA, or the CPU under the
+    interpreter, set before the kernels were defined."""
+    if q.device.type != "cuda" and interpreter_set_too_late():
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was set after kda_explained.fast was imported: Triton reads it when the kernels "
+            "are defined, so set it before the first import of kda_explained.fast (or of triton), e.g. "
+            "os.environ['TRITON_INTERPRET'] = '1' at the top of the script"
+        )
+    if q.device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"q: expected a CUDA tensor for the Triton kernels (or TRITON_INTERPRET=1 to run them on the CPU), "
+            f"got device {q.device}"
+        )
+
+
+def check_fast_dtypes(**tensors: torch.Tensor) -> None:
+    """Raise :class:`TypeError` naming the first tensor whose dtype the kernels do not take."""
+    for name, x in tensors.items():
+        if x.dtype not in FAST_DTYPES:
+            raise TypeError(f"{name}: expected float32, bfloat16 or float16 for the fast layer, got {x.dtype}")
 
 
 def check_fast_inputs(q, k, v, g, beta, *, scale, initial_state, cu_seqlens, state_v_first=False,
@@ -59,22 +85,10 @@ def check_fast_inputs(q, k, v, g, beta, *, scale, initial_state, cu_seqlens, sta
     else:
         initial_state_kv = initial_state
     p = check_kda_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state_kv, cu_seqlens=offsets)
-    if q.device.type != "cuda" and interpreter_set_too_late():
-        raise RuntimeError(
-            "TRITON_INTERPRET=1 was set after kda_explained.fast was imported: Triton reads it when the kernels "
-            "are defined, so set it before the first import of kda_explained.fast (or of triton), e.g. "
-            "os.environ['TRITON_INTERPRET'] = '1' at the top of the script"
-        )
-    if q.device.type != "cuda" and not interpreting():
-        raise ValueError(
-            f"q: expected a CUDA tensor for the Triton kernels (or TRITON_INTERPRET=1 to run them on the CPU), "
-            f"got device {q.device}"
-        )
+    check_fast_device(q)
     if p.K > MAX_HEAD_DIM or p.V > MAX_HEAD_DIM:
         raise ValueError(f"q, v: expected head dims K, V <= {MAX_HEAD_DIM}, got K = {p.K}, V = {p.V}")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise TypeError(f"{name}: expected float32, bfloat16 or float16 for the fast layer, got {x.dtype}")
+    check_fast_dtypes(q=q, k=k, v=v)
     if check_g is None:
         check_g = os.environ.get(CHECK_G_ENV, "0") not in ("", "0")
     if check_g:

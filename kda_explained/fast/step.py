@@ -26,10 +26,9 @@ from torch import Tensor
 
 from ..chunked.step import check_decode_attention, check_gated_rms_norm, check_short_conv_step
 from .config import StepConfig, plan_for
+from .inputs import check_fast_dtypes
 
 __all__ = ["short_conv_step", "gated_rms_norm", "decode_attention"]
-
-_FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -243,9 +242,8 @@ def _(x, gate, weight, eps):
 
 
 def _check_fast(op: str, **tensors) -> None:
+    check_fast_dtypes(**tensors)
     for name, t in tensors.items():
-        if t.dtype not in _FAST_DTYPES:
-            raise TypeError(f"{name}: expected float32, bfloat16 or float16 for the fast layer, got {t.dtype}")
         if torch.is_grad_enabled() and t.requires_grad:
             raise ValueError(f"{name}: {op} is a decoding step with no backward, got a tensor that requires grad "
                              f"(call it under torch.no_grad() or torch.inference_mode())")

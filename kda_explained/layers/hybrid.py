@@ -209,6 +209,15 @@ class Block(nn.Module):
             x = x + self.mixer(h, key_mask=key_mask, cache=cache)
         return x + self.mlp(self.mlp_norm(x))
 
+    def step(self, x, cache, position: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+        """``forward`` for one token per row ``x [B, 1, D]`` on fixed buffers (:class:`StaticDecoder`)."""
+        h = self.attn_norm(x)
+        if self.kind == "kda":
+            x = x + self.mixer.step(h[:, 0], cache)[:, None]
+        else:
+            x = x + self.mixer.step(h, cache, position, key_valid)
+        return x + self.mlp(self.mlp_norm(x))
+
 
 @dataclass
 class HybridCache:
@@ -512,12 +521,7 @@ class StaticDecoder:
         model, cache = self.model, self.cache
         x = model.embed(self.token)  # [B, 1, D]
         for blk, c in zip(model.layers, cache.layers):
-            h = blk.attn_norm(x)
-            if blk.kind == "kda":
-                x = x + blk.mixer.step(h[:, 0], c)[:, None]
-            else:
-                x = x + blk.mixer.step(h, c, self.position, self.key_valid)
-            x = x + blk.mlp(blk.mlp_norm(x))
+            x = blk.step(x, c, self.position, self.key_valid)
         self.position.add_(1)
         return model.lm_head(model.norm(x))[:, 0]  # [B, vocab]
 
