@@ -92,6 +92,27 @@ def test_fast_step_kernels_refuse_float64_and_gradients():
         fast.short_conv_step(x.float(), state, w.requires_grad_())
 
 
+def test_fast_step_kernels_refuse_cpu_tensors_without_the_interpreter():
+    """In a process whose kernels were defined without the interpreter: each kernel names its first argument."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import torch\nimport kda_explained.fast as fast\nx = torch.randn(2, 8)\n"
+              "calls = [lambda: fast.short_conv_step(x, torch.randn(2, 8, 3), torch.randn(8, 4)),\n"
+              "         lambda: fast.gated_rms_norm(x, x, torch.ones(8), 1e-5),\n"
+              "         lambda: fast.decode_attention(torch.randn(1, 1, 8), torch.randn(1, 1, 5, 8),\n"
+              "                                       torch.randn(1, 1, 5, 8), torch.ones(1, 5, dtype=torch.bool),\n"
+              "                                       torch.tensor([3]))]\n"
+              "for call in calls:\n    try:\n        call()\n    except ValueError as e:\n        print('ERROR:', e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    errors = [line for line in out.stdout.splitlines() if line.startswith("ERROR:")]
+    assert [e.split(":")[1].strip() for e in errors] == ["x", "x", "q"], out.stdout + out.stderr[-2000:]
+    assert all("expected a CUDA tensor" in e and "got device cpu" in e for e in errors), out.stdout
+
+
 def test_short_conv_step_on_a_strided_window():
     """The window may be a view into a larger cache (transformers stacks q, k and v's channels)."""
     torch.manual_seed(5)

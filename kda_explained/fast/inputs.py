@@ -30,9 +30,9 @@ FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CHECK_G_ENV = "KDA_EXPLAINED_CHECK_G"
 
 
-def check_fast_device(q: torch.Tensor) -> None:
+def check_fast_device(q: torch.Tensor, name: str = "q") -> None:
     """Raise unless the Triton kernels can run on ``q``'s device: CUDA, or the CPU under the
-    interpreter, set before the kernels were defined."""
+    interpreter, set before the kernels were defined. ``name``: the argument the message names."""
     if q.device.type != "cuda" and interpreter_set_too_late():
         raise RuntimeError(
             "TRITON_INTERPRET=1 was set after kda_explained.fast was imported: Triton reads it when the kernels "
@@ -41,7 +41,7 @@ def check_fast_device(q: torch.Tensor) -> None:
         )
     if q.device.type != "cuda" and not interpreting():
         raise ValueError(
-            f"q: expected a CUDA tensor for the Triton kernels (or TRITON_INTERPRET=1 to run them on the CPU), "
+            f"{name}: expected a CUDA tensor for the Triton kernels (or TRITON_INTERPRET=1 to run them on the CPU), "
             f"got device {q.device}"
         )
 

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..chunked.step import check_decode_attention, check_gated_rms_norm, check_short_conv_step
 from .config import StepConfig, plan_for
-from .inputs import check_fast_dtypes
+from .inputs import check_fast_device, check_fast_dtypes
 
 __all__ = ["short_conv_step", "gated_rms_norm", "decode_attention"]
 
@@ -242,6 +242,8 @@ def _(x, gate, weight, eps):
 
 
 def _check_fast(op: str, **tensors) -> None:
+    name, first = next(iter(tensors.items()))
+    check_fast_device(first, name)
     check_fast_dtypes(**tensors)
     for name, t in tensors.items():
         if torch.is_grad_enabled() and t.requires_grad:
