@@ -125,7 +125,7 @@ def decode_sweep(N=256, H=32, D=128):
         print(f"decode slots, CUDA graph: {ms:.4f} ms {res['slots_cuda_graph']['GBps']:.0f} GB/s", flush=True)
         for bv in (16, 32, 64):
             for w in (2, 4):
-                plan = replace(PLAN, decode=DecodeConfig(KernelLaunch(warps=w, BV=bv)))
+                plan = replace(PLAN, decode=DecodeConfig(KernelLaunch(warps=w, BV=bv), min_programs_per_sm=0))
                 ms = bench(lambda: fast.fused_recurrent_kda(q, k, v, g, beta, initial_state=pool,
                                                             ssm_state_indices=slots, plan=plan))
                 res[f"BV{bv}_w{w}"] = {"ms": ms, "GBps": 2 * N * H * D * D * 4 / (ms * 1e-3) / 1e9}

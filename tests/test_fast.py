@@ -922,6 +922,35 @@ def test_fused_recurrent_state_pool(slots, state_v_first):
             assert_close(o[:, bos:eos], o_ref[:, bos:eos], F32, f"o of sequence {n}")
 
 
+def test_decode_value_tile_spreads_few_sequences(monkeypatch):
+    """On an H100-sized GPU (132 SMs): one sequence of 32 heads at 64 columns a program would leave half the
+    SMs idle, so its tile narrows; eight sequences and a serving batch keep 64 columns."""
+    from kda_explained.fast import recurrent
+    from kda_explained.fast.config import DecodeConfig
+
+    monkeypatch.setattr(recurrent, "sm_count", lambda device: 132)
+    tiles = {N: recurrent.decode_value_tile(N * 32, 128, "cuda", DecodeConfig()) for N in (1, 4, 8, 256)}
+    assert tiles == {1: 16, 4: 32, 8: 64, 256: 64}
+    assert recurrent.decode_value_tile(32, 128, "cuda", DecodeConfig(min_programs_per_sm=0)) == 64
+    assert recurrent.decode_value_tile(32, 24, "cuda", DecodeConfig()) == 16  # never wider than V's tile
+
+
+def test_fused_recurrent_narrow_value_tile_is_the_same_function():
+    """A 16-column tile (what a few sequences get on a large GPU) against the default's 64 columns, at
+    a V that is not a multiple of 16 and with a state pool read through slots."""
+    from kda_explained.fast.config import DecodeConfig
+
+    p = make_problem(T=4, H=1, HV=2, K=32, V=40, cu_seqlens=[0, 1, 4], initial_state=True, seed=3)
+    args, kw = inputs(p)
+    narrow = replace(plan_for(DEVICE), decode=DecodeConfig(min_programs_per_sm=1e9))  # always halve to 16
+    o, S = fast.fused_recurrent_kda(*args, **kw, output_final_state=True)
+    o16, S16 = fast.fused_recurrent_kda(*args, **kw, output_final_state=True, plan=narrow)
+    assert torch.equal(o, o16) and torch.equal(S, S16)
+    o_ref, S_ref = reference(*args, **kw)
+    assert_close(o16, o_ref, F32, "o")
+    assert_close(S16, S_ref, F32, "final state")
+
+
 def test_fused_recurrent_inplace_final_state():
     args, kw = inputs(make_problem(B=2, T=5, H=1, HV=2, K=16, V=16, initial_state=True, seed=9))
     S0 = kw["initial_state"]

@@ -123,9 +123,14 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """The token-by-token kernel (:func:`~kda_explained.fast.recurrent.fused_recurrent_kda_fwd`)."""
+    """The token-by-token kernel (:func:`~kda_explained.fast.recurrent.fused_recurrent_kda_fwd`).
+
+    ``launch.BV`` is the widest value tile; it halves (down to 16) while the grid holds fewer than
+    ``min_programs_per_sm`` programs per SM, so that a few sequences still stream their states
+    through every SM (0: always ``launch.BV``)."""
 
     launch: KernelLaunch = KernelLaunch(warps=2, BV=64)
+    min_programs_per_sm: float = 2.0
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._meta import tile
+from ._meta import sm_count, tile
 from .config import DecodeConfig, plan_for
 
-__all__ = ["fused_recurrent_kda_fwd"]
+__all__ = ["fused_recurrent_kda_fwd", "decode_value_tile"]
 
 
 @triton.jit
@@ -156,6 +156,19 @@ def _fused_recurrent_kernel(
             tl.store(o + (t * HV + i_hv) * V + o_v, tl.zeros([BV], dtype=o.dtype.element_ty), mask=m_v)
 
 
+def decode_value_tile(sequences_x_heads: int, V: int, device, config: DecodeConfig) -> int:
+    """The value tile of the recurrent kernel: ``config.launch.BV`` columns (at most ``V``'s tile), halved
+    down to 16 while the grid holds fewer than ``config.min_programs_per_sm`` programs per SM.
+
+    A decoding step is bound by moving the states; a batch of a few sequences at 64 columns a program
+    leaves most SMs without a tile to stream (one sequence of 32 heads: 64 programs on 132 SMs).
+    """
+    BV = tile(V, config.launch.BV)
+    while BV > 16 and sequences_x_heads * triton.cdiv(V, BV) < config.min_programs_per_sm * sm_count(device):
+        BV //= 2
+    return BV
+
+
 def fused_recurrent_kda_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -204,8 +217,8 @@ def fused_recurrent_kda_fwd(
         first = (num_accepted_tokens.to(ssm_state_indices.dtype) - 1 if num_accepted_tokens is not None
                  else ssm_state_indices.new_zeros(N))
         ssm_state_indices = torch.cat([first[:, None], ssm_state_indices], dim=1)  # [N, 1 + S], on the device
-    launch = (config or plan_for(q.device).decode).launch
-    BV = tile(V, launch.BV)
+    config = config or plan_for(q.device).decode
+    BV = decode_value_tile(N * HV, V, q.device, config)
     HV_K = (HV, K)
     if N > 0:
         _fused_recurrent_kernel[(triton.cdiv(V, BV) * HV * N,)](
@@ -223,6 +236,6 @@ def fused_recurrent_kda_fwd(
             QK_L2NORM=use_qk_l2norm_in_kernel, USE_GATE=use_gate_in_kernel, HAS_A=A_log is not None,
             HAS_BIAS=dt_bias is not None, USE_LOWER_BOUND=lower_bound is not None,
             BETA_SIGMOID=use_beta_sigmoid_in_kernel, BETA_SCALE=2.0 if allow_neg_eigval else 1.0,
-            **({"SLOT_COLS": slot_cols} if slot_cols else {}), num_warps=launch.warps,
+            **({"SLOT_COLS": slot_cols} if slot_cols else {}), num_warps=config.launch.warps,
         )
     return o, final_state
