@@ -3,7 +3,7 @@
 # the gpu-marked tests, the accuracy check of every kernel, the per-stage timings, and the
 # benchmark against flash-linear-attention, writing into ${OUT:-benchmarks/results}.
 #
-#   bash scripts/gpu_session.sh [tests|tests-all|warm|wait-warm|tests-fwd|tests-bwd|check|decode-full|dplr|stages|bench|train|sweep|bwd|decode|profile|
+#   bash scripts/gpu_session.sh [tests|tests-all|warm|wait-warm|tests-fwd|tests-bwd|check|decode-full|dplr|pieces|stages|bench|train|sweep|bwd|decode|profile|
 #                                fwdprof|options ...]   (default: tests check stages bench)
 #
 # `tests` takes > 6 minutes on an H100, more than one device call holds beside other steps:
@@ -45,7 +45,7 @@ for step in "${steps[@]}"; do
                 # (the benchmarks then find them compiled; the autotuners still choose on an idle GPU)
                 export TRITON_CACHE_DIR=$PWD/.tcache
                 mkdir -p .tcache "$out/warm"
-                for a in "fwd B8_T4096_H16" "fwd B1_T8192_H96" "fwd B1_T65536_H16" "fwd varlen_H64" \
+                for a in "fwd B8_T4096_H16" "fwd B1_T8192_H96" "fwd B1_T65536_H16" "fwd varlen_H64" "fwd packed256_H32" \
                          "train B8_T4096_H16" "train B1_T8192_H96" "decode"; do
                     # shellcheck disable=SC2086
                     python3 benchmarks/probe/warm_kernels.py $a > "$out/warm/${a// /_}.log" 2>&1 &
@@ -64,9 +64,13 @@ for step in "${steps[@]}"; do
         decode) python3 benchmarks/gpu_decode.py --quick --out "$out" ;;
         decode-full) python3 benchmarks/gpu_decode.py --out "$out" ;;
         dplr)   python3 benchmarks/gpu_dplr_bench.py --out "$out" ;;
+        pieces) # one long sequence in pieces that run at once, against whole sequences and fla (forward)
+                python3 benchmarks/probe/variants.py --fwd default pieces2048 pieces4096 pieces8192 pieces16384 \
+                    pieces4096_chunk64 pieces8192_chunk64 --fwd-shapes B1_T65536_H16 varlen_H64 --train \
+                    --json pieces.json --out "$out" ;;
         profile) python3 benchmarks/probe/train_profile.py ;;
         fwdprof) python3 benchmarks/probe/fla_profile.py --chunk-sizes 16 32 64 ;;
-        *) echo "unknown step: $step (tests, tests-all, warm, wait-warm, tests-fwd, tests-bwd, check, decode-full, dplr, stages, bench, train, sweep, bwd, decode," \
+        *) echo "unknown step: $step (tests, tests-all, warm, wait-warm, tests-fwd, tests-bwd, check, decode-full, dplr, pieces, stages, bench, train, sweep, bwd, decode," \
                 "profile, fwdprof)"; exit 2 ;;
     esac
 done

@@ -171,6 +171,25 @@ def test_long_sequence():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype, bound", [(torch.bfloat16, LOW), (torch.float32, F32)], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("lengths", [None, [20000, 300, 12468]], ids=["one", "packed"])
+def test_long_sequences_in_pieces(dtype, bound, lengths):
+    # 32768 tokens cut into 4096-token pieces that run at once (the plan's piece_tokens), slow gates:
+    # the chain of pieces carries the state across thousands of tokens
+    args, kw = draw(1, 32768, 2, 2, seed=21, gate="slow", dtype=dtype, lengths=lengths)
+    plan = plan_for(DEVICE)
+    plan = replace(plan, forward=replace(plan.forward, piece_tokens=4096))
+    offsets = None if lengths is None else kw["cu_seqlens"].tolist()
+    assert fast_forward.inference_chunking(1, 32768, offsets, 2, 128, 128, DEVICE, plan.forward)[1] == 4096
+    with torch.inference_mode():
+        o, S = fast.chunk_kda(*args, **kw, output_final_state=True, plan=plan)
+    o_ref, S_ref = reference(*args, **kw)
+    assert o.dtype == dtype
+    assert_close(o, o_ref, bound, "o")
+    assert_close(S, S_ref, bound, "final state")
+
+
+@pytest.mark.gpu
 def test_many_heads_short_sequences():
     # B * H = 1536 programs per chunk, two chunks each
     args, kw = draw(96, 128, 16, 16, seed=3)

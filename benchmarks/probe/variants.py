@@ -95,6 +95,14 @@ VARIANTS = {
     "intra_tf32x3": (lambda p: R(p, backward=R(p.backward, intra_precision="tf32x3")), None),
     "ut_bwd_ieee": (lambda p: R(p, backward=R(p.backward, ut_precision="ieee")), None),
     "state_wy_unfused": (lambda p: R(p, backward=R(p.backward, state_wy_fused=False)), None),
+    # one long sequence in pieces that run at once (kda_explained.chunked.pieces): the piece length,
+    # and the pieces' chunk size (their own grid's choice, or 64 tokens)
+    "pieces2048": (lambda p: _fwd(p, piece_tokens=2048), None),
+    "pieces4096": (lambda p: _fwd(p, piece_tokens=4096), None),
+    "pieces8192": (lambda p: _fwd(p, piece_tokens=8192), None),
+    "pieces16384": (lambda p: _fwd(p, piece_tokens=16384), None),
+    "pieces4096_chunk64": (lambda p: _fwd(p, piece_tokens=4096, short_chunk=None), None),
+    "pieces8192_chunk64": (lambda p: _fwd(p, piece_tokens=8192, short_chunk=None), None),
 }
 
 
@@ -159,15 +167,21 @@ def main() -> None:
                     row["fla_safe_gate_ms"] = bench(lambda: fla_kda(q, k, v, g, beta, cu_seqlens=cu, safe_gate=True))
                     if shp is PREFILL[0]:
                         row["fla_safe_gate_err"] = rel_rms_error(fla_kda(*sl, safe_gate=True)[0], ref)
+            o_default = None
             for name in args.fwd:
                 plan, C = variant(name)
                 o = fast.chunk_kda(q, k, v, g, beta, cu_seqlens=cu, plan=plan, chunk_size=C)[0]
                 torch.cuda.synchronize()
+                if o_default is None:  # the first variant's output: what the others are compared with at every shape
+                    o_default = o
+                else:
+                    row[f"{name}_vs_{args.fwd[0]}"] = rel_rms_error(o, o_default)
                 row[f"{name}_ms"] = bench(lambda: fast.chunk_kda(q, k, v, g, beta, cu_seqlens=cu, plan=plan,
                                                                  chunk_size=C))
                 if shp is PREFILL[0]:
                     row[f"{name}_err"] = rel_rms_error(fast.chunk_kda(*sl, plan=plan, chunk_size=C)[0], ref)
                 del o
+            del o_default
         log(f"fwd {shp['name']:14s} " + "  ".join(
             f"{kk[:-3]} {vv:.3f}" + (f" ({vv / row['fla_ms']:.2f})" if "fla_ms" in row else "")
             for kk, vv in row.items() if kk.endswith("_ms")))

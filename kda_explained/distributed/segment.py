@@ -34,34 +34,10 @@ import torch
 
 from .. import chunked
 from ..chunked.kda import as_tensor_cu_seqlens, require_tensors
+from ..chunked.pieces import augment, split_augmented
 from ..validation import check_kda_inputs
 
-__all__ = ["segment_summary", "augment", "split_augmented"]
-
-
-def augment(v: torch.Tensor, initial_state: Optional[torch.Tensor], N: int, K: int,
-            state_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The augmented problem: values ``[v | 0]`` ``[B, T, HV, V + K]`` and state ``[S_0 | I]`` ``[N, HV, K, V + K]``.
-
-    ``S_0`` is ``initial_state`` or zeros; the state is in ``state_dtype``.
-
-    >>> import torch
-    >>> v_aug, S_aug = augment(torch.ones(1, 3, 2, 4), None, N=1, K=2, state_dtype=torch.float32)
-    >>> v_aug.shape, S_aug.shape
-    (torch.Size([1, 3, 2, 6]), torch.Size([1, 2, 2, 6]))
-    >>> S_aug[0, 0].tolist()                                  # [S_0 | I] of head 0: zeros, then the identity
-    [[0.0, 0.0, 0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]]
-    """
-    B, T, HV, V = v.shape
-    v_aug = torch.cat([v, v.new_zeros(B, T, HV, K)], dim=-1)  # [B, T, HV, V + K]
-    eye = torch.eye(K, dtype=state_dtype, device=v.device).expand(N, HV, K, K)
-    S0 = v.new_zeros(N, HV, K, V, dtype=state_dtype) if initial_state is None else initial_state.to(state_dtype)
-    return v_aug, torch.cat([S0, eye], dim=-1)  # [N, HV, K, V + K]
-
-
-def split_augmented(o_aug: torch.Tensor, S_aug: torch.Tensor, V: int):
-    """``[o | q_read]``, ``[R | P]`` -> ``(o, q_read, P, R)``."""
-    return o_aug[..., :V], o_aug[..., V:], S_aug[..., V:], S_aug[..., :V]
+__all__ = ["segment_summary"]
 
 
 def segment_summary(

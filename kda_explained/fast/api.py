@@ -14,7 +14,7 @@ from ..validation import check_chunk_size, check_gate_params, cu_seqlens_values
 from .autograd import chunk_kda_differentiable
 from .config import Plan, plan_for
 from .decode import fused_recurrent_checked
-from .forward import chunk_kda_fwd, forward_chunk_size
+from .forward import chunk_kda_fwd, inference_chunking
 from .inputs import FAST_CHUNK_SIZES, check_fast_inputs, resolve_fla_kwargs
 from .ops import chunk_kda_compiled, fused_recurrent_compiled
 
@@ -133,8 +133,11 @@ def chunk_kda(
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, g, beta, A_log, dt_bias, initial_state))
     if chunk_size is None:
-        inference = not (needs_grad or return_intermediate_states)
-        opts["chunk_size"] = forward_chunk_size(p.N * p.HV, p.V, q.device, plan.forward) if inference else 64
+        if needs_grad or return_intermediate_states:
+            opts["chunk_size"] = 64
+        else:  # the inference forward: short chunks where the grid is full, pieces where it is nearly empty
+            opts["chunk_size"], opts["piece_tokens"] = inference_chunking(p.B, p.T, cu_seqlens, p.HV, p.K, p.V,
+                                                                          q.device, plan.forward)
     if return_intermediate_states:
         if needs_grad:
             raise ValueError("return_intermediate_states: inference only (use torch.inference_mode()), "

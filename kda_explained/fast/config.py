@@ -52,7 +52,11 @@ class ForwardConfig:
     least ``fused_min_programs_per_sm`` programs per SM at 64 value columns
     (:func:`~kda_explained.fast.state.output_fused`), and always after the one pass.
     ``one_pass_fold``: how much of the WY representation the one pass leaves to the state pass
-    (0 none, 2 ``W = Mb k_gamma`` and ``U = Mb v`` both).
+    (0 none, 2 ``W = Mb k_gamma`` and ``U = Mb v`` both). ``piece_tokens``: the inference forward
+    cuts the sequences longer than this into pieces of this many tokens (a multiple of 64) that
+    run at once (:mod:`kda_explained.chunked.pieces`), where the state pass's grid at 64 value
+    columns holds fewer than ``pieces_below_programs_per_sm`` programs per SM and ``V + K`` fits
+    one value tile; ``None``: whole sequences always.
     """
 
     short_chunk: Optional[int] = 16
@@ -60,6 +64,8 @@ class ForwardConfig:
     fused_state_output: bool = True
     fused_min_programs_per_sm: float = 1.5
     one_pass_fold: int = 2
+    piece_tokens: Optional[int] = None
+    pieces_below_programs_per_sm: float = 1.0
 
 
 @dataclass(frozen=True)

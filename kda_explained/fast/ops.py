@@ -31,7 +31,7 @@ from torch import Tensor
 from .autograd import core_grads, options_grads
 from .config import plan_for
 from .decode import fused_recurrent_checked
-from .forward import chunk_kda_fwd, forward_chunk_size
+from .forward import chunk_kda_fwd, inference_chunking
 from .inputs import check_fast_inputs
 from .local import intermediate_dtype
 
@@ -61,13 +61,15 @@ def chunk_kda_op(
     use_beta_sigmoid_in_kernel: bool, allow_neg_eigval: bool, state_v_first: bool, keep: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(o, final_state, A_qk, M, G)``; the last three only with ``keep`` (else empty): what the
-    backward reads. ``chunk_size=None``: the inference forward's choice (:func:`~kda_explained.fast.forward.forward_chunk_size`)."""
+    backward reads. ``chunk_size=None``: the inference forward's choice (:func:`~kda_explained.fast.forward.inference_chunking`)."""
     p, cu = check_fast_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=offsets,
                               state_v_first=state_v_first, check_g=False)
     plan = plan_for(q.device)
-    C = chunk_size or forward_chunk_size(p.N * p.HV, p.V, q.device, plan.forward)
+    C, pieces = (chunk_size, None) if chunk_size else inference_chunking(p.B, p.T, cu, p.HV, p.K, p.V, q.device,
+                                                                          plan.forward)
     o, S, _, kept = chunk_kda_fwd(q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu,
                                   chunk_size=C, plan=plan, A_log=A_log, dt_bias=dt_bias, keep_for_backward=keep,
+                                  piece_tokens=pieces,
                                   **_options(use_qk_l2norm_in_kernel, use_gate_in_kernel, lower_bound,
                                              use_beta_sigmoid_in_kernel, allow_neg_eigval, state_v_first))
     if keep:

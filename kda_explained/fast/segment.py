@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from ..chunked.kda import require_tensors
+from ..chunked.pieces import augment, split_augmented
 from ..validation import check_kda_inputs
 from . import MAX_HEAD_DIM, kda
 
@@ -61,15 +62,13 @@ def segment_summary(
     require_tensors(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state)
     p = check_kda_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens)
     B, T, HV, V, K, N = p.B, p.T, p.HV, p.V, p.K, p.N
-    eye = torch.eye(K, dtype=torch.float32, device=v.device).expand(N, HV, K, K)
-    S0 = None if initial_state is None else initial_state.to(torch.float32)
     if V + K <= MAX_HEAD_DIM:  # one pass over [v | 0] from [S_0 | I]
-        zeros_S = v.new_zeros(N, HV, K, V, dtype=torch.float32)
-        v_aug = torch.cat([v, v.new_zeros(B, T, HV, K)], dim=-1)  # [B, T, HV, V + K]
-        S_aug = torch.cat([zeros_S if S0 is None else S0, eye], dim=-1)  # [N, HV, K, V + K]
+        v_aug, S_aug = augment(v, initial_state, N, K, torch.float32)  # [B, T, HV, V + K], [N, HV, K, V + K]
         o_aug, S_out = kda(q, k, v_aug, g, beta, scale=scale, initial_state=S_aug, output_final_state=True,
                            cu_seqlens=cu_seqlens)
-        return o_aug[..., :V], o_aug[..., V:], S_out[..., V:], S_out[..., :V]
+        return split_augmented(o_aug, S_out, V)
+    S0 = None if initial_state is None else initial_state.to(torch.float32)
+    eye = torch.eye(K, dtype=torch.float32, device=v.device).expand(N, HV, K, K)
     o, R = kda(q, k, v, g, beta, scale=scale, initial_state=S0, output_final_state=True, cu_seqlens=cu_seqlens)
     q_read, P = kda(q, k, v.new_zeros(B, T, HV, K), g, beta, scale=scale, initial_state=eye.contiguous(),
                     output_final_state=True, cu_seqlens=cu_seqlens)
