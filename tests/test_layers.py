@@ -339,6 +339,32 @@ def test_packed_batch_equals_each_sequence_alone():
             assert_close(y[:, cu[n]:cu[n + 1]], layer(x), what=f"sequence {n}")
 
 
+@pytest.mark.parametrize("lengths", [[5, 1, 30], [2, 3, 0]], ids=["chunked core", "recurrent core"])
+def test_fast_backend_hands_the_core_host_offsets(monkeypatch, lengths):
+    """A packed batch on the fast backend: the layer reads the offsets once and passes them down as
+    ``cu_seqlens_cpu`` (the core would read the device tensor back again), with the chunked
+    backend's float64 outputs."""
+    from kda_explained import fast
+
+    seen = []
+    for name in ("chunk_kda", "fused_recurrent_kda"):
+        def spy(*a, _inner=getattr(fast, name), **kw):
+            seen.append(kw.get("cu_seqlens_cpu"))
+            return _inner(*a, **kw)
+
+        monkeypatch.setattr(fast, name, spy)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    offsets = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    x = torch.randn(1, offsets[-1], D, dtype=torch.float64, device=device)
+    cu = torch.tensor(offsets, device=device)
+    with torch.no_grad():
+        y_ref = make_layer(12, num_v_heads=2 * H).to(device)(x, cu_seqlens=cu)
+        layer = make_layer(12, dtype=torch.float32, num_v_heads=2 * H, backend="fast").to(device)
+        y = layer(x.float(), cu_seqlens=cu)
+    assert seen == [offsets]
+    assert_close(y, y_ref, TOLERANCES["fast_f32_vs_f64"], "fast packed batch vs chunked float64")
+
+
 # ----------------------------------------------------------------------------------------------
 # gradients
 # ----------------------------------------------------------------------------------------------

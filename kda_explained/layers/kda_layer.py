@@ -554,14 +554,17 @@ class KimiDeltaAttention(nn.Module):
 
         gate_opts = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=self.A_log,
                          dt_bias=self.dt_bias, lower_bound=self.lower_bound if self.gate == "lowerbound" else None)
-        lengths = [q.shape[1]] if cu_seqlens is None else (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        # the offsets read once, here, and handed down as host values: the core reads them back otherwise
+        offsets = None if cu_seqlens is None else cu_seqlens.tolist()
+        lengths = [q.shape[1]] if offsets is None else [e - b for b, e in zip(offsets[:-1], offsets[1:])]
         training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, f, beta, self.A_log))
         if not training and max(lengths) <= chunked.RECURRENT_MAX_LEN:
             # decoding (and short prefills): the token-by-token kernel, state updated in place
             return fast.fused_recurrent_kda(q, k, v, f, beta, initial_state=S0, output_final_state=keep,
-                                            inplace_final_state=keep or None, cu_seqlens=cu_seqlens, **gate_opts)
+                                            inplace_final_state=keep or None, cu_seqlens=cu_seqlens,
+                                            cu_seqlens_cpu=offsets, **gate_opts)
         return fast.chunk_kda(q, k, v, f, beta, initial_state=S0, output_final_state=keep, cu_seqlens=cu_seqlens,
-                              **gate_opts)
+                              cu_seqlens_cpu=offsets, **gate_opts)
 
 
 def _A_log_from_checkpoint(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
