@@ -9,7 +9,7 @@ and optionally a chunk size, passed to the calls it times. For each variant this
   ``benchmarks/gpu_bench.py``, with its output's relative RMS error against a float64 reference on
   a slice of the first shape (B=2, T=1024, H=4);
 - a training step (``chunk_kda`` forward + backward, ``benchmarks/gpu_train_bench.py``'s step) at
-  its two shapes;
+  its two shapes, with the variant's chunk size where it names one (else 64 tokens, as training takes);
 
 and flash-linear-attention's ``chunk_kda`` once per shape beside them (with ``--fla-safe-gate`` also
 its ``safe_gate=True`` path, for gates bounded in ``[-5, 0)`` as the benchmark's are). Writes ``variants.json`` (``--json``: another name).
@@ -140,12 +140,12 @@ def main() -> None:
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M"), "forward": [], "train": []}
 
-    # accuracy slice: float64 reference once
-    q, k, v, g, beta = make_inputs(8, 4096, 16, 128)
-    sl = [x[:2, :1024, :4].contiguous() for x in (q, k, v, g, beta)]
-    ref, _ = chunked.kda(*(x.double() for x in sl))
-    del q, k, v, g, beta
-    for shp in PREFILL:
+    if args.fwd:  # accuracy slice: float64 reference once
+        q, k, v, g, beta = make_inputs(8, 4096, 16, 128)
+        sl = [x[:2, :1024, :4].contiguous() for x in (q, k, v, g, beta)]
+        ref, _ = chunked.kda(*(x.double() for x in sl))
+        del q, k, v, g, beta
+    for shp in PREFILL if args.fwd else []:
         if args.fwd_shapes is not None and shp["name"] not in args.fwd_shapes:
             continue
         H, D = shp["H"], shp["D"]
@@ -208,8 +208,8 @@ def main() -> None:
                 st()
                 row["fla_safe_gate_ms"] = bench(st, 400)
         for name in args.train:
-            plan, _ = variant(name)  # training takes 64-token chunks
-            st = step_fn(lambda *a, **kw: fast.chunk_kda(*a, **kw, plan=plan), xs, do, dS)
+            plan, C = variant(name)  # training takes 64-token chunks unless the variant names its own
+            st = step_fn(lambda *a, **kw: fast.chunk_kda(*a, **kw, plan=plan, chunk_size=C or 64), xs, do, dS)
             st()
             torch.cuda.synchronize()
             row[f"{name}_ms"] = bench(st, 400)
