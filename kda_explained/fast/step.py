@@ -179,8 +179,7 @@ def decode_attention_splits(BH: int, L: int, config: StepConfig = StepConfig()) 
     return triton.cdiv(max(L, 1), SPLIT), SPLIT
 
 
-@torch.library.custom_op("kda_explained::decode_attention", mutates_args=())
-def decode_attention_op(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, length: Tensor) -> Tensor:
+def _decode_attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, length: Tensor) -> Tensor:
     """``o [B, H, Dh]``: ``q`` contiguous, ``k, v [B, H, L, Dh]`` with unit last stride, ``key_valid [B, L]``
     contiguous int8, ``length [1]`` int64."""
     B, H, DH = q.shape
@@ -200,13 +199,18 @@ def decode_attention_op(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, leng
     return o
 
 
+#: The launcher as an operator (with a fake implementation) for ``torch.compile``; an eager call skips
+#: the dispatcher and calls the launcher itself (the operator's dispatch costs more host time than it).
+decode_attention_op = torch.library.custom_op("kda_explained::decode_attention", _decode_attention,
+                                              mutates_args=())
+
+
 @decode_attention_op.register_fake
 def _(q, k, v, key_valid, length):
     return q.new_empty(q.shape)
 
 
-@torch.library.custom_op("kda_explained::short_conv_step", mutates_args=("conv_state",))
-def short_conv_step_op(x: Tensor, conv_state: Tensor, weight: Tensor) -> Tensor:
+def _short_conv_step(x: Tensor, conv_state: Tensor, weight: Tensor) -> Tensor:
     """``y [N, C]``; ``conv_state [N, C, W - 1]`` (any strides) shifted in place. Contiguous ``x``, ``weight [C, W]``."""
     N, C = x.shape
     W = weight.shape[1]
@@ -218,13 +222,16 @@ def short_conv_step_op(x: Tensor, conv_state: Tensor, weight: Tensor) -> Tensor:
     return y
 
 
+short_conv_step_op = torch.library.custom_op("kda_explained::short_conv_step", _short_conv_step,
+                                             mutates_args=("conv_state",))
+
+
 @short_conv_step_op.register_fake
 def _(x, conv_state, weight):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("kda_explained::gated_rms_norm", mutates_args=())
-def gated_rms_norm_op(x: Tensor, gate: Tensor, weight: Tensor, eps: float) -> Tensor:
+def _gated_rms_norm(x: Tensor, gate: Tensor, weight: Tensor, eps: float) -> Tensor:
     """``y`` of ``x``'s shape and dtype; contiguous ``x``, ``gate [..., K]``, ``weight [K]``."""
     K = x.shape[-1]
     R = x.numel() // K if K else 0
@@ -234,6 +241,9 @@ def gated_rms_norm_op(x: Tensor, gate: Tensor, weight: Tensor, eps: float) -> Te
     if R:
         _gated_rms_norm_kernel[(triton.cdiv(R, BR),)](x, gate, weight, y, R, float(eps), K=K, BK=BK, BR=BR)
     return y
+
+
+gated_rms_norm_op = torch.library.custom_op("kda_explained::gated_rms_norm", _gated_rms_norm, mutates_args=())
 
 
 @gated_rms_norm_op.register_fake
@@ -260,7 +270,8 @@ def short_conv_step(x: Tensor, conv_state: Tensor, weight: Tensor) -> Tensor:
     """
     W = check_short_conv_step(x, conv_state, weight)
     _check_fast("short_conv_step", x=x, conv_state=conv_state, weight=weight)
-    return short_conv_step_op(x.contiguous(), conv_state, weight.reshape(-1, W).contiguous())
+    run = short_conv_step_op if torch.compiler.is_compiling() else _short_conv_step
+    return run(x.contiguous(), conv_state, weight.reshape(-1, W).contiguous())
 
 
 def gated_rms_norm(x: Tensor, gate: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -268,7 +279,8 @@ def gated_rms_norm(x: Tensor, gate: Tensor, weight: Tensor, eps: float) -> Tenso
     last dimension, in ``x``'s dtype, computed in float32; one launch."""
     check_gated_rms_norm(x, gate, weight, eps)
     _check_fast("gated_rms_norm", x=x, gate=gate, weight=weight)
-    return gated_rms_norm_op(x.contiguous(), gate.contiguous(), weight.contiguous(), float(eps))
+    run = gated_rms_norm_op if torch.compiler.is_compiling() else _gated_rms_norm
+    return run(x.contiguous(), gate.contiguous(), weight.contiguous(), float(eps))
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, length: Tensor) -> Tensor:
@@ -281,5 +293,5 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, length:
     _check_fast("decode_attention", q=q, k=k, v=v)
     if k.stride(3) != 1 or v.stride(3) != 1:
         raise ValueError("k, v: expected the head dimension contiguous (last stride 1)")
-    return decode_attention_op(q.contiguous(), k, v, key_valid.contiguous().view(torch.int8),
-                               length.reshape(1).to(torch.int64))
+    run = decode_attention_op if torch.compiler.is_compiling() else _decode_attention
+    return run(q.contiguous(), k, v, key_valid.contiguous().view(torch.int8), length.reshape(1).to(torch.int64))
