@@ -3,7 +3,7 @@
 # the gpu-marked tests, the accuracy check of every kernel, the per-stage timings, and the
 # benchmark against flash-linear-attention, writing into ${OUT:-benchmarks/results}.
 #
-#   bash scripts/gpu_session.sh [tests|tests-all|warm|wait-warm|tests-fwd|tests-bwd|check|decode-full|dplr|pieces|train-chunks|stages|bench|train|sweep|bwd|decode|profile|
+#   bash scripts/gpu_session.sh [tests|tests-all|warm|wait-warm|tests-fwd|tests-bwd|check|decode-full|dplr|pieces|train-chunks|synthetic|stages|bench|train|sweep|bwd|decode|profile|
 #                                fwdprof|options ...]   (default: tests check stages bench)
 #
 # `tests` takes > 6 minutes on an H100, more than one device call holds beside other steps:
@@ -68,12 +68,15 @@ for step in "${steps[@]}"; do
                 python3 benchmarks/probe/variants.py --fwd default pieces2048 pieces4096 pieces8192 pieces16384 \
                     pieces4096_chunk64 pieces8192_chunk64 --fwd-shapes B1_T65536_H16 varlen_H64 --train \
                     --json pieces.json --out "$out" ;;
+        synthetic) # the report's synthetic tasks at its model size, lengths and learning rates, 600 steps
+                python3 -m kda_explained.experiments.synthetic --preset gpu --jobs 6 --name synthetic_gpu \
+                    --out "$out" ;;
         train-chunks) # the training step at 16 and 32 tokens a chunk against 64, beside fla
                 python3 benchmarks/probe/variants.py --fwd --train default chunk32 chunk16 --json train_chunks.json \
                     --out "$out" ;;
         profile) python3 benchmarks/probe/train_profile.py ;;
         fwdprof) python3 benchmarks/probe/fla_profile.py --chunk-sizes 16 32 64 ;;
-        *) echo "unknown step: $step (tests, tests-all, warm, wait-warm, tests-fwd, tests-bwd, check, decode-full, dplr, pieces, train-chunks, stages, bench, train, sweep, bwd, decode," \
+        *) echo "unknown step: $step (tests, tests-all, warm, wait-warm, tests-fwd, tests-bwd, check, decode-full, dplr, pieces, train-chunks, synthetic, stages, bench, train, sweep, bwd, decode," \
                 "profile, fwdprof)"; exit 2 ;;
     esac
 done

@@ -9,6 +9,7 @@ step at one length)::
     python -m kda_explained.experiments.synthetic --quick --out /tmp/synthetic     # small MQAR, CPU, minutes
     python -m kda_explained.experiments.synthetic --preset cpu --threads 1 --out benchmarks/results
     python -m kda_explained.experiments.synthetic --preset report --jobs 8 --name report --out DIR     # GPU, days
+    python -m kda_explained.experiments.synthetic --preset gpu --jobs 6 --name synthetic_gpu --out DIR  # GPU, minutes
     python -m kda_explained.experiments.synthetic --task palindrome --models gdn kda --seq-lens 64 128 --out DIR
     python -m kda_explained.experiments.synthetic --replot --out benchmarks/results        # redraw from the JSON
 
@@ -138,6 +139,10 @@ PRESETS: Dict[str, Setup] = {
         task_params={"palindrome": {"vocab": 16}, "mqar": {"n_keys": 16, "n_values": 16},
                      "stack": {"n_stacks": 8, "n_values": 32}},
     ),
+    # the report's model, lengths and learning-rate grid for KDA and the gated delta rule, cut to 600
+    # steps: sized (from the kernels' training times) for about six minutes of one H100 or H200 with
+    # --jobs 6, one process per (task, mixer) group
+    "gpu": replace(REPORT, models=("gdn", "kda"), steps=600, eval_every=100, eval_size=256),
     # --quick: a small MQAR on the CPU in a few minutes
     "quick": Setup(
         tasks=("mqar",),
