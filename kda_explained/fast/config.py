@@ -53,8 +53,8 @@ class ForwardConfig:
     (:func:`~kda_explained.fast.state.output_fused`), and always after the one pass.
     ``one_pass_fold``: how much of the WY representation the one pass leaves to the state pass
     (0 none, 2 ``W = Mb k_gamma`` and ``U = Mb v`` both). ``piece_tokens``: the inference forward
-    cuts the sequences longer than this into pieces of this many tokens (a multiple of 64) that
-    run at once (:mod:`kda_explained.chunked.pieces`), where the state pass's grid at 64 value
+    cuts the sequences longer than this into pieces of this many tokens (best a multiple of 64,
+    so that no piece ends in a partial chunk) that run at once (:mod:`kda_explained.chunked.pieces`), where the state pass's grid at 64 value
     columns holds fewer than ``pieces_below_programs_per_sm`` programs per SM and ``V + K`` fits
     one value tile; ``None``: whole sequences always.
     """
