@@ -922,6 +922,23 @@ def test_fused_recurrent_state_pool(slots, state_v_first):
             assert_close(o[:, bos:eos], o_ref[:, bos:eos], F32, f"o of sequence {n}")
 
 
+@pytest.mark.parametrize("optin_kb, stages_lowp, stages", [(227, 3, 2), (163, 2, 2), (99, 2, 1)],
+                         ids=["H100", "A100", "L4"])
+def test_plan_follows_the_gpus_shared_memory(monkeypatch, optin_kb, stages_lowp, stages):
+    """plan_for reads the GPU's per-block shared memory: Hopper's plan where its deepest pipelines fit,
+    shallower state passes where they would not (benchmarks/probe/shared_memory.py compiles every launch
+    for sm_80 / sm_86 / sm_89 and checks each fits under these plans)."""
+    from types import SimpleNamespace
+
+    from kda_explained.fast import config
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: SimpleNamespace(shared_memory_per_block_optin=optin_kb * 1024))
+    plan = config.plan_for("cuda:0")
+    assert (plan.state.stages_lowp, plan.state.stages) == (stages_lowp, stages)
+    assert (plan is config.HOPPER) == (optin_kb == 227)
+
+
 def test_decode_value_tile_spreads_few_sequences(monkeypatch):
     """On an H100-sized GPU (132 SMs): one sequence of 32 heads at 64 columns a program would leave half the
     SMs idle, so its tile narrows; eight sequences and a serving batch keep 64 columns."""

@@ -55,9 +55,9 @@ def _capture(self, *args, grid, warmup, **kwargs):
     captured.append((self, args, kwargs))
 
 
-def compile_launch(fn: JITFunction, args, kwargs):
-    """Compile one captured launch for sm_90a; returns the compiled kernel (``.asm["ttgir"]``,
-    ``.metadata.shared``: its shared memory in bytes)."""
+def compile_launch(fn: JITFunction, args, kwargs, arch: int = 90):
+    """Compile one captured launch for ``sm_<arch>`` (default ``sm_90a``); returns the compiled kernel
+    (``.asm["ttgir"]``, ``.metadata.shared``: its shared memory in bytes)."""
     bound = dict(zip([p.name for p in fn.params], args))
     bound.update({k: v for k, v in kwargs.items() if k not in _OPTIONS})
     signature, constexprs, attrs = {}, {}, {}
@@ -82,7 +82,7 @@ def compile_launch(fn: JITFunction, args, kwargs):
             raise TypeError(f"{fn.fn.__name__}: argument {p.name} of type {type(x).__name__}")
     options = {k: kwargs[k] for k in _OPTIONS if k in kwargs}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def _source_lines(ttgir: str) -> dict:

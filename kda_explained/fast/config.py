@@ -24,7 +24,8 @@ from typing import Optional
 import torch
 
 __all__ = ["ForwardConfig", "LocalConfig", "OnePassConfig", "WYFactorsConfig", "StateConfig", "OutputConfig",
-           "DecodeConfig", "BackwardConfig", "KernelLaunch", "Plan", "plan_for", "SAFE_SPAN"]
+           "DecodeConfig", "StepConfig", "BackwardConfig", "KernelLaunch", "Plan", "plan_for", "plan_for_shared_memory",
+           "SAFE_SPAN"]
 
 #: Largest in-sub-chunk decay span ``G_ref - G_r`` the tensor-core diagonal takes (a numerical limit,
 #: not a tuning: every factor stays below ``exp(80) ~ 5.5e34`` inside float32; see the kernel page).
@@ -211,6 +212,9 @@ HOPPER = Plan()
 #: Shared memory per block (opt-in) that the Hopper plan's deepest pipelines need: the fused state +
 #: output kernel at 3 stages with 64-token chunks takes 184 KB.
 _HOPPER_SHARED_MEMORY = 200 * 1024
+#: What the float32 state passes take at 2 stages with 64-token chunks (the fused one 144 KB, compiled
+#: for sm_80, sm_86 and sm_89 by benchmarks/probe/shared_memory.py); below it they run at 1 stage.
+_FLOAT32_TWO_STAGES_SHARED_MEMORY = 144 * 1024
 
 
 def plan_for(device) -> Plan:
@@ -225,7 +229,17 @@ def plan_for(device) -> Plan:
 
 def _plan_for_cuda(index: int) -> Plan:
     props = torch.cuda.get_device_properties(index)
-    shared = getattr(props, "shared_memory_per_block_optin", _HOPPER_SHARED_MEMORY)
+    return plan_for_shared_memory(getattr(props, "shared_memory_per_block_optin", _HOPPER_SHARED_MEMORY))
+
+
+def plan_for_shared_memory(shared: int) -> Plan:
+    """The plan for a GPU whose blocks may take ``shared`` bytes of shared memory (opt-in): Hopper's,
+    or, below what its deepest pipelines need, the same with shallower state passes: bf16/fp16 at 2
+    stages (A100: 163 KB), and float32 at 1 as well where even 2 do not fit (L4, RTX 4090, A10: 99 KB).
+
+    >>> [(p.state.stages_lowp, p.state.stages) for p in map(plan_for_shared_memory, (227 << 10, 163 << 10, 99 << 10))]
+    [(3, 2), (2, 2), (2, 1)]
+    """
     if shared >= _HOPPER_SHARED_MEMORY:
         return HOPPER
-    return Plan(state=StateConfig(stages_lowp=2))
+    return Plan(state=StateConfig(stages_lowp=2, stages=2 if shared >= _FLOAT32_TWO_STAGES_SHARED_MEMORY else 1))
