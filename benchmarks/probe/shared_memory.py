@@ -7,7 +7,8 @@ block may take less shared memory than Hopper's deepest pipelines need
 (:func:`~kda_explained.fast.config.plan_for_shared_memory`). A launch that asks for more than
 the GPU has fails there, so the rule is checked here for each GPU of :data:`GPUS`: every launch
 that the forward (bf16 and float32, head dims 128 and 256, with the in-kernel options, and the
-long sequence in pieces), a training step and decoding make at the benchmark's shapes is
+long sequence in pieces), a training step, decoding, a decoding step's kernels and general
+DPLR make at the benchmark's shapes is
 captured on CPU tensors (the launch rules see the GPU's SM count), compiled for the GPU's
 architecture with the Triton on this machine, and its shared memory compared with the GPU's
 per-block limit. Prints the largest kernels and every one over the limit; exits 1 if any is.
@@ -32,6 +33,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import loop_loads  # noqa: E402
 from kda_explained import fast  # noqa: E402
+from kda_explained.fast import dplr as fast_dplr  # noqa: E402
 from kda_explained.fast.config import plan_for_shared_memory  # noqa: E402
 
 #: name -> (compute capability, SMs, shared memory a block may opt in to, bytes)
@@ -87,6 +89,21 @@ def capture_launches(plan, sms: int) -> list:
         with torch.inference_mode():
             run(lambda: fast.fused_recurrent_kda(q, k, v, gate, beta, initial_state=torch.zeros(N, 32, 128, 128),
                                                  output_final_state=True, plan=plan))
+    # general DPLR (its own launch settings), at each chunk size
+    for dtype in (torch.bfloat16, torch.float32):
+        q, k, v, gate, _ = inputs(1, 256, 16, 128, dtype)
+        for C in (16, 32, 64):
+            with torch.inference_mode():
+                run(lambda: fast_dplr.dplr(q, k, v, k, -k, gate.float(), chunk_size=C))
+    # a decoding step's kernels: the short convolution, the gated norm, attention over a KV buffer
+    with torch.inference_mode():
+        x = torch.randn(256, 4096).bfloat16()
+        run(lambda: fast.short_conv_step(x, torch.randn(256, 4096, 3).bfloat16(), torch.randn(4096, 4)))
+        o = torch.randn(256, 32, 128).bfloat16()
+        run(lambda: fast.gated_rms_norm(o, o, torch.ones(128), 1e-5))
+        kv = torch.randn(2, 16, 4096, 128).bfloat16()
+        run(lambda: fast.decode_attention(torch.randn(2, 16, 128).bfloat16(), kv, kv,
+                                          torch.ones(2, 4096, dtype=torch.bool), torch.tensor([1000])))
     return launches
 
 
