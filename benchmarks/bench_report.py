@@ -65,13 +65,20 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 
 def ms(x: Optional[float]) -> Optional[str]:
-    return None if x is None else f"{x:.3f} ms"
+    """A time in milliseconds as text; below 0.1 ms in microseconds (a decoding step at a few sequences).
+
+    >>> ms(0.8308), ms(0.0041), ms(None)
+    ('0.831 ms', '4.1 us', None)
+    """
+    if x is None:
+        return None
+    return f"{x:.3f} ms" if x >= 0.1 else f"{x * 1e3:.1f} us"
 
 
 def shape_label(row: dict) -> str:
     """``B=8, T=4096, H=16`` (``K = V = D``); a packed batch says so."""
     label = f"B={row['B']}, T={row['T']}, H={row['H']}"
-    return label + " (varlen)" if "varlen" in row.get("name", "") else label
+    return label + " (varlen)" if "varlen" in row.get("name", "") or "packed" in row.get("name", "") else label
 
 
 def fast_over_fla(row: dict) -> Optional[float]:
@@ -98,14 +105,36 @@ def run_line(bench: dict) -> str:
     return "; ".join(parts) + ("; measured ceilings: " + ", ".join(ceil) if ceil else "")
 
 
+#: Columns a prefill row may have (newer runs): shown where some row of the run has them.
+PREFILL_OPTIONAL = {
+    "fla_kda_safe_fwd_ms": "fla `safe_gate`",
+    "fast_fwd_host_offsets_ms": "fast, offsets on the host",
+    "fla_kda_fwd_host_offsets_ms": "fla, offsets on the host",
+}
+#: Columns of a decode row captured in a CUDA graph (device time alone), where the run has them.
+DECODE_CAPTURED = {
+    "fast_pool_inplace_graph_ms": "captured: fast, pool in place",
+    "copy_same_bytes_graph_ms": "captured: copy of the same bytes",
+}
+
+
+def _present(rows: list, columns: dict) -> dict:
+    return {k: name for k, name in columns.items() if any(k in row for row in rows)}
+
+
 def prefill_table(bench: dict) -> str:
-    """Forward time per shape: the floors, fast, fla ``chunk_kda``, fla gated delta, SDPA, and fast / fla."""
-    header = ["shape (K = V = 128)", *PREFILL_FLOORS.values(), *PREFILL_TIMES.values(), "fast / fla"]
+    """Forward time per shape: the floors, fast, fla ``chunk_kda``, fla gated delta, SDPA, the columns of
+    :data:`PREFILL_OPTIONAL` the run has, and fast / fla."""
+    rows_in = bench.get("prefill", [])
+    optional = _present(rows_in, PREFILL_OPTIONAL)
+    header = ["shape (K = V = 128)", *PREFILL_FLOORS.values(), *PREFILL_TIMES.values(), *optional.values(),
+              "fast / fla"]
     rows = []
-    for row in bench.get("prefill", []):
+    for row in rows_in:
         ratio = fast_over_fla(row)
         rows.append([shape_label(row), *(ms(row.get(k)) for k in PREFILL_FLOORS),
-                     *(ms(row.get(k)) for k in PREFILL_TIMES), None if ratio is None else f"{ratio:.2f}"])
+                     *(ms(row.get(k)) for k in PREFILL_TIMES), *(ms(row.get(k)) for k in optional),
+                     None if ratio is None else f"{ratio:.2f}"])
     return markdown_table(header, rows)
 
 
@@ -116,16 +145,24 @@ def decode_table(bench: dict) -> str:
     def share(gbps):
         return None if gbps is None else f"{gbps:.0f}" + (f" ({gbps / copy:.0%} of copy)" if copy else "")
 
+    rows_in = bench.get("decode", [])
+    captured = _present(rows_in, DECODE_CAPTURED)
     header = ["N, H (float32 state)", "bytes floor", "fast", "fast GB/s", "fla", "fla GB/s", "fast / fla",
-              "pool in place: fast", "pool in place: fla"]
+              "pool in place: fast", "pool in place: fla", *captured.values()]
+    if captured:
+        header.append("captured: fast against the copy")
     rows = []
-    for row in bench.get("decode", []):
+    for row in rows_in:
         floor = decode_state_bytes(row) / (copy * 1e9) * 1e3 if copy else None
         ratio = fast_over_fla(row)
-        rows.append([f"N={row['N']}, H={row['H']}", ms(floor), ms(row.get("fast_decode_ms")),
-                     share(row.get("fast_state_GBps")), ms(row.get("fla_decode_ms")), share(row.get("fla_state_GBps")),
-                     None if ratio is None else f"{ratio:.2f}", ms(row.get("fast_pool_inplace_ms")),
-                     ms(row.get("fla_pool_inplace_ms"))])
+        cells = [f"N={row['N']}, H={row['H']}", ms(floor), ms(row.get("fast_decode_ms")),
+                 share(row.get("fast_state_GBps")), ms(row.get("fla_decode_ms")), share(row.get("fla_state_GBps")),
+                 None if ratio is None else f"{ratio:.2f}", ms(row.get("fast_pool_inplace_ms")),
+                 ms(row.get("fla_pool_inplace_ms")), *(ms(row.get(k)) for k in captured)]
+        if captured:
+            frac = row.get("fast_graph_frac_of_copy")
+            cells.append(None if frac is None else f"{frac:.0%}")
+        rows.append(cells)
     return markdown_table(header, rows)
 
 
