@@ -64,9 +64,10 @@ for step in "${steps[@]}"; do
         decode) python3 benchmarks/gpu_decode.py --quick --out "$out" ;;
         decode-full) python3 benchmarks/gpu_decode.py --out "$out" ;;
         dplr)   python3 benchmarks/gpu_dplr_bench.py --out "$out" ;;
-        pieces) # one long sequence in pieces that run at once, against whole sequences and fla (forward)
+        pieces) # one long sequence in pieces that run at once, against whole sequences (at 64, 32 and 16
+                # tokens a chunk) and fla (forward)
                 python3 benchmarks/probe/variants.py --fwd default pieces2048 pieces4096 pieces8192 pieces16384 \
-                    pieces4096_chunk64 pieces8192_chunk64 --fwd-shapes B1_T65536_H16 varlen_H64 --train \
+                    pieces4096_chunk64 pieces8192_chunk64 chunk32 chunk16 --fwd-shapes B1_T65536_H16 --train \
                     --json pieces.json --out "$out" ;;
         synthetic) # the report's synthetic tasks at its model size, lengths and learning rates, 600 steps
                 python3 -m kda_explained.experiments.synthetic --preset gpu --jobs 6 --name synthetic_gpu \
