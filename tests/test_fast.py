@@ -942,14 +942,17 @@ def test_plan_follows_the_gpus_shared_memory(monkeypatch, optin_kb, stages_lowp,
 def test_decode_value_tile_spreads_few_sequences(monkeypatch):
     """On an H100-sized GPU (132 SMs): one sequence of 32 heads at 64 columns a program would leave half the
     SMs idle, so its tile narrows; eight sequences and a serving batch keep 64 columns."""
-    from kda_explained.fast import recurrent
+    from kda_explained.fast import state as fast_state
     from kda_explained.fast.config import DecodeConfig
 
-    monkeypatch.setattr(recurrent, "sm_count", lambda device: 132)
-    tiles = {N: recurrent.decode_value_tile(N * 32, 128, "cuda", DecodeConfig()) for N in (1, 4, 8, 256)}
+    def decode_value_tile(n, V, device, config):  # the recurrent launcher's rule, on its config
+        return fast_state.state_value_tile(n, V, device, config.min_programs_per_sm, widest=config.launch.BV)
+
+    monkeypatch.setattr(fast_state, "sm_count", lambda device: 132)
+    tiles = {N: decode_value_tile(N * 32, 128, "cuda", DecodeConfig()) for N in (1, 4, 8, 256)}
     assert tiles == {1: 16, 4: 32, 8: 64, 256: 64}
-    assert recurrent.decode_value_tile(32, 128, "cuda", DecodeConfig(min_programs_per_sm=0)) == 64
-    assert recurrent.decode_value_tile(32, 24, "cuda", DecodeConfig()) == 16  # never wider than V's tile
+    assert decode_value_tile(32, 128, "cuda", DecodeConfig(min_programs_per_sm=0)) == 64
+    assert decode_value_tile(32, 24, "cuda", DecodeConfig()) == 16  # never wider than V's tile
 
 
 def test_fused_recurrent_narrow_value_tile_is_the_same_function():

@@ -33,10 +33,10 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
-sys.path.insert(0, ROOT)
+if not any(os.path.isfile(os.path.join(p or ".", "kda_explained", "__init__.py")) for p in sys.path):
+    sys.path.insert(0, ROOT)  # this checkout, unless the caller put another first (ptx_snapshot.py --root)
 
 from kda_explained import fast  # noqa: E402
-from kda_explained.fast import _meta  # noqa: E402
 
 #: (B, T, H) with the launch rules of the benchmark shapes: T does not change any compile-time
 #: constant, so it is short here (the batch and head counts pick the chunk size and value tile).
@@ -53,6 +53,18 @@ captured = []
 def _capture(self, *args, grid, warmup, **kwargs):
     """Stands in for ``JITFunction.run``: records the launch, runs nothing."""
     captured.append((self, args, kwargs))
+
+
+def launch_on_this_cpu(sms: int = SMS, run=_capture) -> None:
+    """Make the fast layer launch its kernels from CPU tensors as on a GPU of ``sms`` SMs (the launch
+    rules read the count), each launch handed to ``run`` (default: recorded in :data:`captured`)
+    instead of a GPU. The interpreter flag is set only where the CUDA-tensor check reads it: the
+    kernels' own choices still see the compiler, not the interpreter."""
+    for mod in list(sys.modules.values()):
+        if getattr(mod, "__name__", "").startswith("kda_explained.fast") and hasattr(mod, "sm_count"):
+            mod.sm_count = lambda device: sms
+    sys.modules["kda_explained.fast.inputs"].interpreting = lambda: True
+    JITFunction.run = run
 
 
 def compile_launch(fn: JITFunction, args, kwargs, arch: int = 90):
@@ -130,14 +142,7 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
     ap.add_argument("--backward", action="store_true", help="also a training step (forward at 64 tokens + backward)")
     a = ap.parse_args()
-    _meta.sm_count = lambda device: SMS  # the H100's launch rules
-    for mod in list(sys.modules.values()):
-        if getattr(mod, "__name__", "").startswith("kda_explained.fast") and hasattr(mod, "sm_count"):
-            mod.sm_count = _meta.sm_count
-    # only to pass the CUDA-tensor check of the module that holds it: the kernels' own choices still
-    # see the compiler, not the interpreter
-    sys.modules[fast.chunk_kda.__globals__["check_fast_inputs"].__module__].interpreting = lambda: True
-    JITFunction.run = _capture
+    launch_on_this_cpu()  # the H100's launch rules
     print(f"triton {triton.__version__}, sm_90a; loads inside loops: async (pipelined) / SYNC (waited for)")
     seen = set()
     for name in a.shapes:

@@ -52,20 +52,13 @@ def snapshot(out_dir: str, root: str) -> None:
     sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
     import torch
     import triton
-    from triton.runtime.jit import JITFunction
 
     import loop_loads
     from kda_explained import fast
-    from kda_explained.fast import _meta
 
-    _meta.sm_count = lambda device: loop_loads.SMS  # the H100/H200 launch rules (132 SMs)
-    for mod in list(sys.modules.values()):
-        if getattr(mod, "__name__", "").startswith("kda_explained.fast") and hasattr(mod, "sm_count"):
-            mod.sm_count = _meta.sm_count
-    sys.modules[fast.chunk_kda.__globals__["check_fast_inputs"].__module__].interpreting = lambda: True  # the CUDA check only
-    JITFunction.run = loop_loads._capture
+    loop_loads.launch_on_this_cpu()  # the H100/H200 launch rules (132 SMs)
     os.makedirs(out_dir, exist_ok=True)
-    print(f"triton {triton.__version__}, sm_90a, kda_explained from {os.path.abspath(root)}")
+    print(f"triton {triton.__version__}, sm_90a, kda_explained from {os.path.dirname(os.path.dirname(os.path.abspath(fast.__file__)))}")
 
     def inputs(B, T, H, dtype=torch.bfloat16, seed=0):
         g = torch.Generator().manual_seed(seed)

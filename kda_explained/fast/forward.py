@@ -104,13 +104,13 @@ def chunk_kda_fwd(
     keys' and queries' passes (:func:`kda_explained.fast.backward.core_backward`'s ``factors``);
     ``G`` is stage 1's output.
     """
-    options = dict(use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_gate_in_kernel=use_gate_in_kernel,
-                   A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound,
-                   use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval)
     if piece_tokens is not None and not (keep_for_backward or float32_chunk_states):
-        o, S = chunk_kda_fwd_in_pieces(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                                       cu_seqlens=cu_seqlens, piece_tokens=piece_tokens, plan=plan,
-                                       state_v_first=state_v_first, **options)
+        o, S = chunk_kda_fwd_in_pieces(
+            q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
+            piece_tokens=piece_tokens, plan=plan, state_v_first=state_v_first,
+            use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_gate_in_kernel=use_gate_in_kernel, A_log=A_log,
+            dt_bias=dt_bias, lower_bound=lower_bound, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
+            allow_neg_eigval=allow_neg_eigval)
         return o, S, None, None
     C = chunk_size
     out_dtype = out_dtype or v.dtype

@@ -27,10 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._meta import sm_count, tile
+from ._meta import tile
 from .config import DecodeConfig, plan_for
+from .state import state_value_tile
 
-__all__ = ["fused_recurrent_kda_fwd", "decode_value_tile"]
+__all__ = ["fused_recurrent_kda_fwd"]
 
 
 @triton.jit
@@ -156,19 +157,6 @@ def _fused_recurrent_kernel(
             tl.store(o + (t * HV + i_hv) * V + o_v, tl.zeros([BV], dtype=o.dtype.element_ty), mask=m_v)
 
 
-def decode_value_tile(sequences_x_heads: int, V: int, device, config: DecodeConfig) -> int:
-    """The value tile of the recurrent kernel: ``config.launch.BV`` columns (at most ``V``'s tile), halved
-    down to 16 while the grid holds fewer than ``config.min_programs_per_sm`` programs per SM.
-
-    A decoding step is bound by moving the states; a batch of a few sequences at 64 columns a program
-    leaves most SMs without a tile to stream (one sequence of 32 heads: 64 programs on 132 SMs).
-    """
-    BV = tile(V, config.launch.BV)
-    while BV > 16 and sequences_x_heads * triton.cdiv(V, BV) < config.min_programs_per_sm * sm_count(device):
-        BV //= 2
-    return BV
-
-
 def fused_recurrent_kda_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -218,7 +206,9 @@ def fused_recurrent_kda_fwd(
                  else ssm_state_indices.new_zeros(N))
         ssm_state_indices = torch.cat([first[:, None], ssm_state_indices], dim=1)  # [N, 1 + S], on the device
     config = config or plan_for(q.device).decode
-    BV = decode_value_tile(N * HV, V, q.device, config)
+    # a decoding step moves states: a few sequences at 64 columns a program would leave most SMs
+    # without a tile to stream (one sequence of 32 heads: 64 programs on 132 SMs)
+    BV = state_value_tile(N * HV, V, q.device, config.min_programs_per_sm, widest=config.launch.BV)
     HV_K = (HV, K)
     if N > 0:
         _fused_recurrent_kernel[(triton.cdiv(V, BV) * HV * N,)](

@@ -204,12 +204,13 @@ def _state_passing_kernel(
     tl.store(ht + (i_n * HV + i_hv) * K * V + o_S, b_S, mask=m_kv)
 
 
-def state_value_tile(sequences_x_heads: int, V: int, device, programs_per_sm: float = 1.0) -> int:
-    """64 value columns per program, halved (down to 16) while the grid has fewer than
-    ``programs_per_sm`` programs per SM (the fused forward kernel asks its config's
-    ``fused_programs_per_sm``)."""
+def state_value_tile(sequences_x_heads: int, V: int, device, programs_per_sm: float = 1.0, widest: int = 64) -> int:
+    """``widest`` value columns per program (at most ``V``'s tile), halved (down to 16) while the grid
+    has fewer than ``programs_per_sm`` programs per SM: a kernel that keeps a ``[K, BV]`` state per
+    program spreads a few sequences over the GPU this way (the fused forward kernel asks its config's
+    ``fused_programs_per_sm``, the recurrent kernel its ``DecodeConfig``'s ``min_programs_per_sm``)."""
     sms = sm_count(device)
-    BV = tile(V, 64)
+    BV = tile(V, widest)
     while BV > 16 and sequences_x_heads * triton.cdiv(V, BV) < programs_per_sm * sms:
         BV //= 2
     return BV
